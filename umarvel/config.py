@@ -1,0 +1,263 @@
+"""The one config schema: typed sections, YAML files with `inherit:`, dotted overrides.
+
+Every field has a default and a one-line doc (``doc(...)``). Unknown keys and wrong types are
+errors that name the key's full path, so a typo in a 64-GPU job fails before any GPU time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from umarvel.errors import UmarvelError
+
+
+class ConfigError(UmarvelError, ValueError):
+    """A config file, override or value is wrong; the message names where."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field carrying its one-line documentation."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc("Attach a LoRA adapter to the language model (False: train nothing but temperature).", True)
+    r: int = doc("LoRA rank.", 8)
+    alpha: int = doc("LoRA alpha (scaling = alpha / r).", 16)
+    dropout: float = doc("Dropout on the LoRA branch.", 0.05)
+    target_modules: list[str] = doc(
+        "Module name suffixes to adapt; empty = every nn.Linear of the language model.", factory=list
+    )
+
+
+@dataclass
+class TemperatureConfig:
+    init: float = doc("Initial InfoNCE temperature.", 0.05)
+    learnable: bool = doc("Learn the temperature (paper stages 1c, 2, 3) or keep it fixed.", False)
+    min: float = doc("Lower clamp of the learned temperature.", 0.005)
+    max: float = doc("Upper clamp of the learned temperature.", 0.2)
+
+
+@dataclass
+class PromptConfig:
+    use_instruction: bool = doc("Prepend the task instruction to queries (paper Table 2).", True)
+    compression_prompt: bool = doc(
+        "Append 'Summarize above ... in one word:' and an assistant turn (paper Table 1).", False
+    )
+    system_prompt: str = doc("System message of the chat template; empty = no system turn.", "You are a helpful assistant.")
+    max_text_tokens: int = doc("Token budget for an item's text (instruction + text); image tokens never cut.", 480)
+    min_pixels: int = doc("Smallest image area in pixels after resizing (multiple of 28*28).", 4 * 28 * 28)
+    max_pixels: int = doc("Largest image area in pixels after resizing (multiple of 28*28).", 300 * 28 * 28)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = doc("Path to a Qwen2-VL / Qwen2.5-VL model directory (never a hub id).", "")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.", "auto"
+    )
+    device: str = doc("Device for encoding outside a launcher: auto, cpu, cuda, cuda:N.", "auto")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc(
+        "Attention kernel of the backbone.", "sdpa"
+    )
+    attention: Literal["bidirectional", "causal"] = doc("Language-model attention mode (paper Finding 1).", "bidirectional")
+    pooling: Literal["mean", "last"] = doc("Pool the last hidden states by masked mean or take the last token.", "mean")
+    mask_instruction: bool = doc("Leave instruction tokens out of the mean pool (paper Finding 2).", True)
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    lora: LoraConfig = doc("LoRA adapter on the language model.", factory=LoraConfig)
+    temperature: TemperatureConfig = doc("InfoNCE temperature kept with the embedder.", factory=TemperatureConfig)
+    prompt: PromptConfig = doc("How an item becomes model input.", factory=PromptConfig)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = doc("Run directory: resolved config, logs, checkpoints, metrics, DONE marker.", "runs/default")
+    seed: int = doc("Seed for every random choice of the run.", 42)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc("The embedder.", factory=ModelConfig)
+    run: RunConfig = doc("Where and how a run is recorded.", factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`, converting only lossless YAML quirks."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"{path}: unknown key; {where or 'the top level'} accepts {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving `inherit:` (a path or list of paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: inherit cycle through {' -> '.join(map(str, _seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    parents = data.pop("inherit", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        merged = _deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw config mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. model.lora.r=16")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Defaults <- YAML file (with inherits) <- `--set` overrides, validated into `cls`."""
+    data = read_yaml(path) if path else {}
+    for assignment in overrides or []:
+        data = apply_override(data, assignment)
+    where = str(path) if path else "config"
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def save_config(config: Any, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config into a run directory (atomically) as config.yaml."""
+    from umarvel.io import atomic_write_text
+
+    target = Path(run_dir) / "config.yaml"
+    atomic_write_text(target, yaml.safe_dump(to_dict(config), sort_keys=False))
+    return target
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field: the reference printed by `umarvel config`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.append((key, "", f.metadata.get("doc", "")))
+            rows.extend(describe(tp, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, json.dumps(default), f.metadata.get("doc", "")))
+    return rows
