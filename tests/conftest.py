@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny Qwen2-VL checkpoints built once per session, no network."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageDraw
+
+from umarvel.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny25") / "qwen25vl", seed=0, family="qwen2.5-vl")
+
+
+def draw_image(colour: str, shape: str = "circle", size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+    return image
+
+
+@pytest.fixture(scope="session")
+def mixed_items():
+    """Text, image and image+text items of different lengths, some with instructions."""
+    return [
+        {"text": "two red circles on the left of a green square", "instruction": "Find an image that matches the caption."},
+        {"image": draw_image("red")},
+        {"image": draw_image("blue", "square"), "text": "same but red", "instruction": "Retrieve the modified image."},
+        {"text": "a cat"},
+        {"image": draw_image("green"), "text": "what colour is the circle in this picture?"},
+    ]

@@ -1,0 +1,65 @@
+"""Config files, inheritance and overrides; every error names the offending key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from umarvel.config import Config, ConfigError, describe, load_config, save_config, to_dict
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_and_every_field_documented():
+    config = load_config()
+    assert config.model.attention == "bidirectional" and config.model.pooling == "mean"
+    assert all(text for _, _, text in describe())
+
+
+def test_inherit_and_override(tmp_path):
+    base = write(tmp_path / "base.yaml", {"model": {"lora": {"r": 64, "alpha": 128}, "pooling": "last"}})
+    child = write(tmp_path / "child.yaml", {"inherit": "base.yaml", "model": {"lora": {"r": 128}}})
+    config = load_config(child, ["model.lora.alpha=256", "model.temperature.init=5e-2", "run.seed=7"])
+    assert (config.model.lora.r, config.model.lora.alpha, config.model.pooling) == (128, 256, "last")
+    assert config.model.temperature.init == 0.05 and config.run.seed == 7
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"lora": {"rank": 4}}}, r"model\.lora\.rank: unknown key"),
+        ({"modle": {}}, r"modle: unknown key"),
+        ({"model": {"lora": {"r": "big"}}}, r"model\.lora\.r: expected an integer"),
+        ({"model": {"attention": "sideways"}}, r"model\.attention: 'sideways' is not one of"),
+        ({"model": {"mask_instruction": "yes"}}, r"model\.mask_instruction: expected true/false"),
+        ({"model": {"lora": {"target_modules": "q_proj"}}}, r"model\.lora\.target_modules: expected a list"),
+        ({"model": 3}, r"model: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key_and_the_file(tmp_path, data, message):
+    path = write(tmp_path / "bad.yaml", data)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_bad_override_and_cycles(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.lora\.rr: unknown key"):
+        load_config(None, ["model.lora.rr=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["model.lora.r"])
+    write(tmp_path / "a.yaml", {"inherit": "b.yaml"})
+    write(tmp_path / "b.yaml", {"inherit": "a.yaml"})
+    with pytest.raises(ConfigError, match="inherit cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["model.lora.r=16"])
+    path = save_config(config, tmp_path / "run")
+    assert load_config(path) == config
+    assert isinstance(config, Config) and to_dict(config)["model"]["lora"]["r"] == 16

@@ -1,0 +1,123 @@
+"""Load a Qwen2-VL-family backbone and its processor from a local directory.
+
+Embedding models use the bare `Qwen2VLModel`-style class (no lm_head: an unused head breaks
+DDP/ZeRO); the reranker asks for the LM head. Attention mode is switched on the loaded model.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from umarvel.errors import UmarvelError
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide the load report (e.g. the lm_head we deliberately leave out) and per-tensor progress."""
+    import warnings
+
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    bars_were_enabled = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(previous)
+        if bars_were_enabled:
+            logging.enable_progress_bar()
+
+
+def check_backbone_dir(path: str | Path) -> str:
+    """Return the model type of a local Qwen2-VL-family directory, or raise a clear error."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UmarvelError(
+            f"backbone {path} is not a model directory (no config.json); give a local path, "
+            "e.g. checkpoints/Qwen2-VL-7B-Instruct or one made by `umarvel make-tiny-model`"
+        )
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UmarvelError(f"backbone {path} is a {model_type!r} model; umarvel supports {SUPPORTED_MODEL_TYPES}")
+    return model_type
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    attention: str = "bidirectional",
+    with_lm_head: bool = False,
+):
+    """Load the bare multimodal model (or, with_lm_head, the generative one) in `attention` mode."""
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    check_backbone_dir(path)
+    loader = AutoModelForImageTextToText if with_lm_head else AutoModel
+    with quiet_transformers():
+        model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    set_attention_mode(model, attention)
+    return model
+
+
+def language_model(model) -> torch.nn.Module:
+    """The text decoder inside a (possibly PEFT-wrapped, possibly LM-headed) backbone."""
+    for name, module in model.named_modules():
+        if name.endswith("language_model") and hasattr(module, "layers"):
+            return module
+    raise UmarvelError(f"no language_model found in {type(model).__name__}")
+
+
+def set_attention_mode(model, attention: str) -> None:
+    """Make the language model causal or bidirectional, for every kernel and batch shape.
+
+    The config flag makes the mask builder emit a bidirectional (padding-only) mask; the
+    per-module flag is what kernels driven by an `is_causal` switch (flash-attention, SDPA when
+    no mask is materialised) read, so both are set and no backend or batch shape runs causal.
+    """
+    if attention not in ("causal", "bidirectional"):
+        raise UmarvelError(f"attention must be 'causal' or 'bidirectional', got {attention!r}")
+    causal = attention == "causal"
+    decoder = language_model(model)
+    decoder.config.is_causal = causal
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config.is_causal = causal
+    for module in decoder.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = causal
+
+
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's own processor, right-padding, with the configured image pixel bounds."""
+    from transformers import AutoProcessor
+
+    with quiet_transformers():
+        processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "right"
+    if min_pixels is not None and max_pixels is not None:
+        processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return processor

@@ -1,0 +1,99 @@
+"""The one place an item becomes model input text.
+
+An item is a dict with any of `text`, `image` (path or PIL image) and an optional
+`instruction`. It is laid out in the Qwen2-VL chat format:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n
+    [<|vision_start|><|image_pad|><|vision_end|>]{instruction} {text}
+    [\\nSummarize above image and sentence in one word:]<|im_end|>
+    [\\n<|im_start|>assistant\\n]          (only with the compression prompt)
+
+Images always come first, so the instruction's character span, counted from the END of the
+text, survives the processor's expansion of <|image_pad|> into one token per image patch:
+the collator uses it to find the instruction's tokens without adding tokens to the vocabulary.
+Training, mining, distillation and evaluation all render through `render`, so they can never
+disagree on the prompt (a known defect of the reference code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from umarvel.config import PromptConfig
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+COMPRESSION = {
+    "image": "Summarize above image in one word:",
+    "text": "Summarize above sentence in one word:",
+    "image,text": "Summarize above image and sentence in one word:",
+}
+
+
+@dataclass
+class RenderedItem:
+    """Model text for one item, its images, and where the instruction sits.
+
+    `instruction_from_end` is (start, end) of the instruction measured backwards from the end of
+    `text` (start > end), or None when the item carries no instruction.
+    """
+
+    text: str
+    images: list[Any] = field(default_factory=list)
+    instruction_from_end: tuple[int, int] | None = None
+
+
+def modality(item: dict) -> str:
+    has_image = item.get("image") is not None
+    has_text = bool(item.get("text"))
+    if has_image and has_text:
+        return "image,text"
+    if has_image:
+        return "image"
+    if has_text:
+        return "text"
+    raise ValueError(f"item has neither text nor image: {item!r}")
+
+
+def truncate_text(text: str, tokenizer, max_tokens: int) -> str:
+    """Cut `text` to at most `max_tokens` tokens at a token boundary (images are never cut)."""
+    if max_tokens <= 0:
+        return ""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text
+    return text[: offsets[max_tokens - 1][1]]
+
+
+def _count_tokens(text: str, tokenizer) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
+    """Lay out `item` as chat text; with a tokenizer, keep instruction + text within budget."""
+    kind = modality(item)
+    instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
+    text = (item.get("text") or "").strip()
+    if tokenizer is not None and text:
+        budget = config.max_text_tokens - (_count_tokens(instruction, tokenizer) if instruction else 0)
+        text = truncate_text(text, tokenizer, budget)
+
+    prefix = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt else ""
+    prefix += "<|im_start|>user\n"
+    images = []
+    if item.get("image") is not None:
+        prefix += IMAGE_PLACEHOLDER
+        images.append(item["image"])
+    body = " ".join(part for part in (instruction, text) if part)
+    suffix = ""
+    if config.compression_prompt:
+        suffix = f"\n{COMPRESSION[kind]}"
+    suffix += "<|im_end|>"
+    if config.compression_prompt:
+        suffix += "\n<|im_start|>assistant\n"
+
+    full = prefix + body + suffix
+    span = None
+    if instruction:
+        start = len(full) - len(prefix)
+        span = (start, start - len(instruction))
+    return RenderedItem(text=full, images=images, instruction_from_end=span)

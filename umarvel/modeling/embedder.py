@@ -1,0 +1,256 @@
+"""The U-MARVEL embedder: Qwen2-VL backbone + LoRA + pooling + L2 normalisation + temperature.
+
+A saved embedder directory holds `embedder_config.json` (the model section of the config),
+`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone
+is the directory named in the config) or, after `merge_and_save`, the merged backbone itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from umarvel.backbone import language_model, quiet_transformers, load_backbone, load_processor, resolve_device, resolve_dtype
+from umarvel.config import ConfigError, ModelConfig, from_dict, to_dict
+from umarvel.data.collator import Collator
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.modeling.pooling import pool
+from umarvel.modeling.temperature import Temperature
+
+EMBEDDER_CONFIG = "embedder_config.json"
+TEMPERATURE_FILE = "temperature.safetensors"
+FORMAT_VERSION = 1
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
+    """Full names of the language model's nn.Linear layers (optionally only those ending in a suffix)."""
+    decoder = language_model(backbone)
+    prefix = next(name for name, module in backbone.named_modules() if module is decoder)
+    names = [
+        f"{prefix}.{name}"
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.Linear) and (not suffixes or any(name.split(".")[-1] == s for s in suffixes))
+    ]
+    if not names:
+        raise ConfigError(f"model.lora.target_modules {suffixes} matches no linear layer of the language model")
+    return names
+
+
+def _attach_lora(backbone, config: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_lora_targets(backbone, lora.target_modules),
+        bias="none",
+    )
+    return get_peft_model(backbone, peft_config)
+
+
+def _merge_overrides(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class Embedder(nn.Module):
+    """Encode items (`text`, `image`, optional `instruction`) into unit vectors."""
+
+    def __init__(self, backbone, processor, config: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.processor = processor
+        self.config = config
+        t = config.temperature
+        self.temperature = Temperature(t.init, t.learnable, t.min, t.max)
+        self.collator = Collator(processor, config.prompt, mask_instruction=config.mask_instruction)
+        if config.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, trainable: bool = False) -> "Embedder":
+        """A fresh embedder on `config.backbone`; with `trainable`, a new LoRA adapter is attached."""
+        return cls._build(config, Path(config.backbone), adapter_dir=None, trainable=trainable)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Embedder":
+        """Load a saved embedder (adapter or merged) or wrap a plain Qwen2-VL directory.
+
+        `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
+        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
+        """
+        path = Path(path)
+        saved_file = path / EMBEDDER_CONFIG
+        if not saved_file.is_file():
+            config = cls._config({"backbone": str(path)}, overrides, str(path))
+            return cls._build(config, path, adapter_dir=None, trainable=trainable)
+        saved = json.loads(saved_file.read_text())
+        if saved.get("format_version") != FORMAT_VERSION:
+            raise UmarvelError(f"{saved_file}: unsupported embedder format {saved.get('format_version')!r}")
+        overrides = dict(overrides)
+        if saved["merged"]:
+            config = cls._config(saved["model"], {**overrides, "backbone": str(path)}, str(saved_file))
+            embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
+        else:
+            overrides.pop("lora", None)
+            config = cls._config(saved["model"], overrides, str(saved_file))
+            backbone_dir = cls._find_backbone(config.backbone, path)
+            embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
+        state = load_file(path / TEMPERATURE_FILE)
+        embedder.temperature.log_tau.data.copy_(state["log_tau"])
+        return embedder
+
+    @staticmethod
+    def _config(base: dict, overrides: dict, where: str) -> ModelConfig:
+        try:
+            return from_dict(ModelConfig, _merge_overrides(base, overrides), "model")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    @staticmethod
+    def _find_backbone(recorded: str, embedder_dir: Path) -> Path:
+        for candidate in (Path(recorded), embedder_dir / recorded):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise UmarvelError(
+            f"{embedder_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained"
+        )
+
+    @classmethod
+    def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        backbone = load_backbone(
+            backbone_dir, dtype=dtype, attn_implementation=config.attn_implementation, attention=config.attention
+        )
+        backbone.requires_grad_(False)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            with quiet_transformers():
+                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        elif trainable and config.lora.enabled:
+            with quiet_transformers():
+                backbone = _attach_lora(backbone, config)
+        processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
+        config.backbone = str(backbone_dir if adapter_dir is None else config.backbone)
+        return cls(backbone, processor, config).to(device)
+
+    # ----- forward and encode -----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
+        """Unit-norm float32 embeddings of a collated batch."""
+        inputs = {k: v for k, v in multimodal.items() if k in MODEL_INPUTS and v is not None}
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
+        pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.config.pooling)
+        return F.normalize(pooled, dim=-1)
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return self.collator(items)
+
+    def embed_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.device
+        return self(**{k: v.to(device) for k, v in batch.items()})
+
+    @torch.inference_mode()
+    def encode(self, items: list[dict], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
+        """(n, d) float32 unit vectors on CPU; batches are formed by length to limit padding."""
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(items)), key=lambda i: (items[i].get("image") is not None, len(items[i].get("text") or "")))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        out = [None] * len(items)
+        for chunk in tqdm(chunks, desc="encode", disable=not show_progress, unit="batch"):
+            embeddings = self.embed_batch(self.collate([items[i] for i in chunk])).cpu()
+            for row, index in enumerate(chunk):
+                out[index] = embeddings[row]
+        self.train(was_training)
+        if not out:
+            return torch.empty(0, self.backbone.config.get_text_config().hidden_size)
+        return torch.stack(out)
+
+    # ----- saving -------------------------------------------------------------------------
+    def _write_common(self, directory: Path, merged: bool) -> None:
+        atomic_write_json(
+            directory / EMBEDDER_CONFIG,
+            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.config)},
+        )
+        save_file({"log_tau": self.temperature.log_tau.detach().cpu().contiguous()}, str(directory / TEMPERATURE_FILE))
+        self.processor.save_pretrained(directory)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Adapter + embedder config + temperature (no backbone weights unless there is no adapter)."""
+        if not self.has_adapter:
+            return self.merge_and_save(directory)
+        with atomic_dir(directory) as tmp:
+            self.backbone.save_pretrained(tmp)
+            self._write_common(tmp, merged=False)
+        return Path(directory)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Backbone weights with every LoRA delta folded in, under the plain model's key names."""
+        from peft.tuners.lora import LoraLayer
+
+        if not self.has_adapter:
+            return self.backbone.state_dict()
+        base = self.backbone.get_base_model()
+        state = {}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.base_layer.weight
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                state[f"{name}.weight"] = (weight + delta.to(weight.dtype)).detach()
+                if module.base_layer.bias is not None:
+                    state[f"{name}.bias"] = module.base_layer.bias.detach()
+        for key, value in base.state_dict().items():
+            if "lora_" in key or ".base_layer." in key:
+                continue
+            state.setdefault(key, value)
+        return state
+
+    def merge_and_save(self, directory: str | os.PathLike) -> Path:
+        """A plain merged checkpoint that loads with from_pretrained and embeds identically."""
+        base = self.backbone.get_base_model() if self.has_adapter else self.backbone
+        with atomic_dir(directory) as tmp, quiet_transformers():
+            base.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in self.merged_state_dict().items()})
+            self._write_common(tmp, merged=True)
+        return Path(directory)
+
+    # ----- optimisation -------------------------------------------------------------------
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: decay on LoRA matrices; none on biases, norms and the temperature."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = name.startswith("temperature.") or param.ndim < 2
+            (no_decay if skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
