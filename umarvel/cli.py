@@ -40,6 +40,27 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from umarvel.data.synthetic import write_synthetic
+
+    root = write_synthetic(args.out, seed=args.seed, size=args.size)
+    print(f"synthetic benchmark ({args.size}, seed {args.seed}) written: M-BEIR at {root}, "
+          f"NLI and CC3M beside it in {args.out}")
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from umarvel.data.validate import validate
+
+    report = validate(args.data, images=args.images, emit=lambda err: print(err, file=sys.stderr))
+    if not report.ok:
+        print(f"umarvel: {len(report.errors)} problem(s) found in {args.data}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(f"\n{args.data}: OK")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umarvel",
@@ -57,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    data = verbs.add_parser("data", help="datasets: write the synthetic benchmark, validate a directory")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="DATA_VERB")
+    data_verbs.required = True
+    p = data_verbs.add_parser("synth", help="write a small learnable M-BEIR-shaped benchmark (+ NLI, CC3M)")
+    p.add_argument("--out", required=True, help="directory to write M-BEIR/, nli_for_simcse.csv and cc3m/ into")
+    p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small")
+    p.set_defaults(func=_cmd_data_synth)
+    p = data_verbs.add_parser("validate", help="check an M-BEIR root (or a data dir holding M-BEIR/); report every problem")
+    p.add_argument("--data", required=True, help="M-BEIR root, or a directory with M-BEIR/, nli_for_simcse.csv, cc3m/")
+    p.add_argument("--images", choices=["open", "exists", "skip"], default="open",
+                   help="image check: open with PIL (default), only check they exist, or only check paths")
+    p.set_defaults(func=_cmd_data_validate)
     return parser
 
 

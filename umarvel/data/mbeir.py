@@ -1,0 +1,603 @@
+"""Read M-BEIR as published: queries, candidate pools, qrels, instructions and images.
+
+Layout and record fields: shared/reference/mbeir-format.md; file names: umarvel.data.tasks.
+Query and pool files are parsed once into memory-mapped Arrow tables (umarvel.data.arrowtable),
+so the 1.33M-query union train file and the 5.6M-candidate union pool cost shared pages, not
+millions of Python dicts per process.
+
+Items, the one shape the collator, trainer and evaluators consume:
+  query      {"qid", "text", "image", "instruction", "modality", "task_id", "dataset_id",
+              "pos_cand_list", "neg_cand_list"}
+  candidate  {"did", "text", "image", "instruction": None, "modality"}
+`text` and `instruction` are kept apart because the embedder pools text tokens without the
+instruction's; joined by one space they are the benchmark's query string (`format_query_text`).
+`image` is an absolute path under the dataset root, or None.
+
+Instructions: at training time one is drawn per sample from a seeded `random.Random`; at
+evaluation a query's instruction is picked by a stable hash of its qid, so every run (and every
+process) shows a query the same instruction.
+"""
+from __future__ import annotations
+
+import os
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umarvel.data.arrowtable import (
+    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, stable_hash64,
+)
+from umarvel.data.tasks import (
+    DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow,
+)
+from umarvel.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+_QUERY_SCHEMA = pa.schema([
+    ("qid", pa.string()), ("query_txt", pa.string()), ("query_img_path", pa.string()),
+    ("query_modality", pa.string()), ("pos_cand_list", pa.list_(pa.string())),
+    ("neg_cand_list", pa.list_(pa.string())), ("task_id", pa.int8()), ("line", pa.int64()),
+])
+_CANDIDATE_SCHEMA = pa.schema([
+    ("did", pa.string()), ("txt", pa.string()), ("img_path", pa.string()),
+    ("modality", pa.string()), ("line", pa.int64()),
+])
+QUERY_FORMAT = TableFormat("mbeir-query", _QUERY_SCHEMA, key="qid")
+# The union train file is upsampled: small datasets' queries appear more than once.
+UNION_QUERY_FORMAT = TableFormat("mbeir-union-query", _QUERY_SCHEMA, key="qid", unique_key=False)
+CANDIDATE_FORMAT = TableFormat("mbeir-candidate", _CANDIDATE_SCHEMA, key="did")
+
+
+# ---- text ---------------------------------------------------------------------------------
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ").strip()
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _end_sentence(text: str) -> str:
+    return text if not text or text[-1] in ".?!" else text + "."
+
+
+def format_text(text: str | None) -> str:
+    """The benchmark's text normalisation: one line, stripped, first letter capitalised, final
+    period added (unless it already ends in . ? or !)."""
+    return _end_sentence(_capitalise(_one_line(text or "")))
+
+
+def split_query_text(instruction: str | None, text: str | None) -> tuple[str | None, str | None]:
+    """The benchmark query string in two parts (instruction, text), either None when absent.
+
+    Joined by one space they equal `format_text(f"{instruction} {text}")`: the capital letter
+    goes to whichever part comes first, the final period to whichever comes last.
+    """
+    instruction = _one_line(instruction or "") or None
+    text = _one_line(text or "") or None
+    if instruction is None or text is None:
+        return (format_text(instruction) or None), (format_text(text) or None)
+    return _capitalise(instruction), _end_sentence(text)
+
+
+def format_query_text(instruction: str | None, text: str | None) -> str:
+    """The query string the benchmark shows a model: `"<instruction> <query_txt>"`, formatted."""
+    return " ".join(part for part in split_query_text(instruction, text) if part)
+
+
+# ---- records ------------------------------------------------------------------------------
+
+def _field(obj: dict, name: str, kinds: tuple[type, ...], file: str, line: int, *, default=...):
+    if name not in obj:
+        if default is ...:
+            raise DataError("missing field", file, line, name)
+        return default
+    value = obj[name]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise DataError(f"expected {expected}, got {type(value).__name__} {value!r:.60}", file, line, name)
+    return value
+
+
+def parse_id(value: str, file: str, line: int, field: str) -> int:
+    """Check an id is '<dataset_id>:<index>' with a known dataset id; return the dataset id."""
+    prefix, sep, rest = value.partition(":")
+    if not sep or not rest or not prefix.isascii() or not prefix.isdigit():
+        raise DataError(f"id '{value}' is not of the form '<dataset_id>:<index>'", file, line, field)
+    if int(prefix) not in DATASETS:
+        raise DataError(f"id '{value}' names unknown dataset id {prefix} (known: 0-9)", file, line, field)
+    return int(prefix)
+
+
+def parse_modality(value: str, file: str, line: int, field: str) -> str:
+    """One of text, image, image,text (a reordered 'text,image' is accepted)."""
+    modality = ",".join(sorted(part.strip() for part in value.split(",")))
+    if modality not in MODALITIES:
+        raise DataError(f"unknown modality '{value}' (expected one of {', '.join(MODALITIES)})", file, line, field)
+    return modality
+
+
+def _check_content(modality: str, text, image, file: str, line: int, text_field: str, image_field: str) -> None:
+    parts = modality.split(",")
+    if "text" in parts and not (text and text.strip()):
+        raise DataError(f"modality '{modality}' needs a non-empty text", file, line, text_field)
+    if "image" in parts and not (image and image.strip()):
+        raise DataError(f"modality '{modality}' needs an image path", file, line, image_field)
+
+
+def _id_list(obj: dict, name: str, file: str, line: int, *, required: bool) -> list[str]:
+    values = _field(obj, name, (list,), file, line, default=... if required else [])
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(f"expected a list of did strings, item {i} is {type(value).__name__}", file, line, name)
+        parse_id(value, file, line, name)
+    return values
+
+
+def parse_query(obj: dict, file: str, line: int) -> dict:
+    """Validate one query record; return its table row. Raises DataError naming the field."""
+    qid = _field(obj, "qid", (str,), file, line)
+    parse_id(qid, file, line, "qid")
+    text = _field(obj, "query_txt", (str, type(None)), file, line, default=None)
+    image = _field(obj, "query_img_path", (str, type(None)), file, line, default=None)
+    modality = parse_modality(_field(obj, "query_modality", (str,), file, line), file, line, "query_modality")
+    task_id = _field(obj, "task_id", (int,), file, line)
+    if task_id not in TASKS:
+        raise DataError(f"unknown task id {task_id} (known: {sorted(TASKS)})", file, line, "task_id")
+    if TASKS[task_id][0] != modality:
+        raise DataError(
+            f"task {task_id} has {TASKS[task_id][0]} queries, not '{modality}'", file, line, "query_modality"
+        )
+    _check_content(modality, text, image, file, line, "query_txt", "query_img_path")
+    positives = _id_list(obj, "pos_cand_list", file, line, required=True)
+    if not positives:
+        raise DataError("a query needs at least one positive did", file, line, "pos_cand_list")
+    return {
+        "qid": qid, "query_txt": text, "query_img_path": image, "query_modality": modality,
+        "pos_cand_list": positives, "neg_cand_list": _id_list(obj, "neg_cand_list", file, line, required=False),
+        "task_id": task_id, "line": line,
+    }
+
+
+def parse_candidate(obj: dict, file: str, line: int) -> dict:
+    """Validate one candidate record; return its table row. Raises DataError naming the field."""
+    did = _field(obj, "did", (str,), file, line)
+    parse_id(did, file, line, "did")
+    text = _field(obj, "txt", (str, type(None)), file, line, default=None)
+    image = _field(obj, "img_path", (str, type(None)), file, line, default=None)
+    modality = parse_modality(_field(obj, "modality", (str,), file, line), file, line, "modality")
+    _check_content(modality, text, image, file, line, "txt", "img_path")
+    return {"did": did, "txt": text, "img_path": image, "modality": modality, "line": line}
+
+
+def jsonl_rows(path: Path, parse, progress: bool | None = None):
+    """A RowProducer: parse every line of a JSON-lines file with `parse(obj, file, line)`."""
+
+    def produce(log: ErrorLog, meta: dict) -> Iterator[dict]:
+        file = str(path)
+        for line, raw in read_lines(path, progress):
+            try:
+                yield parse(parse_json_object(raw, file, line), file, line)
+            except DataError as err:
+                log.add(err)
+
+    return produce
+
+
+# ---- images -------------------------------------------------------------------------------
+
+def resolve_under(root: str | os.PathLike, rel_path: str, *, file: str | None = None, line: int | None = None,
+                  field: str | None = None, must_exist: bool = True) -> str:
+    """Absolute path of `rel_path` inside `root`; absolute paths and `..` escapes are refused.
+
+    The check is lexical, so symlinks inside the root (mbeir_images on another disk) work.
+    """
+    base = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(base, rel_path))
+    if os.path.isabs(rel_path) or os.path.commonpath([base, full]) != base:
+        raise DataError(f"image path '{rel_path}' resolves outside the data root {base}", file, line, field)
+    if must_exist and not os.path.isfile(full):
+        raise DataError(f"image not found: {full}", file, line, field)
+    return full
+
+
+# ---- instructions -------------------------------------------------------------------------
+
+InstructionKey = tuple[int, str, str]  # (dataset_id, query modality, candidate modality)
+
+
+def read_instruction_rows(path: str | os.PathLike, log: ErrorLog) -> dict[InstructionKey, tuple[str, ...]]:
+    """Parse query_instructions.tsv: a header, then rows of query modality, candidate modality,
+    dataset/task name, dataset_id, instruction 1..4 (empty cells dropped)."""
+    file = str(path)
+    table: dict[InstructionKey, tuple[str, ...]] = {}
+    first_line: dict[InstructionKey, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        next(handle, None)
+        for line, text in enumerate(handle, 2):
+            if not text.strip():
+                continue
+            cells = text.rstrip("\r\n").split("\t")
+            try:
+                if len(cells) < 5:
+                    raise DataError(f"expected at least 5 tab-separated columns, got {len(cells)}", file, line)
+                query_modality = parse_modality(cells[0], file, line, "query modality (column 1)")
+                cand_modality = parse_modality(cells[1], file, line, "candidate modality (column 2)")
+                if not cells[3].strip().isdigit() or int(cells[3]) not in DATASETS:
+                    raise DataError(f"unknown dataset id '{cells[3]}'", file, line, "dataset_id (column 4)")
+                key = (int(cells[3]), query_modality, cand_modality)
+                if key in table:
+                    raise DataError(f"instructions for {key} already given on line {first_line[key]}", file, line)
+                instructions = tuple(cell.strip() for cell in cells[4:] if cell.strip())
+                if not instructions:
+                    raise DataError("no instruction text", file, line, "instructions (columns 5+)")
+                table[key], first_line[key] = instructions, line
+            except DataError as err:
+                log.add(err)
+    return table
+
+
+class Instructions:
+    """Query instructions looked up by (dataset_id, query modality, candidate modality)."""
+
+    def __init__(self, table: dict[InstructionKey, tuple[str, ...]], file: str):
+        self.table, self.file = table, file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Instructions":
+        if not Path(path).is_file():
+            raise DataError("file not found", str(path))
+        return cls(read_instruction_rows(path, ErrorLog("raise")), str(path))
+
+    def options(self, dataset_id: int, query_modality: str, cand_modality: str) -> tuple[str, ...]:
+        try:
+            return self.table[(dataset_id, query_modality, cand_modality)]
+        except KeyError:
+            raise DataError(
+                f"no instruction for dataset {dataset_id} ({DATASETS.get(dataset_id)}), "
+                f"{query_modality} -> {cand_modality}", self.file,
+            ) from None
+
+    def choose(self, qid: str, task_id: int, rng: random.Random | None = None) -> str:
+        """Training (rng given): a seeded random pick. Evaluation (rng None): the same pick for
+        the same qid in every run, by a stable hash (never Python's salted `hash`)."""
+        options = self.options(int(qid.split(":", 1)[0]), *TASKS[task_id])
+        if rng is not None:
+            return rng.choice(options)
+        return options[stable_hash64(qid) % len(options)]
+
+
+# ---- queries and pools --------------------------------------------------------------------
+
+class Queries:
+    """One query file as a memory-mapped table; `item(i)` builds the query item."""
+
+    def __init__(self, table: ArrowTable, root: Path, instructions: Instructions | None):
+        self.table, self.root, self.instructions = table, root, instructions
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def file(self) -> str:
+        return str(self.table.source)
+
+    def record(self, index: int) -> dict:
+        return self.table.row(index)
+
+    def find(self, qid: str) -> int | None:
+        """Row of the first query with this qid."""
+        return self.table.find(qid)
+
+    def item(self, index: int, *, rng: random.Random | None = None, use_instruction: bool = True) -> dict:
+        """Query item of row `index`; instruction drawn from `rng` (training) or by qid (eval)."""
+        return self.item_from_record(self.table.row(index), rng=rng, use_instruction=use_instruction)
+
+    def items(self, start: int = 0, stop: int | None = None, *, use_instruction: bool = True) -> Iterator[dict]:
+        """Evaluation items in file order (deterministic instructions), for encoding."""
+        for record in self.table.rows(start, stop):
+            yield self.item_from_record(record, use_instruction=use_instruction)
+
+    def item_from_record(self, record: dict, *, rng: random.Random | None = None, use_instruction: bool = True) -> dict:
+        modality = record["query_modality"].split(",")
+        instruction = None
+        if use_instruction:
+            if self.instructions is None:
+                raise DataError("instructions/query_instructions.tsv is needed for instructed queries", self.file)
+            instruction = self.instructions.choose(record["qid"], record["task_id"], rng)
+        instruction, text = split_query_text(instruction, record["query_txt"] if "text" in modality else None)
+        image = None
+        if "image" in modality:
+            image = resolve_under(self.root, record["query_img_path"], file=self.file, line=record["line"],
+                                  field="query_img_path")
+        return {
+            "qid": record["qid"], "text": text, "image": image, "instruction": instruction,
+            "modality": record["query_modality"], "task_id": record["task_id"],
+            "dataset_id": int(record["qid"].split(":", 1)[0]),
+            "pos_cand_list": record["pos_cand_list"], "neg_cand_list": record["neg_cand_list"],
+        }
+
+
+class CandidatePool:
+    """One candidate pool as a memory-mapped table with lookup by did."""
+
+    def __init__(self, table: ArrowTable, root: Path):
+        self.table, self.root = table, root
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __contains__(self, did: str) -> bool:
+        return self.table.find(did) is not None
+
+    @property
+    def file(self) -> str:
+        return str(self.table.source)
+
+    def dids(self) -> pa.ChunkedArray:
+        return self.table.column("did")
+
+    def item(self, index: int) -> dict:
+        return self._item(self.table.row(index))
+
+    def items(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        """Candidate items in file order, for encoding."""
+        for record in self.table.rows(start, stop):
+            yield self._item(record)
+
+    def get(self, did: str, *, needed_by: str | None = None) -> dict:
+        """The candidate item with this did; a DataError (naming `needed_by`) if the pool lacks it."""
+        index = self.table.find(did)
+        if index is None:
+            named_by = f" (named by {needed_by})" if needed_by else ""
+            raise DataError(f"did '{did}' is not in the pool {self.file}{named_by}")
+        return self.item(index)
+
+    def _item(self, record: dict) -> dict:
+        modality = record["modality"].split(",")
+        image = None
+        if "image" in modality:
+            image = resolve_under(self.root, record["img_path"], file=self.file, line=record["line"], field="img_path")
+        return {
+            "did": record["did"], "text": format_text(record["txt"]) if "text" in modality else None,
+            "image": image, "instruction": None, "modality": record["modality"],
+        }
+
+
+def open_queries(path: str | os.PathLike, root: str | os.PathLike, instructions: Instructions | None = None, *,
+                 upsampled: bool = False, cache_dir: str | os.PathLike | None = None, on_error: OnError = "raise",
+                 progress: bool | None = None) -> Queries:
+    """Any M-BEIR-format query file; images resolve under `root`. `upsampled`: qids may repeat."""
+    path = Path(path)
+    fmt = UNION_QUERY_FORMAT if upsampled else QUERY_FORMAT
+    table = open_table(path, fmt, jsonl_rows(path, parse_query, progress), cache_dir=cache_dir, on_error=on_error)
+    return Queries(table, Path(root), instructions)
+
+
+def open_pool(path: str | os.PathLike, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+              on_error: OnError = "raise", progress: bool | None = None) -> CandidatePool:
+    """Any M-BEIR-format candidate pool file; images resolve under `root`."""
+    path = Path(path)
+    table = open_table(path, CANDIDATE_FORMAT, jsonl_rows(path, parse_candidate, progress),
+                       cache_dir=cache_dir, on_error=on_error)
+    return CandidatePool(table, Path(root))
+
+
+def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, int, int]:
+    """(qid, did, relevance, task_id) of one `qid 0 did relevance task_id` line."""
+    if len(cells) != 5:
+        raise DataError(f"expected 5 columns 'qid 0 did relevance task_id', got {len(cells)}", file, line)
+    qid, _, did, relevance, task_id = cells
+    parse_id(qid, file, line, "qid (column 1)")
+    parse_id(did, file, line, "did (column 3)")
+    for value, field in ((relevance, "relevance (column 4)"), (task_id, "task_id (column 5)")):
+        if not value.lstrip("-").isdigit():
+            raise DataError(f"expected an integer, got '{value}'", file, line, field)
+    if int(task_id) not in TASKS:
+        raise DataError(f"unknown task id {task_id}", file, line, "task_id (column 5)")
+    return qid, did, int(relevance), int(task_id)
+
+
+def read_qrels(path: str | os.PathLike, log: ErrorLog) -> dict[str, set[str]]:
+    """qid -> relevant dids; lines with relevance <= 0 are dropped."""
+    file = str(path)
+    qrels: dict[str, set[str]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line, text in enumerate(handle, 1):
+            cells = text.split()
+            if not cells:
+                continue
+            try:
+                qid, did, relevance, _ = parse_qrels_line(cells, file, line)
+            except DataError as err:
+                log.add(err)
+                continue
+            if relevance > 0:
+                qrels.setdefault(qid, set()).add(did)
+    return qrels
+
+
+def _as_row(row: EvalRow | str) -> EvalRow:
+    if isinstance(row, EvalRow):
+        return row
+    try:
+        return EVAL_ROWS_BY_NAME[row]
+    except KeyError:
+        raise DataError(f"unknown evaluation row '{row}' (known: {', '.join(EVAL_ROWS_BY_NAME)})") from None
+
+
+def train_query_file(dataset: str) -> str:
+    """Per-dataset train queries (all of the dataset's tasks in one file)."""
+    return f"query/train/mbeir_{dataset}_train.jsonl"
+
+
+class MBEIR:
+    """An M-BEIR directory. Tables are cached under `cache_dir` (default: ~/.cache/umarvel).
+
+    on_error='raise' stops at the first bad record with a DataError (file, line, field);
+    'skip' leaves bad records out and lists them in the returned table's `.table.errors`.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                 on_error: OnError = "raise", progress: bool | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError("M-BEIR directory not found", str(self.root))
+        self.cache_dir, self.on_error, self.progress = cache_dir, on_error, progress
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def queries(self, split: str, row: EvalRow | str | None = None, *, dataset: str | None = None) -> Queries:
+        """Train: the union train file, or `dataset`'s train file. Val/test: the file of `row`."""
+        if split == "train":
+            if row is not None:
+                raise ValueError("train queries come per dataset (dataset=...) or as the union file, not per row")
+            if dataset is None:
+                return self._queries(UNION_TRAIN_QUERIES, UNION_QUERY_FORMAT)
+            if dataset not in DATASETS.values():
+                raise DataError(f"unknown dataset '{dataset}'")
+            return self._queries(train_query_file(dataset), QUERY_FORMAT)
+        _check_split(split)
+        if row is None:
+            raise ValueError(f"{split} queries are per evaluation row: pass row=")
+        return self._queries(_as_row(row).query_file(split), QUERY_FORMAT)
+
+    def local_pool(self, row: EvalRow | str) -> CandidatePool:
+        return self._pool(_as_row(row).local_pool_file())
+
+    def global_pool(self, split: str) -> CandidatePool:
+        _check_split(split)
+        return self._pool(GLOBAL_POOL.format(split=split))
+
+    def qrels(self, split: str, row: EvalRow | str) -> dict[str, set[str]]:
+        _check_split(split)
+        path = self.path(_as_row(row).qrels_file(split))
+        if not path.is_file():
+            raise DataError("file not found", str(path))
+        return read_qrels(path, ErrorLog(self.on_error))
+
+    @cached_property
+    def instructions(self) -> Instructions:
+        return Instructions.load(self.path(QUERY_INSTRUCTIONS))
+
+    def resolve_image(self, rel_path: str) -> str:
+        return resolve_under(self.root, rel_path)
+
+    def _queries(self, rel: str, fmt: TableFormat) -> Queries:
+        instructions = self.instructions if self.path(QUERY_INSTRUCTIONS).is_file() else None
+        return open_queries(self.path(rel), self.root, instructions, upsampled=fmt is UNION_QUERY_FORMAT,
+                            cache_dir=self.cache_dir, on_error=self.on_error, progress=self.progress)
+
+    def _pool(self, rel: str) -> CandidatePool:
+        return open_pool(self.path(rel), self.root, cache_dir=self.cache_dir, on_error=self.on_error,
+                         progress=self.progress)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ---- training sets ------------------------------------------------------------------------
+
+class ScoredIdLookup(Protocol):
+    def get(self, qid: str) -> tuple[list[str], list[float]] | None: ...
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random source of one training sample: reproducible in any worker, any order."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class MBEIRTrainPairs:
+    """M-BEIR training pairs {"query", "positive", "negatives"} for the contrastive stages.
+
+    Per sample and epoch, a seeded rng draws the instruction, one positive out of
+    pos_cand_list, and up to `num_negatives` mined negatives (never one of the positives).
+    Queries whose positives are all missing from the pool are a DataError, or skipped and
+    listed in `skipped` when on_error='skip'.
+    """
+
+    def __init__(self, queries: Queries, pool: CandidatePool, *, seed: int = 0, use_instruction: bool = True,
+                 hard_negatives: ScoredIdLookup | None = None, num_negatives: int = 0, on_error: OnError = "raise"):
+        self.queries, self.pool, self.seed = queries, pool, seed
+        self.use_instruction, self.hard_negatives, self.num_negatives = use_instruction, hard_negatives, num_negatives
+        self.epoch = 0
+        log = ErrorLog(on_error)
+        self.rows = self._rows_with_positives(log)
+        self.skipped = log.kept
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = sample_rng(self.seed, self.epoch, index)
+        record = self.queries.record(int(self.rows[index]))
+        query = self.queries.item_from_record(record, rng=rng, use_instruction=self.use_instruction)
+        positives = [did for did in record["pos_cand_list"] if did in self.pool]
+        positive = self.pool.get(rng.choice(positives))
+        return {"query": query, "positive": positive, "negatives": self._negatives(record, rng)}
+
+    def _negatives(self, record: dict, rng: random.Random) -> list[dict]:
+        if not self.num_negatives or self.hard_negatives is None:
+            return []
+        mined = self.hard_negatives.get(record["qid"])
+        if mined is None:
+            return []
+        positives = set(record["pos_cand_list"])
+        choices = [did for did in mined[0] if did not in positives]
+        picked = rng.sample(choices, min(self.num_negatives, len(choices)))
+        return [self.pool.get(did, needed_by=f"the mined negatives of query {record['qid']}") for did in picked]
+
+    def _rows_with_positives(self, log: ErrorLog) -> np.ndarray:
+        usable = []
+        for batch in self.queries.table.table.to_batches():
+            positives = batch.column("pos_cand_list")
+            found = self.pool.table.has_keys(pc.list_flatten(positives).to_pylist())
+            ok = np.zeros(batch.num_rows, dtype=bool)
+            ok[pc.list_parent_indices(positives).to_numpy()[found]] = True
+            for index in np.flatnonzero(~ok):
+                record = batch.slice(int(index), 1).to_pylist()[0]
+                log.add(DataError(
+                    f"none of the positives {record['pos_cand_list']} of query {record['qid']} is in the pool "
+                    f"{self.pool.file}", self.queries.file, record["line"], "pos_cand_list",
+                ))
+            usable.append(ok)
+        return np.flatnonzero(np.concatenate(usable)) if usable else np.zeros(0, dtype=np.int64)
+
+
+class MBEIRDistillSet:
+    """Distillation samples {"query", "candidates", "teacher_scores"} for the queries the teacher
+    file scores (the paper uses 10% of the training queries, 50 candidates each)."""
+
+    def __init__(self, queries: Queries, pool: CandidatePool, teacher, *, seed: int = 0, use_instruction: bool = True):
+        self.queries, self.pool, self.teacher = queries, pool, teacher
+        self.seed, self.use_instruction, self.epoch = seed, use_instruction, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.teacher)
+
+    def __getitem__(self, index: int) -> dict:
+        qid, candidates, scores = self.teacher.entry(index)
+        row = self.queries.find(qid)
+        if row is None:
+            raise DataError(f"teacher scores name query '{qid}' which is not in {self.queries.file}",
+                            self.teacher.file)
+        rng = sample_rng(self.seed, self.epoch, index)
+        query = self.queries.item(row, rng=rng, use_instruction=self.use_instruction)
+        items = [self.pool.get(did, needed_by=f"the teacher scores of query {qid}") for did in candidates]
+        return {"query": query, "candidates": items, "teacher_scores": scores}
