@@ -81,6 +81,63 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    source: Literal["mbeir", "nli", "cc3m"] = doc("Training source of the stage.", "mbeir")
+    path: str = doc("M-BEIR root, NLI csv, or CC3M file (.json LLaVA form or .jsonl pairs).", "")
+    image_root: str = doc("Directory CC3M image names resolve under.", "")
+    train_queries: str = doc("M-BEIR query file relative to the root; empty = the union train file.", "")
+    pool: str = doc("M-BEIR candidate pool relative to the root; empty = the union train pool.", "")
+    hard_negatives: str = doc("Mined hard-negative file (stage 2); empty = none.", "")
+    num_negatives: int = doc("Extra negatives per query: mined ones for M-BEIR, NLI hard_neg when > 0.", 0)
+    on_error: Literal["raise", "skip"] = doc("Bad rows: stop with a clear error, or skip, count and report.", "raise")
+    max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0)
+    num_workers: int = doc("DataLoader worker processes.", 0)
+
+
+@dataclass
+class LossConfig:
+    bidirectional: bool = doc("Add candidate -> query InfoNCE (paper stage 1b).", False)
+    negatives_scope: Literal["own", "global"] = doc(
+        "Extra negatives a query sees: its own, or every one in the global batch.", "global"
+    )
+    in_batch_negatives: bool = doc("Contrast against other queries' positives (off = hard negatives only, Table 5).", True)
+    mask_false_negatives: bool = doc("Drop in-batch candidates that are positives of the query (by id).", True)
+    cross_device: bool = doc("Gather candidates from every rank so each query sees the global batch.", True)
+    gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0)
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = doc("Peak learning rate.", 1e-4)
+    per_device_batch_size: int = doc("Queries per device per step (global batch = this x devices).", 8)
+    gradient_accumulation_steps: int = doc("Steps per update; does NOT add negatives (use GradCache).", 1)
+    epochs: float = doc("Passes over the training pairs.", 1.0)
+    max_steps: int = doc("Stop after this many updates (-1 = by epochs).", -1)
+    warmup_ratio: float = doc("Fraction of updates with linear warm-up.", 0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = doc("LR schedule.", "linear")
+    weight_decay: float = doc("AdamW weight decay (never on biases, norms or the temperature).", 0.0)
+    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("Mixed precision; auto = bf16 on CUDA, fp32 on CPU.", "auto")
+    deepspeed: str = doc("DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); empty = none.", "")
+    logging_steps: int = doc("Log loss, temperature and accuracy every N updates.", 10)
+    save_steps: int = doc("Checkpoint every N updates.", 500)
+    save_total_limit: int = doc("Keep at most N checkpoints.", 2)
+    report_to: list[str] = doc("Loggers: tensorboard, wandb (empty = none).", factory=lambda: ["tensorboard"])
+    loss: LossConfig = doc("The contrastive loss.", factory=LossConfig)
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "val"] = doc("Query split to evaluate.", "test")
+    rows: list[str] = doc("Evaluation rows (e.g. mscoco_task0); empty = all 16.", factory=list)
+    batch_size: int = doc("Items per encoder forward.", 32)
+    shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000)
+    cache_dir: str = doc("Embedding cache; empty = $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings.", "")
+    top_k: int = doc("Candidates kept per query (run files; at least the largest recall cut-off).", 50)
+    use_gpu: Literal["auto", "yes", "no"] = doc("FAISS on GPUs: auto = when faiss sees any.", "auto")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = doc("Run directory: resolved config, logs, checkpoints, metrics, DONE marker.", "runs/default")
     seed: int = doc("Seed for every random choice of the run.", 42)
@@ -89,7 +146,13 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = doc("The embedder.", factory=ModelConfig)
+    data: DataConfig = doc("Training data of the stage.", factory=DataConfig)
+    train: TrainConfig = doc("Optimisation and the loss.", factory=TrainConfig)
+    eval: EvalConfig = doc("M-BEIR evaluation.", factory=EvalConfig)
     run: RunConfig = doc("Where and how a run is recorded.", factory=RunConfig)
+    stages: dict[str, Any] = doc(
+        "Progressive sub-stages (nli, cc3m, mbeir) in order, each a partial config over this one.", factory=dict
+    )
 
 
 def _type_name(tp: Any) -> str:
@@ -171,11 +234,11 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -199,8 +262,8 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         parents = [parents]
     merged: dict = {}
     for parent in parents:
-        merged = _deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
+    return deep_merge(merged, data)
 
 
 def apply_override(data: dict, assignment: str) -> dict:
@@ -227,16 +290,25 @@ def apply_override(data: dict, assignment: str) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
-    """Defaults <- YAML file (with inherits) <- `--set` overrides, validated into `cls`."""
+def read_raw(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The unvalidated mapping: YAML file (with inherits) <- `--set` overrides."""
     data = read_yaml(path) if path else {}
     for assignment in overrides or []:
         data = apply_override(data, assignment)
-    where = str(path) if path else "config"
+    return data
+
+
+def build_config(data: dict, where: str = "config", cls: type = Config) -> Any:
+    """Validate a raw mapping into `cls`; errors name `where` and the key's path."""
     try:
         return from_dict(cls, data)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Defaults <- YAML file (with inherits) <- `--set` overrides, validated into `cls`."""
+    return build_config(read_raw(path, overrides), str(path) if path else "config", cls)
 
 
 def save_config(config: Any, run_dir: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from umarvel.backbone import language_model, quiet_transformers, load_backbone, load_processor, resolve_device, resolve_dtype
-from umarvel.config import ConfigError, ModelConfig, from_dict, to_dict
+from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
@@ -56,16 +56,6 @@ def _attach_lora(backbone, config: ModelConfig):
         bias="none",
     )
     return get_peft_model(backbone, peft_config)
-
-
-def _merge_overrides(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge_overrides(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class Embedder(nn.Module):
@@ -119,7 +109,7 @@ class Embedder(nn.Module):
     @staticmethod
     def _config(base: dict, overrides: dict, where: str) -> ModelConfig:
         try:
-            return from_dict(ModelConfig, _merge_overrides(base, overrides), "model")
+            return from_dict(ModelConfig, deep_merge(base, overrides), "model")
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
 
@@ -149,7 +139,7 @@ class Embedder(nn.Module):
             with quiet_transformers():
                 backbone = _attach_lora(backbone, config)
         processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
-        config.backbone = str(backbone_dir if adapter_dir is None else config.backbone)
+        config.backbone = str(backbone_dir.resolve())
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and encode -----------------------------------------------------------
@@ -195,21 +185,46 @@ class Embedder(nn.Module):
         return torch.stack(out)
 
     # ----- saving -------------------------------------------------------------------------
-    def _write_common(self, directory: Path, merged: bool) -> None:
+    def _write_common(self, directory: Path, merged: bool, log_tau: torch.Tensor | None = None) -> None:
         atomic_write_json(
             directory / EMBEDDER_CONFIG,
             {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.config)},
         )
-        save_file({"log_tau": self.temperature.log_tau.detach().cpu().contiguous()}, str(directory / TEMPERATURE_FILE))
+        log_tau = self.temperature.log_tau if log_tau is None else log_tau
+        save_file({"log_tau": log_tau.detach().cpu().float().contiguous()}, str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
 
+    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write adapter + config + temperature into an existing directory (a Trainer checkpoint).
+
+        `state_dict` is this module's state as gathered by DeepSpeed (ZeRO-3 partitions the
+        live parameters); without it the live parameters are saved.
+        """
+        if not self.has_adapter:
+            raise UmarvelError("this embedder has no adapter to save; use merge_and_save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backbone_state = None
+        if state_dict:
+            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        with quiet_transformers():
+            self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        self._write_common(directory, merged=False, log_tau=(state_dict or {}).get("temperature.log_tau"))
+
+    def load_adapter_weights(self, directory: str | os.PathLike) -> None:
+        """Load a saved adapter's weights and temperature into this embedder (resume)."""
+        from peft import set_peft_model_state_dict
+
+        directory = Path(directory)
+        set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors"))
+        self.temperature.log_tau.data.copy_(load_file(directory / TEMPERATURE_FILE)["log_tau"])
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Adapter + embedder config + temperature (no backbone weights unless there is no adapter)."""
+        """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter)."""
         if not self.has_adapter:
             return self.merge_and_save(directory)
         with atomic_dir(directory) as tmp:
-            self.backbone.save_pretrained(tmp)
-            self._write_common(tmp, merged=False)
+            self.write_adapter(tmp)
         return Path(directory)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
@@ -254,3 +269,25 @@ class Embedder(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A run directory means its final adapter; otherwise the directory itself."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / EMBEDDER_CONFIG).is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(f"{path} is not a run directory, embedder directory or model directory")
+
+
+def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":
+    """Load for encoding: a saved embedder keeps its own settings (but for device, dtype and
+    kernel); a plain backbone takes the config's model section when one was given."""
+    directory = resolve_model_dir(path)
+    settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
+    if (directory / EMBEDDER_CONFIG).is_file() or not from_config:
+        settings = {k: settings[k] for k in RUNTIME_FIELDS} if from_config else {}
+    return Embedder.from_pretrained(directory, **settings)

@@ -1,0 +1,178 @@
+"""Sharded, cached, resumable encoding of query sets and candidate pools.
+
+An encoded set lives in `<cache>/<fingerprint>/<name>/`:
+    shard-00000.npy        fp16 (rows, d) unit vectors
+    shard-00000.ids.txt    one id per row, same order
+    manifest.json          written last: fingerprint, rows, dim, the shard list
+Each shard is written atomically, so a killed run resumes from its finished shards; under a
+launcher, shard i is encoded by rank i mod world size. The fingerprint covers the model
+weights, the prompt/pooling config and the source files, so a changed model, prompt or data
+file never re-uses stale vectors, and an unchanged one never re-encodes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from umarvel.config import to_dict
+from umarvel.io import atomic_path, atomic_write_json
+
+MANIFEST = "manifest.json"
+SAMPLE_BYTES = 1 << 20
+WHOLE_FILE_LIMIT = 64 << 20
+# Items handed to Embedder.encode at once: it sorts them by length, so larger blocks pad less.
+BATCHES_PER_BLOCK = 16
+# Model config fields that cannot change an embedding; everything else is fingerprinted.
+NOT_AFFECTING_EMBEDDINGS = {"device", "gradient_checkpointing", "temperature", "backbone", "lora"}
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Content hash of a file: whole for small files, size + sampled blocks + mtime for large ones."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=16)
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as handle:
+        if size <= WHOLE_FILE_LIMIT:
+            for block in iter(lambda: handle.read(SAMPLE_BYTES), b""):
+                digest.update(block)
+        else:
+            digest.update(str(path.stat().st_mtime_ns).encode())
+            for offset in (0, size // 2, max(0, size - SAMPLE_BYTES)):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def weights_fingerprint(directory: str | os.PathLike) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        digest.update(file_fingerprint(path).encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(embedder) -> str:
+    """Weights (backbone + adapter, or merged) and every config field that shapes an embedding."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(weights_fingerprint(embedder.config.backbone).encode())
+    if embedder.has_adapter:
+        for name, tensor in sorted(embedder.backbone.state_dict().items()):
+            if "lora_" in name:
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    relevant = {k: v for k, v in to_dict(embedder.config).items() if k not in NOT_AFFECTING_EMBEDDINGS}
+    digest.update(json.dumps(relevant, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def set_fingerprint(model: str, sources: Sequence[str | os.PathLike]) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(model.encode())
+    for source in sources:
+        digest.update(file_fingerprint(source).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class EncodedSet:
+    """Encoded vectors as memory-mapped fp16 shards, and their ids in order."""
+
+    directory: Path
+    shards: list[np.ndarray]
+    ids: list[str]
+
+    @property
+    def dim(self) -> int:
+        return self.shards[0].shape[1]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vectors(self) -> np.ndarray:
+        """All vectors in one array (for query sets; pools stay sharded)."""
+        return np.concatenate(self.shards) if len(self.shards) > 1 else self.shards[0]
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_encoded(directory: str | os.PathLike) -> EncodedSet | None:
+    """The finished set in `directory`, or None when its manifest is not written yet."""
+    directory = Path(directory)
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        return None
+    manifest = json.loads(manifest_file.read_text())
+    shards, ids = [], []
+    for shard in manifest["shards"]:
+        shards.append(np.load(directory / shard["file"], mmap_mode="r"))
+        ids.extend((directory / shard["ids"]).read_text().splitlines())
+    return EncodedSet(directory, shards, ids)
+
+
+def encode_set(
+    embedder,
+    items: Callable[[int, int], list[dict]],
+    count: int,
+    id_key: str,
+    directory: str | os.PathLike,
+    *,
+    fingerprint: str,
+    shard_size: int = 50_000,
+    batch_size: int = 32,
+    desc: str = "encode",
+    progress: bool = True,
+) -> EncodedSet:
+    """Encode `count` items (fetched by `items(start, stop)`) into fp16 shards in `directory`.
+
+    Re-uses a finished set and the finished shards of an interrupted one. Every rank of a
+    launched job must call this; each encodes its own shards, rank 0 writes the manifest.
+    """
+    directory = Path(directory)
+    finished = load_encoded(directory)
+    if finished is not None:
+        return finished
+    rank, world = _rank_world()
+    bounds = [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+    mine = [i for i in range(len(bounds)) if i % world == rank]
+    todo = [i for i in mine if not (directory / f"shard-{i:05d}.npy").is_file()]
+    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc=desc, unit="item",
+               disable=not progress or rank != 0)
+    for index in todo:
+        start, stop = bounds[index]
+        batch = items(start, stop)
+        vectors = []
+        block = batch_size * BATCHES_PER_BLOCK
+        for offset in range(0, len(batch), block):
+            chunk = batch[offset : offset + block]
+            vectors.append(embedder.encode(chunk, batch_size=batch_size).numpy().astype(np.float16))
+            bar.update(len(chunk))
+        with atomic_path(directory / f"shard-{index:05d}.ids.txt") as tmp:
+            tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
+        with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16))
+    bar.close()
+    _barrier()
+    if rank == 0:
+        shards = [{"file": f"shard-{i:05d}.npy", "ids": f"shard-{i:05d}.ids.txt", "rows": stop - start}
+                  for i, (start, stop) in enumerate(bounds)]
+        atomic_write_json(directory / MANIFEST, {"fingerprint": fingerprint, "rows": count, "shards": shards})
+    _barrier()
+    return load_encoded(directory)
