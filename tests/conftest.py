@@ -35,3 +35,24 @@ def mixed_items():
         {"text": "a cat"},
         {"image": draw_image("green"), "text": "what colour is the circle in this picture?"},
     ]
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """The tiny synthetic benchmark: M-BEIR/, nli_for_simcse.csv, cc3m/."""
+    from umarvel.data.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "synthetic"
+    write_synthetic(out, seed=0, size="tiny")
+    return out
+
+
+@pytest.fixture()
+def tiny_workdir(tmp_path, monkeypatch, tiny_model_dir, synthetic_dir):
+    """A working directory laid out as the tiny configs expect (checkpoints/, data/synthetic)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "tiny-qwen2vl").symlink_to(tiny_model_dir)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(synthetic_dir)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

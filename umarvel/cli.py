@@ -6,6 +6,7 @@ inside the verb so `umarvel --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from umarvel.errors import UmarvelError
@@ -61,11 +62,112 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.training.stages import PROGRESSIVE, describe_global_batch, run_progressive, train_contrastive
+
+    _setup_logging()
+    if args.stage == "reranker":
+        return _train_reranker(args)
+    if args.stage == "progressive" or (args.stage in PROGRESSIVE and _has_stages(args)):
+        only = None if args.stage == "progressive" else args.stage
+        for run_dir in run_progressive(args.config, args.overrides, only=only, resume=args.resume):
+            print(f"finished: {run_dir}")
+        return 0
+    config = load_config(args.config, args.overrides)
+    logging.getLogger("umarvel").info(describe_global_batch(config))
+    print(f"finished: {train_contrastive(config, resume=args.resume)}")
+    return 0
+
+
+def _train_reranker(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.training.rerank import train_reranker
+
+    config = load_config(args.config, args.overrides)
+    print(f"finished: {train_reranker(config, resume=args.resume)}")
+    return 0
+
+
+def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
+    from umarvel.launcher import launched_job
+    from umarvel.modeling.embedder import load_for_inference
+
+    _setup_logging()
+    config = load_config(args.config, args.overrides)
+    with launched_job() as device:
+        if device:
+            config.model.device = device
+        embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
+        pools = POOLS if args.pool == "both" else (args.pool,)
+        if args.rerank:
+            evaluator = _rerank_evaluator(args, embedder, config)
+        else:
+            evaluator = MBEIREvaluator(embedder, args.data, config.eval)
+        results = evaluator.evaluate(selected_rows(config.eval.rows), pools, args.output_dir)
+    for pool, rows in results.items():
+        average = sum(r.headline for r in rows) / len(rows)
+        print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {args.output_dir}")
+    return 0
+
+
+def _rerank_evaluator(args: argparse.Namespace, embedder, config):
+    """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model and fused."""
+    from umarvel.evaluation.rerank import RerankingEvaluator
+    from umarvel.modeling.embedder import RUNTIME_FIELDS
+    from umarvel.modeling.reranker import Reranker
+
+    runtime = RUNTIME_FIELDS if args.config else ("device",)
+    reranker = Reranker.from_pretrained(args.rerank, **{field: getattr(config.model, field) for field in runtime})
+    return RerankingEvaluator(embedder, reranker, args.data, config.eval, top_k=args.rerank_top_k, alpha=args.alpha)
+
+
+def _fusion_weight(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {value!r}")
+    return alpha
+
+
+def _cmd_mine_negatives(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.modeling.embedder import load_for_inference
+    from umarvel.retrieval.mining import format_stats, mine
+
+    _setup_logging()
+    config = load_config(args.config, args.overrides)
+    embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
+    summary = mine(embedder, args.data, args.out, config.mine, config.eval)
+    if summary:
+        print(format_stats(summary))
+        print(f"hard negatives -> {args.out} (statistics in {args.out}.stats.json)")
+    return 0
+
+
+def _has_stages(args: argparse.Namespace) -> bool:
+    from umarvel.config import read_raw
+
+    return bool(read_raw(args.config, args.overrides).get("stages"))
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umarvel",
         description="Train and evaluate universal multimodal retrievers the U-MARVEL way.",
     )
+    # The deepspeed launcher passes --local_rank=N before the verb; the rank is read from the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
@@ -74,6 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
     p.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl")
     p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
+    p.add_argument(
+        "--stage", required=True,
+        help="progressive (all sub-stages of the config's `stages:`), one of its sub-stages (nli, cc3m, mbeir), "
+        "the name of a single contrastive stage such as hardneg, or reranker (the YES/NO reranker)",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its latest checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = verbs.add_parser("mine-negatives", help="mine filtered hard negatives with a stage-1 model")
+    p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
+    p.add_argument("--data", required=True, help="the M-BEIR root directory")
+    p.add_argument("--out", required=True, help="the hard-negative file to write (jsonl with a header line)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_mine_negatives)
+
+    p = verbs.add_parser("eval", help="evaluate an embedder")
+    benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    benchmarks.required = True
+    p = benchmarks.add_parser("mbeir", help="M-BEIR recall on the local and/or global (union) pool")
+    p.add_argument("--pool", choices=["local", "global", "both"], default="local")
+    p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
+    p.add_argument("--data", required=True, help="the M-BEIR root directory")
+    p.add_argument("--output-dir", required=True, help="where results.json/md/csv/png and run files go")
+    p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
+                   "(a reranker run or model directory)")
+    p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")
+    p.add_argument("--alpha", type=_fusion_weight, default="auto", metavar="A|auto",
+                   help="fusion weight a of S = a*S_recall + (1-a)*S_rerank; auto (default) picks it on the val queries")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval_mbeir)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")
     _add_config_args(p)
@@ -102,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except UmarvelError as err:
         print(f"umarvel: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

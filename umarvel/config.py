@@ -138,6 +138,35 @@ class EvalConfig:
 
 
 @dataclass
+class MineConfig:
+    queries: str = doc("Query file relative to the M-BEIR root; empty = the union train file.", "")
+    pool: str = doc("Candidate pool relative to the root; empty = the union train pool.", "")
+    scope: Literal["union", "task"] = doc(
+        "Search the whole pool, or only the candidates of the query's dataset and task modality.", "union"
+    )
+    depth: int = doc("Candidates retrieved per query before positives and filtered ones are removed.", 100)
+    top_k: int = doc("Hard negatives kept per query (the survivors with the highest scores).", 20)
+    threshold: float = doc(
+        "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2; >= 1 = off).", 0.9
+    )
+    max_fraction_of_positive: float = doc(
+        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off).", 0.0
+    )
+
+
+@dataclass
+class RerankConfig:
+    recall_model: str = doc(
+        "Recall embedder (run, adapter or merged directory) whose top-N per query become the YES/NO pairs.", ""
+    )
+    top_n: int = doc("Candidates the recall model retrieves per training query (paper: 50, or 100).", 50)
+    negatives_per_positive: int = doc(
+        "NO pairs drawn (seeded) from a query's top-N non-positives per YES pair; 0 = all of them (paper).", 0
+    )
+    max_queries: int = doc("Training queries drawn (seeded) from data.train_queries; 0 = every query.", 0)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = doc("Run directory: resolved config, logs, checkpoints, metrics, DONE marker.", "runs/default")
     seed: int = doc("Seed for every random choice of the run.", 42)
@@ -145,10 +174,14 @@ class RunConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = doc("The embedder.", factory=ModelConfig)
+    model: ModelConfig = doc(
+        "The model a stage trains: the embedder (the reranker in stage `reranker`).", factory=ModelConfig
+    )
     data: DataConfig = doc("Training data of the stage.", factory=DataConfig)
     train: TrainConfig = doc("Optimisation and the loss.", factory=TrainConfig)
-    eval: EvalConfig = doc("M-BEIR evaluation.", factory=EvalConfig)
+    eval: EvalConfig = doc("M-BEIR evaluation (its encoding settings serve mining too).", factory=EvalConfig)
+    mine: MineConfig = doc("Hard-negative mining.", factory=MineConfig)
+    rerank: RerankConfig = doc("Reranker training pairs from a recall model (stage `reranker`).", factory=RerankConfig)
     run: RunConfig = doc("Where and how a run is recorded.", factory=RunConfig)
     stages: dict[str, Any] = doc(
         "Progressive sub-stages (nli, cc3m, mbeir) in order, each a partial config over this one.", factory=dict

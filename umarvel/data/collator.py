@@ -76,3 +76,86 @@ class Collator:
             pool_mask &= ~instruction_token_mask(offsets, attention_mask, [r.instruction_from_end for r in rendered])
         batch["pool_mask"] = pool_mask
         return dict(batch)
+
+
+def id_tensor(ids: list[str | None]) -> torch.Tensor:
+    """Document ids as int64 for false-negative masking (same id, same number, in every process)."""
+    from umarvel.data.arrowtable import stable_hash64
+
+    return torch.tensor([-1 if i is None else stable_hash64(i) & 0x7FFF_FFFF_FFFF_FFFF for i in ids], dtype=torch.long)
+
+
+def _item_id(item: dict) -> str | None:
+    return item.get("did") or item.get("qid")
+
+
+class PairCollator:
+    """Training examples {"query", "positive", "negatives"} -> one contrastive batch.
+
+    Output: {"query": batch, "positive": batch, ["negative": batch of B*K items, query-major],
+    "ids": {"positive": [B], "negatives": [B, K], "query_positives": [B, P] padded with -1}}.
+    Every query brings exactly `num_negatives` negatives, so the [B, K] layout is fixed and
+    the loss can never pair a query with another query's negatives by mistake.
+    """
+
+    def __init__(self, collator: Collator, num_negatives: int = 0):
+        self.collator = collator
+        self.num_negatives = num_negatives
+
+    def __call__(self, examples: list[dict]) -> dict:
+        queries = [e["query"] for e in examples]
+        positives = [e["positive"] for e in examples]
+        out = {"query": self.collator(queries), "positive": self.collator(positives)}
+        query_positives = [list(q.get("pos_cand_list") or [_item_id(p)]) for q, p in zip(queries, positives)]
+        width = max(len(p) for p in query_positives)
+        ids = {
+            "positive": id_tensor([_item_id(p) for p in positives]),
+            "query_positives": torch.stack([id_tensor(p + [None] * (width - len(p))) for p in query_positives]),
+        }
+        if self.num_negatives:
+            negatives = []
+            for example in examples:
+                own = example.get("negatives") or []
+                if len(own) < self.num_negatives:
+                    qid = example["query"].get("qid")
+                    raise DataError(
+                        f"query {qid} has {len(own)} negatives, the config asks for {self.num_negatives} "
+                        "(data.num_negatives); mine more or lower it"
+                    )
+                negatives.extend(own[: self.num_negatives])
+            out["negative"] = self.collator(negatives)
+            ids["negatives"] = id_tensor([_item_id(n) for n in negatives]).view(len(examples), self.num_negatives)
+        out["ids"] = ids
+        return out
+
+
+def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id: int) -> list[dict[str, torch.Tensor]]:
+    """Split a collated batch into chunks of `chunk_size` items, for GradCache.
+
+    Rows split by index; images follow their rows (a row holds as many images as
+    <|vision_start|> tokens, in order) and each image owns prod(grid_thw) patch rows of
+    `pixel_values`. Trailing padding columns no row of the chunk uses are dropped.
+    """
+    rows = batch["input_ids"].shape[0]
+    images_per_row = (batch["input_ids"] == image_start_id).sum(dim=1).tolist()
+    grid = batch.get("image_grid_thw")
+    patches = grid.prod(dim=1).tolist() if grid is not None else []
+    chunks = []
+    image_index = patch_index = 0
+    for start in range(0, rows, chunk_size):
+        stop = min(start + chunk_size, rows)
+        width = int(batch["attention_mask"][start:stop].sum(dim=1).max())
+        chunk = {
+            key: value[start:stop, :width]
+            for key, value in batch.items()
+            if key in ("input_ids", "attention_mask", "pool_mask", "mm_token_type_ids")
+        }
+        n_images = sum(images_per_row[start:stop])
+        if n_images:
+            n_patches = sum(patches[image_index : image_index + n_images])
+            chunk["image_grid_thw"] = grid[image_index : image_index + n_images]
+            chunk["pixel_values"] = batch["pixel_values"][patch_index : patch_index + n_patches]
+            image_index += n_images
+            patch_index += n_patches
+        chunks.append(chunk)
+    return chunks

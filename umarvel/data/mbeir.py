@@ -521,7 +521,7 @@ class MBEIRTrainPairs:
     """M-BEIR training pairs {"query", "positive", "negatives"} for the contrastive stages.
 
     Per sample and epoch, a seeded rng draws the instruction, one positive out of
-    pos_cand_list, and up to `num_negatives` mined negatives (never one of the positives).
+    pos_cand_list, and `num_negatives` negatives: mined ones, topped up at random (never positives).
     Queries whose positives are all missing from the pool are a DataError, or skipped and
     listed in `skipped` when on_error='skip'.
     """
@@ -550,14 +550,22 @@ class MBEIRTrainPairs:
         return {"query": query, "positive": positive, "negatives": self._negatives(record, rng)}
 
     def _negatives(self, record: dict, rng: random.Random) -> list[dict]:
+        """`num_negatives` negatives: a sample of the mined ones, topped up with random pool
+        candidates when the filter left fewer (never a positive, never one twice)."""
         if not self.num_negatives or self.hard_negatives is None:
             return []
-        mined = self.hard_negatives.get(record["qid"])
-        if mined is None:
-            return []
         positives = set(record["pos_cand_list"])
-        choices = [did for did in mined[0] if did not in positives]
+        mined = self.hard_negatives.get(record["qid"])
+        choices = [did for did in (mined[0] if mined else []) if did not in positives]
         picked = rng.sample(choices, min(self.num_negatives, len(choices)))
+        taken = positives | set(picked)
+        attempts = 0
+        while len(picked) < self.num_negatives and attempts < 100 * self.num_negatives:
+            attempts += 1
+            did = self.pool.item(rng.randrange(len(self.pool)))["did"]
+            if did not in taken:
+                picked.append(did)
+                taken.add(did)
         return [self.pool.get(did, needed_by=f"the mined negatives of query {record['qid']}") for did in picked]
 
     def _rows_with_positives(self, log: ErrorLog) -> np.ndarray:

@@ -13,6 +13,7 @@ text, survives the processor's expansion of <|image_pad|> into one token per ima
 the collator uses it to find the instruction's tokens without adding tokens to the vocabulary.
 Training, mining, distillation and evaluation all render through `render`, so they can never
 disagree on the prompt (a known defect of the reference code).
+The reranker's (query, candidate) pairs have their own layout, `render_pair`, below.
 """
 from __future__ import annotations
 
@@ -68,14 +69,20 @@ def _count_tokens(text: str, tokenizer) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
-    """Lay out `item` as chat text; with a tokenizer, keep instruction + text within budget."""
-    kind = modality(item)
+def _instruction_and_text(item: dict, config: PromptConfig, tokenizer) -> tuple[str, str]:
+    """The item's instruction (if used) and its text, cut so both fit `config.max_text_tokens`."""
     instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
     text = (item.get("text") or "").strip()
     if tokenizer is not None and text:
         budget = config.max_text_tokens - (_count_tokens(instruction, tokenizer) if instruction else 0)
         text = truncate_text(text, tokenizer, budget)
+    return instruction, text
+
+
+def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
+    """Lay out `item` as chat text; with a tokenizer, keep instruction + text within budget."""
+    kind = modality(item)
+    instruction, text = _instruction_and_text(item, config, tokenizer)
 
     prefix = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt else ""
     prefix += "<|im_start|>user\n"
@@ -97,3 +104,34 @@ def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
         start = len(full) - len(prefix)
         span = (start, start - len(instruction))
     return RenderedItem(text=full, images=images, instruction_from_end=span)
+
+
+# ---- reranker pairs -----------------------------------------------------------------------
+
+RERANK_QUESTION = "Does the candidate match the query? Answer YES or NO."
+
+
+def render_pair(query: dict, candidate: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
+    """One (query, candidate) pair as the reranker's chat turn, ending in the assistant prompt:
+
+        [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n
+        Query: [<image>]{instruction} {text}\n
+        Candidate: [<image>]{text}\n
+        Does the candidate match the query? Answer YES or NO.<|im_end|>\n<|im_start|>assistant\n
+
+    The model's next token is its answer. Each side's text (the query's with its instruction)
+    is cut to `config.max_text_tokens` on its own, so a long query never crowds out the
+    candidate; image tokens are never cut. Training, scoring and evaluation all render here.
+    """
+    images, sides = [], []
+    for label, item in (("Query", query), ("Candidate", candidate)):
+        modality(item)  # an item with neither text nor image is an error, not an empty side
+        instruction, text = _instruction_and_text(item, config, tokenizer)
+        placeholder = ""
+        if item.get("image") is not None:
+            placeholder = IMAGE_PLACEHOLDER
+            images.append(item["image"])
+        sides.append(f"{label}: {placeholder}" + " ".join(part for part in (instruction, text) if part))
+    system = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt else ""
+    text = f"{system}<|im_start|>user\n" + "\n".join(sides) + f"\n{RERANK_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    return RenderedItem(text=text, images=images)

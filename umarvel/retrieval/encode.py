@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from umarvel.config import to_dict
+from umarvel.config import EvalConfig, to_dict
 from umarvel.io import atomic_path, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -101,7 +101,7 @@ class EncodedSet:
         return np.concatenate(self.shards) if len(self.shards) > 1 else self.shards[0]
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -148,7 +148,7 @@ def encode_set(
     finished = load_encoded(directory)
     if finished is not None:
         return finished
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     bounds = [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
     mine = [i for i in range(len(bounds)) if i % world == rank]
     todo = [i for i in mine if not (directory / f"shard-{i:05d}.npy").is_file()]
@@ -176,3 +176,37 @@ def encode_set(
         atomic_write_json(directory / MANIFEST, {"fingerprint": fingerprint, "rows": count, "shards": shards})
     _barrier()
     return load_encoded(directory)
+
+
+def default_embedding_cache() -> Path:
+    base = os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel"
+    return Path(base) / "embeddings"
+
+
+class EmbeddingCache:
+    """Encode named item sets of one embedder into the shared cache, each at most once."""
+
+    def __init__(self, embedder, config: EvalConfig, *, progress: bool = True):
+        self.embedder, self.config, self.progress = embedder, config, progress
+        self.model = model_fingerprint(embedder)
+        self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
+
+    def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str) -> EncodedSet:
+        """`items(start, stop)` -> item dicts; `sources` are the files the items come from."""
+        fingerprint = set_fingerprint(self.model, sources)
+        return encode_set(
+            self.embedder, items, count, id_key, self.root / f"{name}-{fingerprint}",
+            fingerprint=fingerprint, shard_size=self.config.shard_size, batch_size=self.config.batch_size,
+            desc=f"encode {name}", progress=self.progress,
+        )
+
+    def queries(self, name: str, queries, sources: Sequence[str | os.PathLike]) -> EncodedSet:
+        """A query file's items with their evaluation-time (per-qid) instructions."""
+        use_instruction = self.embedder.config.prompt.use_instruction
+        return self.encode(
+            name, sources, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
+            len(queries), "qid",
+        )
+
+    def pool(self, name: str, pool, source: str | os.PathLike) -> EncodedSet:
+        return self.encode(name, [source], lambda start, stop: list(pool.items(start, stop)), len(pool), "did")

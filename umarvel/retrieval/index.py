@@ -75,6 +75,19 @@ def search(
         return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar)
 
 
+def gpu_choice(setting: str) -> bool | str:
+    """The config's yes/no/auto as `search`'s use_gpu."""
+    return {"auto": "auto", "yes": True, "no": False}[setting]
+
+
+def search_ids(
+    queries: np.ndarray, candidates: np.ndarray | Sequence[np.ndarray], ids: Sequence[str], k: int, *, use_gpu: bool | str = "auto"
+) -> tuple[np.ndarray, list[list[str]]]:
+    """`search`, with candidate rows translated to their ids: (scores, ranked ids) per query."""
+    scores, indices = search(queries, candidates, k, use_gpu=use_gpu)
+    return scores, [[ids[i] for i in row if i >= 0] for row in indices]
+
+
 def _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar):
     top = _empty_top(len(queries))
     with _faiss_blocks():

@@ -1,0 +1,142 @@
+"""GradCache gradients against plain autograd: single process with dropout, and a 2-rank
+DeepSpeed ZeRO-2 step."""
+import contextlib
+import os
+import socket
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastive_standin import (
+    SCENARIOS,
+    StandInEmbedder,
+    contrastive_loss,
+    global_batch,
+    gradients,
+    max_difference,
+    reference_gradients,
+)
+from umarvel.training import gradcache
+from umarvel.training.gradcache import split_rows
+
+TESTS = Path(__file__).parent
+TOLERANCE = 1e-5
+CACHED = SCENARIOS["gradcache_global_negatives_bidirectional"]
+PLAIN = replace(CACHED, chunk_size=None)
+
+
+def chunkwise_encode(model, chunk_size):
+    """Plain autograd that embeds chunk by chunk in GradCache's order, so dropout draws the
+    same random numbers as GradCache's first (no-graph) pass."""
+
+    def encode(batch):
+        features = batch["features"]
+        return torch.cat([model(features[start : start + chunk_size]) for start in range(0, len(features), chunk_size)])
+
+    return encode
+
+
+def dropout_gradients(cached: bool) -> dict[str, torch.Tensor]:
+    model = StandInEmbedder(dropout=0.3).train()
+    torch.manual_seed(7)
+    if cached:
+        output = contrastive_loss(model, global_batch(), CACHED)
+    else:
+        output = contrastive_loss(model, global_batch(), PLAIN, encode=chunkwise_encode(model, CACHED.chunk_size))
+    output.loss.backward()
+    return gradients(model)
+
+
+def test_gradcache_matches_plain_gradients_with_dropout_active():
+    cached = dropout_gradients(cached=True)
+    difference = max_difference(cached, dropout_gradients(cached=False))
+    assert difference < TOLERANCE, f"max gradient difference {difference:.2e}"
+    assert cached["log_temperature"].abs().item() > 1e-3
+
+
+def test_without_rng_replay_the_dropout_comparison_fails(monkeypatch):
+    monkeypatch.setattr(gradcache._RngState, "restored", lambda self: contextlib.nullcontext())
+    difference = max_difference(dropout_gradients(cached=True), dropout_gradients(cached=False))
+    assert difference > 100 * TOLERANCE
+
+
+def test_gradcache_matches_the_plain_path_loss_stats_and_gradients():
+    plain_model, cached_model = StandInEmbedder(), StandInEmbedder()
+    plain = contrastive_loss(plain_model, global_batch(), PLAIN)
+    cached = contrastive_loss(cached_model, global_batch(), CACHED)
+    plain.loss.backward()
+    cached.loss.backward()
+    assert cached.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert cached.stats.keys() == plain.stats.keys()
+    for name in plain.stats:
+        assert cached.stats[name].item() == pytest.approx(plain.stats[name].item(), rel=1e-6, abs=1e-7)
+    assert max_difference(gradients(cached_model), gradients(plain_model)) < TOLERANCE
+
+
+def test_upstream_gradient_scales_the_cached_gradients():
+    """DeepSpeed multiplies the loss by 1/accumulation steps (or a loss scale) before backward."""
+    model = StandInEmbedder()
+    (3.0 * contrastive_loss(model, global_batch(), CACHED).loss).backward()
+    tripled = {name: grad / 3.0 for name, grad in gradients(model).items()}
+    assert max_difference(tripled, reference_gradients(CACHED)) < TOLERANCE
+
+
+def test_frozen_encoder_still_trains_the_temperature():
+    model = StandInEmbedder()
+    model.encoder.requires_grad_(False)
+    contrastive_loss(model, global_batch(), CACHED).loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    expected = reference_gradients(CACHED)["log_temperature"]
+    assert model.log_temperature.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_without_grad_the_cached_path_only_computes_the_loss():
+    model = StandInEmbedder()
+    with torch.no_grad():
+        cached = contrastive_loss(model, global_batch(), CACHED)
+        plain = contrastive_loss(model, global_batch(), PLAIN)
+    assert not cached.loss.requires_grad
+    assert cached.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+
+
+def test_split_rows_refuses_a_batch_whose_tensors_disagree_on_rows():
+    chunks = split_rows({"input_ids": torch.zeros(5, 7), "attention_mask": torch.ones(5, 7)}, 2)
+    assert [len(chunk["input_ids"]) for chunk in chunks] == [2, 2, 1]
+    with pytest.raises(ValueError, match="pixel_values"):
+        split_rows({"input_ids": torch.zeros(2, 7), "pixel_values": torch.zeros(9, 3)}, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_step_matches_single_process(tmp_path):
+    """Two CPU ranks under `deepspeed --num_gpus 2`; the first run JIT-compiles an op (~1 min)."""
+    out = tmp_path / "zero2.pt"
+    command = [
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+        str(TESTS / "deepspeed_gradcache_worker.py"), "--out", str(out),
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+    }
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
+    results = torch.load(out, weights_only=True)
+    learning_rate = results["learning_rate"]
+    for name, variant in results["variants"].items():
+        reference = reference_gradients(SCENARIOS[variant["scenario"]])
+        difference = max_difference(variant["gradients"], reference)
+        assert difference < TOLERANCE, f"{name}: max gradient difference {difference:.2e}"
+        stepped = {key: variant["before"][key] - learning_rate * reference[key] for key in reference}
+        step_difference = max_difference(variant["after"], stepped)
+        assert step_difference < TOLERANCE, f"{name}: max parameter difference after the step {step_difference:.2e}"

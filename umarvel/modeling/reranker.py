@@ -1,0 +1,222 @@
+"""The U-MARVEL reranker: a generative Qwen2-VL (LM head, LoRA, frozen vision tower) that reads
+a query and ONE candidate and answers YES or NO; its score is P(YES) (paper 3.3).
+
+P(YES) is normalised over the two answers only: the softmax of the YES and NO logits of the
+answer's first token, at the position after the assistant prompt. The vocabulary-sized logits
+are computed at that one position per row, never for the whole sequence.
+
+A saved reranker directory holds `reranker_config.json` (the model section it was trained
+with), the processor files and a PEFT adapter whose backbone is the directory named there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import ModelOutput
+
+from umarvel.backbone import load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.modeling.embedder import EMBEDDER_CONFIG, _attach_lora
+
+RERANKER_CONFIG = "reranker_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RerankOutput(ModelOutput):
+    """Answer-position logits over the vocabulary (rows, vocab), and the loss when labelled."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def resolve_reranker_dir(path: str | os.PathLike) -> Path:
+    """A run directory means its final adapter (`model/`); otherwise the directory itself."""
+    path = Path(path)
+    if (path / "model" / RERANKER_CONFIG).is_file():
+        return path / "model"
+    if (path / EMBEDDER_CONFIG).is_file():
+        raise UmarvelError(f"{path} is an embedder, not a reranker (train one with `umarvel train --stage reranker`)")
+    if not ((path / RERANKER_CONFIG).is_file() or (path / "config.json").is_file()):
+        raise UmarvelError(f"{path} is not a reranker run directory, reranker directory or model directory")
+    return path
+
+
+class Reranker(nn.Module):
+    """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
+
+    # The loss is a mean over rows (one answer token each): the Trainer divides by accumulation.
+    accepts_loss_kwargs = False
+
+    def __init__(self, backbone, processor, config: ModelConfig):
+        super().__init__()
+        if config.attention != "causal":
+            raise ConfigError(
+                "the reranker answers by next-token prediction and must read causally: set model.attention=causal"
+            )
+        self.backbone, self.processor, self.config = backbone, processor, config
+        self.source: Path | None = None  # the directory from_pretrained read, for reports
+        self.answer_ids = answer_token_ids(processor.tokenizer)
+        self.collator = RerankCollator(processor, config.prompt, self.answer_ids)
+        if config.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Reranker":
+        """Load a saved reranker, or wrap a plain Qwen2-VL directory (a new adapter if trainable).
+
+        `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
+        its own LoRA settings win.
+        """
+        path = resolve_reranker_dir(path)
+        saved_file = path / RERANKER_CONFIG
+        if not saved_file.is_file():
+            config = _model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
+            reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
+        else:
+            saved = json.loads(saved_file.read_text())
+            if saved.get("format_version") != FORMAT_VERSION:
+                raise UmarvelError(f"{saved_file}: unsupported reranker format {saved.get('format_version')!r}")
+            overrides = {k: v for k, v in overrides.items() if k != "lora"}
+            config = _model_config(saved["model"], overrides, str(saved_file))
+            backbone_dir = _find_backbone(config.backbone, path)
+            reranker = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
+        reranker.source = path
+        return reranker
+
+    @classmethod
+    def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool) -> "Reranker":
+        device = resolve_device(config.device)
+        backbone = load_backbone(
+            backbone_dir, dtype=resolve_dtype(config.dtype, device), attn_implementation=config.attn_implementation,
+            attention="causal", with_lm_head=True,
+        )
+        backbone.requires_grad_(False)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            with quiet_transformers():
+                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        elif trainable and config.lora.enabled:
+            with quiet_transformers():
+                backbone = _attach_lora(backbone, config)
+        processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
+        config.backbone = str(backbone_dir.resolve())
+        return cls(backbone, processor, config).to(device)
+
+    # ----- forward and scoring ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, image_grid_thw=None,
+                mm_token_type_ids=None) -> RerankOutput:
+        """Logits of the token after each row's prompt; with `labels` (one labelled token per row,
+        as RerankCollator makes them) the logits that predict it, and their cross-entropy."""
+        if labels is None:
+            rows = torch.arange(len(input_ids), device=input_ids.device)
+            predicting = attention_mask.sum(dim=1) - 1
+        else:
+            rows, answer_at = (labels != IGNORED_LABEL).nonzero(as_tuple=True)
+            if not torch.equal(rows, torch.arange(len(input_ids), device=rows.device)):
+                raise UmarvelError("reranker labels must mark exactly one answer token per row")
+            predicting = answer_at - 1
+        model = self.backbone.get_base_model() if self.has_adapter else self.backbone
+        multimodal = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
+        hidden = model.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+            **{k: v for k, v in multimodal.items() if v is not None},
+        ).last_hidden_state
+        logits = model.lm_head(hidden[rows, predicting]).float()
+        loss = None if labels is None else F.cross_entropy(logits, labels[rows, answer_at])
+        return RerankOutput(logits=logits, loss=loss)
+
+    def yes_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(YES) from answer-position logits, normalised over the YES and NO tokens."""
+        pair = logits[:, [self.answer_ids["YES"], self.answer_ids["NO"]]]
+        return pair.softmax(dim=-1)[:, 0]
+
+    @torch.inference_mode()
+    def score(self, pairs: list[tuple[dict, dict]], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
+        """P(YES) of every (query, candidate) pair, float32 on CPU, in the given order.
+
+        Pairs are batched by length to limit padding; a row's score does not depend on its batch.
+        """
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))
+        scores = torch.empty(len(pairs), dtype=torch.float32)
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for chunk in tqdm(chunks, desc="rerank", disable=not show_progress, unit="batch"):
+            batch = self.collator([{"query": pairs[i][0], "candidate": pairs[i][1]} for i in chunk])
+            logits = self(**{k: v.to(self.device) for k, v in batch.items()}).logits
+            scores[chunk] = self.yes_probability(logits).cpu()
+        self.train(was_training)
+        return scores
+
+    # ----- saving -------------------------------------------------------------------------
+    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write adapter + reranker config + processor into a directory (a Trainer checkpoint).
+
+        `state_dict` is this module's state as gathered by DeepSpeed; without it the live
+        parameters are saved.
+        """
+        if not self.has_adapter:
+            raise UmarvelError("this reranker has no adapter to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backbone_state = None
+        if state_dict:
+            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        with quiet_transformers():
+            self.backbone.save_pretrained(directory, state_dict=backbone_state)
+        atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.config)})
+        self.processor.save_pretrained(directory)
+
+    def load_adapter_weights(self, directory: str | os.PathLike) -> None:
+        """Load a saved adapter's weights into this reranker (resume)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.backbone, load_file(Path(directory) / "adapter_model.safetensors"))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        with atomic_dir(directory) as tmp:
+            self.write_adapter(tmp)
+        return Path(directory)
+
+
+def _pair_length(pair: tuple[dict, dict]) -> tuple[int, int]:
+    images = sum(item.get("image") is not None for item in pair)
+    return images, sum(len(item.get("text") or "") + len(item.get("instruction") or "") for item in pair)
+
+
+def _model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _find_backbone(recorded: str, reranker_dir: Path) -> Path:
+    for candidate in (Path(recorded), reranker_dir / recorded):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(f"{reranker_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained")

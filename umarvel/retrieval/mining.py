@@ -1,0 +1,175 @@
+"""Filtered hard-negative mining (paper 3.2.2, Finding 5).
+
+For each training query: rank the pool with the stage-1 model, remove every positive of the
+query, remove candidates scoring above the filter (likely false negatives: an absolute
+threshold and, optionally, a fraction of the query's best positive score), keep the top k.
+Encoding goes through the shared embedding cache (resumable, sharded across ranks); search is
+the evaluator's exact FAISS search.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from umarvel.config import EvalConfig, MineConfig
+from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+from umarvel.data.sources import write_hard_negatives
+from umarvel.data.tasks import GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_write_json
+from umarvel.retrieval.encode import EmbeddingCache, EncodedSet, rank_and_world
+from umarvel.retrieval.index import gpu_choice, search_ids
+
+logger = logging.getLogger("umarvel")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class TaskStats:
+    """What the filter did for one (dataset, task): counts and score distributions."""
+
+    queries: int = 0
+    short_queries: int = 0
+    positives_removed: int = 0
+    filtered: int = 0
+    kept_scores: list[float] = field(default_factory=list)
+    filtered_scores: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if not k.endswith("_scores")}
+        for name in ("kept_scores", "filtered_scores"):
+            values = np.asarray(getattr(self, name), dtype=np.float64)
+            out[name] = (
+                {"count": int(values.size), "mean": float(values.mean()),
+                 **{f"p{int(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}}
+                if values.size else {"count": 0}
+            )
+        return out
+
+
+def select_negatives(
+    ranked: list[str], scores: list[float], positives: set[str], config: MineConfig, best_positive: float | None
+) -> tuple[list[str], list[float], list[float], int]:
+    """(kept dids, kept scores, filtered scores, positives removed) for one query's ranking."""
+    ceiling = config.threshold
+    if config.max_fraction_of_positive > 0 and best_positive is not None:
+        ceiling = min(ceiling, config.max_fraction_of_positive * best_positive)
+    kept, kept_scores, filtered_scores, removed = [], [], [], 0
+    for did, score in zip(ranked, scores):
+        if did in positives:
+            removed += 1
+        elif score > ceiling:
+            filtered_scores.append(score)
+        elif len(kept) < config.top_k:
+            kept.append(did)
+            kept_scores.append(score)
+    return kept, kept_scores, filtered_scores, removed
+
+
+def _best_positive(query_vector: np.ndarray, positives: list[str], pool: EncodedSet, row_of: dict[str, int]) -> float | None:
+    rows = [row_of[did] for did in positives if did in row_of]
+    if not rows:
+        return None
+    vectors = np.stack([_row(pool, r) for r in rows]).astype(np.float32)
+    return float((vectors @ query_vector.astype(np.float32)).max())
+
+
+def _row(pool: EncodedSet, index: int) -> np.ndarray:
+    for shard in pool.shards:
+        if index < len(shard):
+            return shard[index]
+        index -= len(shard)
+    raise IndexError(index)
+
+
+def _groups(records: list[dict], scope: str) -> dict[tuple, list[int]]:
+    """Query rows by search group: one group for the union pool, else (dataset, task)."""
+    groups = defaultdict(list)
+    for index, record in enumerate(records):
+        key = ("union",) if scope == "union" else (record["qid"].split(":")[0], record["task_id"])
+        groups[key].append(index)
+    return groups
+
+
+def _candidate_rows(pool: EncodedSet, modality_of: list[str], key: tuple) -> np.ndarray | None:
+    if key == ("union",):
+        return None
+    dataset, task_id = key
+    wanted = TASKS[task_id][1]
+    return np.array([i for i, did in enumerate(pool.ids) if did.split(":")[0] == dataset and modality_of[i] == wanted])
+
+
+def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_config: MineConfig,
+         eval_config: EvalConfig, *, progress: bool = True) -> dict:
+    """Mine, write the hard-negative file (+ `<out>.stats.json`) atomically; return the stats."""
+    root = Path(data_root)
+    instructions = MBEIR(root).instructions
+    query_file = root / (mine_config.queries or UNION_TRAIN_QUERIES)
+    pool_file = root / (mine_config.pool or GLOBAL_POOL.format(split="train"))
+    queries = open_queries(query_file, root, instructions, upsampled=True)
+    pool_table = open_pool(pool_file, root)
+    cache = EmbeddingCache(embedder, eval_config, progress=progress)
+    encoded_queries = cache.queries(f"mine_{query_file.stem}", queries, [query_file, root / QUERY_INSTRUCTIONS])
+    encoded_pool = cache.pool(f"mine_{pool_file.stem}", pool_table, pool_file)
+    if rank_and_world()[0] != 0:
+        return {}
+
+    records, first_row = [], {}
+    for index in range(len(queries)):
+        record = queries.record(index)
+        if record["qid"] not in first_row:
+            first_row[record["qid"]] = index
+            records.append(record)
+    query_vectors = encoded_queries.vectors()
+    row_of_query = {qid: i for i, qid in enumerate(encoded_queries.ids)}
+    row_of_did = {did: i for i, did in enumerate(encoded_pool.ids)}
+    modality_of = pool_table.table.column("modality").to_pylist() if mine_config.scope == "task" else []
+
+    stats: dict[str, TaskStats] = defaultdict(TaskStats)
+    mined: dict[str, dict] = {}
+    for key, members in _groups(records, mine_config.scope).items():
+        subset = _candidate_rows(encoded_pool, modality_of, key)
+        if subset is not None and subset.size == 0:
+            raise UmarvelError(f"no candidate of dataset {key[0]} with task {key[1]}'s modality in {pool_file}")
+        candidates = encoded_pool.shards if subset is None else np.stack([_row(encoded_pool, i) for i in subset])
+        ids = encoded_pool.ids if subset is None else [encoded_pool.ids[i] for i in subset]
+        vectors = query_vectors[[row_of_query[records[m]["qid"]] for m in members]]
+        scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(eval_config.use_gpu))
+        for vector, member, row_scores, row_ranked in zip(vectors, members, scores.tolist(), ranked):
+            record = records[member]
+            positives = list(record["pos_cand_list"])
+            best = _best_positive(vector, positives, encoded_pool, row_of_did)
+            kept, kept_scores, filtered_scores, removed = select_negatives(
+                row_ranked, row_scores, set(positives), mine_config, best
+            )
+            task = stats[f"{record['qid'].split(':')[0]}:task{record['task_id']}"]
+            task.queries += 1
+            task.short_queries += len(kept) < mine_config.top_k
+            task.positives_removed += removed
+            task.filtered += len(filtered_scores)
+            task.kept_scores.extend(kept_scores)
+            task.filtered_scores.extend(filtered_scores)
+            mined[record["qid"]] = {"qid": record["qid"], "negatives": kept, "scores": kept_scores}
+
+    params = {**asdict(mine_config), "queries": str(query_file), "pool": str(pool_file)}
+    write_hard_negatives(out, (mined[r["qid"]] for r in records), model=cache.model, params=params)
+    summary = {"params": params, "model": cache.model, "tasks": {k: v.summary() for k, v in sorted(stats.items())}}
+    atomic_write_json(Path(f"{out}.stats.json"), summary)
+    return summary
+
+
+def format_stats(summary: dict) -> str:
+    """A table of the filter's effect per task, for the terminal."""
+    lines = [f"{'task':14s} {'queries':>8s} {'<k kept':>8s} {'filtered':>9s} {'kept mean':>10s} {'filtered mean':>14s}"]
+    for task, s in summary["tasks"].items():
+        kept, filtered = s["kept_scores"], s["filtered_scores"]
+        lines.append(
+            f"{task:14s} {s['queries']:8d} {s['short_queries']:8d} {s['filtered']:9d} "
+            f"{kept.get('mean', float('nan')):10.3f} {filtered.get('mean', float('nan')):14.3f}"
+        )
+    return "\n".join(lines)

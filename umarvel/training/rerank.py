@@ -1,0 +1,138 @@
+"""Stage `reranker`: train the YES/NO reranker on a recall model's top-N (paper 3.3).
+
+The run directory holds config.yaml, pairs.jsonl (the training pairs, retrieved once by rank
+0 and read by every rank; a resumed run re-uses them), checkpoint-N/ (adapter + reranker
+config + trainer state), model/ (the final reranker), log_history.json, metrics.json and,
+written last, DONE. The Trainer's loop and loss are the stock ones: the reranker's forward
+returns the next-token loss of the answer token.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from umarvel.config import Config, ConfigError, save_config, to_dict
+from umarvel.data.rerank import read_pairs, write_pairs
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_write_json, atomic_write_text
+from umarvel.training.stages import DONE, is_done, is_main_process, training_arguments, world_size
+
+logger = logging.getLogger("umarvel")
+PAIRS_FILE = "pairs.jsonl"
+
+
+class RerankTrainer(Trainer):
+    """The stock Trainer; its checkpoints are loadable reranker directories (adapter only)."""
+
+    @property
+    def reranker(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            self.reranker.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.reranker.load_adapter_weights(resume_from_checkpoint)
+
+
+def _check(config: Config) -> None:
+    rerank = config.rerank
+    if not config.data.path:
+        raise ConfigError("data.path is empty: set it to the M-BEIR root the reranker trains on")
+    if not rerank.recall_model:
+        raise ConfigError("rerank.recall_model is empty: set it to the recall embedder (e.g. runs/umarvel/hardneg)")
+    if rerank.top_n < 1 or rerank.negatives_per_positive < 0 or rerank.max_queries < 0:
+        raise ConfigError("rerank.top_n must be >= 1, rerank.negatives_per_positive and rerank.max_queries >= 0")
+
+
+def _training_data(config: Config):
+    """(queries, pool) of the data section: M-BEIR train queries and the pool they search."""
+    from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+    from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
+
+    data, root = config.data, Path(config.data.path)
+    query_file = data.train_queries or UNION_TRAIN_QUERIES
+    queries = open_queries(root / query_file, root, MBEIR(root, on_error=data.on_error).instructions,
+                           upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error)
+    pool = open_pool(root / (data.pool or GLOBAL_POOL.format(split="train")), root, on_error=data.on_error)
+    return queries, pool
+
+
+def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device) -> list:
+    """The run's training pairs: read back, or retrieved with the recall model (rank 0 writes)."""
+    from umarvel.modeling.embedder import Embedder, resolve_model_dir
+    from umarvel.retrieval.rerank import recall_training_pairs
+
+    if not pairs_file.is_file():
+        embedder = Embedder.from_pretrained(resolve_model_dir(config.rerank.recall_model), device=str(device))
+        pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.eval, seed=config.run.seed)
+        del embedder
+        if is_main_process():
+            params = {**to_dict(config.rerank), "query_file": queries.file, "pool_file": pool.file,
+                      "seed": config.run.seed, **stats}
+            write_pairs(pairs_file, pairs, params)
+            logger.info("reranker pairs: %d queries, %d YES, %d NO -> %s",
+                        stats["queries"], stats["yes"], stats["no"], pairs_file)
+        _barrier()
+    return read_pairs(pairs_file)
+
+
+def train_reranker(config: Config, *, resume: bool = False) -> Path:
+    """Run the reranker stage to completion; a finished run directory is left as it is."""
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from umarvel.data.rerank import RerankTrainSet
+    from umarvel.modeling.reranker import Reranker
+    from umarvel.training.trainer import EpochResampling, SamplesPerSecondProgress
+
+    _check(config)
+    run_dir = Path(config.run.output_dir)
+    if is_done(run_dir):
+        logger.info("%s is finished (DONE); skipping", run_dir)
+        return run_dir
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints and not resume:
+        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
+    if is_main_process():
+        save_config(config, run_dir)
+    set_seed(config.run.seed)
+    args = training_arguments(config, run_dir)  # joins a launcher's process group
+    queries, pool = _training_data(config)
+    pairs = _pairs(config, queries, pool, run_dir / PAIRS_FILE, args.device)
+    model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
+    reranker = Reranker.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
+    dataset = RerankTrainSet(pairs, queries, pool, seed=config.run.seed,
+                             use_instruction=config.model.prompt.use_instruction)
+    global_batch = config.train.per_device_batch_size * world_size()
+    trainer = RerankTrainer(
+        model=reranker, args=args, train_dataset=dataset, data_collator=reranker.collator,
+        callbacks=[EpochResampling(dataset), SamplesPerSecondProgress(global_batch)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints and resume else None)
+    seconds = time.perf_counter() - started
+    if trainer.args.should_save:
+        trainer.reranker.save_pretrained(run_dir / "model")
+        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
+        yes = sum(pair.answer == "YES" for pair in pairs)
+        metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
+                   "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        logger.info("stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f",
+                    run_dir.name, trainer.state.global_step, global_batch,
+                    metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")))
+        atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    _barrier()
+    return run_dir
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,136 @@
+"""A transformers.Trainer for contrastive embedding training (no copied inner loop).
+
+The Trainer keeps its own loop, DDP/DeepSpeed wrapping, accumulation, scheduling, checkpoints
+and resume; we supply the loss (InfoNCE, optionally through GradCache), optimizer groups that
+keep the temperature out of weight decay, checkpoints that are loadable embedder directories,
+and logs that carry the temperature, in-batch accuracy and samples/s.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from umarvel.config import LossConfig
+from umarvel.data.collator import split_batch
+from umarvel.training.gradcache import embed_and_compute_loss
+from umarvel.training.losses import CandidateIds, info_nce
+
+EMBEDDED = ("query", "positive", "negative")
+
+
+class EpochResampling(TrainerCallback):
+    """Tell the dataset the epoch, so per-epoch draws (positive, negatives, instruction) change."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
+
+
+class SamplesPerSecondProgress(ProgressCallback):
+    """The rank-0 progress bar: samples/s, loss, temperature and accuracy in its postfix.
+
+    Step logs go to the loggers (tensorboard, log_history.json), not one printed line each.
+    """
+
+    SHOWN = ("loss", "temperature", "accuracy")
+
+    def __init__(self, global_batch: int):
+        super().__init__()
+        self.global_batch = global_batch
+        self.started = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.started, self.start_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.training_bar is not None and state.global_step > self.start_step:
+            rate = (state.global_step - self.start_step) * self.global_batch / (time.perf_counter() - self.started)
+            self.postfix["samples/s"] = f"{rate:.1f}"
+            self.training_bar.set_postfix(self.postfix, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs:
+            return
+        if "train_runtime" in logs:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+            return
+        self.postfix.update({key: f"{logs[key]:.4g}" for key in self.SHOWN if key in logs})
+
+
+class ContrastiveTrainer(Trainer):
+    """Trainer whose model is an `Embedder` and whose batches come from `PairCollator`."""
+
+    def __init__(self, *args, loss_config: LossConfig, image_start_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
+        self.image_start_id = image_start_id
+        self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer divides by accumulation
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    @property
+    def embedder(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+            groups = self.embedder.parameter_groups(self.args.weight_decay)
+            self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.loss_config
+        ids = CandidateIds(**inputs["ids"]) if config.mask_false_negatives else None
+
+        def loss_fn(embeddings, temperature):
+            return info_nce(
+                embeddings["query"],
+                embeddings["positive"],
+                temperature,
+                negatives=embeddings.get("negative"),
+                negatives_scope=config.negatives_scope,
+                bidirectional=config.bidirectional,
+                ids=ids,
+            )
+
+        output = embed_and_compute_loss(
+            lambda batch: model(**batch),
+            {name: inputs[name] for name in EMBEDDED if name in inputs},
+            loss_fn,
+            self.embedder.temperature(),
+            chunk_size=config.gradcache_chunk_size,
+            parameters=[p for p in model.parameters() if p.requires_grad],
+            split=lambda batch, size: split_batch(batch, size, self.image_start_id),
+        )
+        for key, value in output.stats.items():
+            self._stats[key].append(float(value))
+        return (output.loss, output.stats) if return_outputs else output.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:
+            logs.update({key: sum(values) / len(values) for key, values in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            self.embedder.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.embedder.load_adapter_weights(resume_from_checkpoint)
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
