@@ -212,3 +212,20 @@ def test_distillation_temperature_receives_its_gradient():
     assert temperature.grad is not None and temperature.grad.abs().item() > 0
     with pytest.raises(ValueError, match="teacher_scores has shape"):
         distillation_kl(query, candidates, teacher[:, :4], temperature, teacher_temperature=1.0)
+
+
+def test_without_in_batch_negatives_a_query_sees_only_its_positive_and_own_negatives():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positive = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    negatives = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])
+    tau = 0.5
+    out = info_nce(query, positive, tau, negatives=negatives, negatives_scope="own", in_batch_negatives=False)
+    expected = []
+    for i in range(2):
+        logits = torch.stack([query[i] @ positive[i], query[i] @ negatives[i, 0]]) / tau
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(out.loss, torch.stack(expected).mean(), atol=1e-6)
+    with_in_batch = info_nce(query, positive, tau, negatives=negatives, negatives_scope="own")
+    assert not torch.allclose(out.loss, with_in_batch.loss)
+    with pytest.raises(ValueError, match="in_batch_negatives=False needs extra negatives"):
+        info_nce(query, positive, tau, in_batch_negatives=False)

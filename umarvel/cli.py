@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from umarvel.errors import UmarvelError
@@ -89,6 +90,16 @@ def _train_reranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.training.distill import distill
+
+    _setup_logging()
+    config = load_config(args.config, args.overrides)
+    print(f"finished: {distill(config, resume=args.resume)}")
+    return 0
+
+
 def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
     from umarvel.config import load_config
     from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
@@ -138,13 +149,17 @@ def _fusion_weight(value: str) -> float | str:
 
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from umarvel.config import load_config
+    from umarvel.launcher import launched_job
     from umarvel.modeling.embedder import load_for_inference
     from umarvel.retrieval.mining import format_stats, mine
 
     _setup_logging()
     config = load_config(args.config, args.overrides)
-    embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
-    summary = mine(embedder, args.data, args.out, config.mine, config.eval)
+    with launched_job() as device:
+        if device:
+            config.model.device = device
+        embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
+        summary = mine(embedder, args.data, args.out, config.mine, config.eval)
     if summary:
         print(format_stats(summary))
         print(f"hard negatives -> {args.out} (statistics in {args.out}.stats.json)")
@@ -186,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an unfinished run from its latest checkpoint")
     p.set_defaults(func=_cmd_train)
+
+    p = verbs.add_parser("distill", help="stage 3: score teacher lists with recall + reranker, then distil them "
+                         "into the stage-2 embedder (KL)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its latest checkpoint")
+    p.set_defaults(func=_cmd_distill)
 
     p = verbs.add_parser("mine-negatives", help="mine filtered hard negatives with a stage-1 model")
     p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
@@ -230,15 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group(code: int) -> int:
+    """End a launched process without running interpreter shutdown next to live gloo threads.
+
+    With functional collectives, a gloo worker thread can free a backward-time collective while
+    Python finalises and abort the process (about 1 run in 20 on CPU), after all work is done.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return code
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except UmarvelError as err:
         print(f"umarvel: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except BrokenPipeError:
-        return 0
+        code = 0
+    return _leave_process_group(code)
 
 
 if __name__ == "__main__":

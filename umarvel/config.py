@@ -102,7 +102,6 @@ class LossConfig:
     )
     in_batch_negatives: bool = doc("Contrast against other queries' positives (off = hard negatives only, Table 5).", True)
     mask_false_negatives: bool = doc("Drop in-batch candidates that are positives of the query (by id).", True)
-    cross_device: bool = doc("Gather candidates from every rank so each query sees the global batch.", True)
     gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0)
 
 
@@ -167,6 +166,24 @@ class RerankConfig:
 
 
 @dataclass
+class DistillConfig:
+    recall_model: str = doc(
+        "Recall embedder (run, adapter or merged directory) that retrieves the candidates and gives S_recall; "
+        "empty = model.backbone, the stage-2 model the student starts from.", ""
+    )
+    reranker: str = doc("Reranker run or model directory that gives S_rerank = P(YES).", "")
+    fraction: float = doc("Share of the distinct training queries drawn (seeded by run.seed) for distillation (paper: 0.1).", 0.1)
+    top_k: int = doc("Retrieved candidates per query besides its positive (paper: 49, so 50 in all).", 49)
+    alpha: float = doc("Teacher fusion weight a: S = a*S_recall + (1-a)*S_rerank.", 0.5)
+    teacher_temperature: float = doc(
+        "Softmax scale of the teacher scores; 0 = the student's temperature at each step (detached), so that "
+        "with alpha=1 the teacher is the recall model's own distribution.", 0.0
+    )
+    teacher_file: str = doc("Teacher-score file; empty = <run.output_dir>/teacher.jsonl (work files in <file>.work/).", "")
+    shard_size: int = doc("Queries per reranker scoring shard (the unit of resume and of rank sharding).", 1000)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = doc("Run directory: resolved config, logs, checkpoints, metrics, DONE marker.", "runs/default")
     seed: int = doc("Seed for every random choice of the run.", 42)
@@ -182,6 +199,7 @@ class Config:
     eval: EvalConfig = doc("M-BEIR evaluation (its encoding settings serve mining too).", factory=EvalConfig)
     mine: MineConfig = doc("Hard-negative mining.", factory=MineConfig)
     rerank: RerankConfig = doc("Reranker training pairs from a recall model (stage `reranker`).", factory=RerankConfig)
+    distill: DistillConfig = doc("Stage 3: teacher scores from recall + reranker, then KL distillation.", factory=DistillConfig)
     run: RunConfig = doc("Where and how a run is recorded.", factory=RunConfig)
     stages: dict[str, Any] = doc(
         "Progressive sub-stages (nli, cc3m, mbeir) in order, each a partial config over this one.", factory=dict

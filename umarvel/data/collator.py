@@ -129,6 +129,33 @@ class PairCollator:
         return out
 
 
+class DistillCollator:
+    """Distillation examples {"query", "candidates", "teacher_scores"} -> one batch.
+
+    Output: {"query": batch of B, "candidate": batch of B*C items, query-major (query 0's C,
+    then query 1's C, ...), "teacher_scores": [B, C] float32, row b's column c scoring query b's
+    candidate c}: the layout `losses.distillation_kl` reads. Every query must bring the same C.
+    """
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = len(examples[0]["candidates"])
+        for example in examples:
+            qid = example["query"].get("qid")
+            if len(example["candidates"]) != width:
+                raise DataError(f"query {qid} has {len(example['candidates'])} teacher-scored candidates, the first "
+                                f"query of its batch {width}: every query needs the same number (distill.top_k + 1)")
+            if len(example["teacher_scores"]) != width:
+                raise DataError(f"query {qid} has {len(example['teacher_scores'])} teacher scores for {width} candidates")
+        return {
+            "query": self.collator([e["query"] for e in examples]),
+            "candidate": self.collator([c for e in examples for c in e["candidates"]]),
+            "teacher_scores": torch.tensor([e["teacher_scores"] for e in examples], dtype=torch.float32),
+        }
+
+
 def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id: int) -> list[dict[str, torch.Tensor]]:
     """Split a collated batch into chunks of `chunk_size` items, for GradCache.
 

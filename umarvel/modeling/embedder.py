@@ -284,10 +284,11 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":
-    """Load for encoding: a saved embedder keeps its own settings (but for device, dtype and
-    kernel); a plain backbone takes the config's model section when one was given."""
+    """Load for encoding: a saved embedder keeps its own settings but for device (always taken
+    from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
+    file was given); a plain backbone takes the whole model section of a given config."""
     directory = resolve_model_dir(path)
     settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
     if (directory / EMBEDDER_CONFIG).is_file() or not from_config:
-        settings = {k: settings[k] for k in RUNTIME_FIELDS} if from_config else {}
+        settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
     return Embedder.from_pretrained(directory, **settings)

@@ -76,13 +76,18 @@ def info_nce(
     negatives_scope: NegativesScope = "own",
     bidirectional: bool = False,
     ids: CandidateIds | None = None,
+    in_batch_negatives: bool = True,
 ) -> LossOutput:
     """InfoNCE of local queries against the global batch (see the module docstring).
 
-    query, positive: [B, D]; negatives: [B, K, D] or query-major [B*K, D].
+    query, positive: [B, D]; negatives: [B, K, D] or query-major [B*K, D]. With
+    `in_batch_negatives` False a query sees only its own positive and the extra negatives (paper Table 5, "top-k
+    hard negatives only"); the other queries' positives are left out of its softmax.
     """
     if negatives_scope not in ("own", "global"):
         raise ValueError(f"negatives_scope must be 'own' or 'global', got {negatives_scope!r}")
+    if not in_batch_negatives and (negatives is None or bidirectional):
+        raise ValueError("in_batch_negatives=False needs extra negatives and a one-directional loss")
     batch, dim = query.shape
     if positive.shape != query.shape:
         raise ValueError(f"positive has shape {tuple(positive.shape)}, expected {tuple(query.shape)}")
@@ -105,6 +110,11 @@ def info_nce(
         elif negatives is not None:
             blocks.append(_is_positive_of(query_positives, gather(ids.negatives, layout).flatten()[None]))
         false_negatives = _without_targets(torch.cat(blocks, dim=1), targets)
+    if not in_batch_negatives:
+        others = torch.zeros_like(similarity, dtype=torch.bool)
+        others[:, : layout.total] = True
+        others = _without_targets(others, targets)
+        false_negatives = others if false_negatives is None else false_negatives | others
 
     per_query = _cross_entropy(similarity, temperature, targets, false_negatives)
     loss = per_query.sum() * layout.loss_scale

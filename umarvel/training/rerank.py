@@ -50,7 +50,7 @@ def _check(config: Config) -> None:
         raise ConfigError("rerank.top_n must be >= 1, rerank.negatives_per_positive and rerank.max_queries >= 0")
 
 
-def _training_data(config: Config):
+def training_data(config: Config):
     """(queries, pool) of the data section: M-BEIR train queries and the pool they search."""
     from umarvel.data.mbeir import MBEIR, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
@@ -103,7 +103,7 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
         save_config(config, run_dir)
     set_seed(config.run.seed)
     args = training_arguments(config, run_dir)  # joins a launcher's process group
-    queries, pool = _training_data(config)
+    queries, pool = training_data(config)
     pairs = _pairs(config, queries, pool, run_dir / PAIRS_FILE, args.device)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     reranker = Reranker.from_pretrained(config.model.backbone, trainable=True, **model_overrides)

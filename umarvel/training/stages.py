@@ -111,13 +111,38 @@ def training_arguments(config: Config, run_dir: Path):
     )
 
 
-def train_contrastive(config: Config, *, resume: bool = False) -> Path:
-    """Run one contrastive stage to completion; a finished run directory is left as it is."""
+def image_start_id(embedder) -> int:
+    """The token that opens an image in a row, which GradCache's chunking follows."""
+    return embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+
+
+def contrastive_trainer(config: Config, embedder, args, callbacks: list):
+    """InfoNCE over the stage's training pairs: the Trainer `train_contrastive` builds by default."""
+    from umarvel.training.trainer import ContrastiveTrainer, EpochResampling
+
+    pairs = build_pairs(config)
+    return ContrastiveTrainer(
+        model=embedder,
+        args=args,
+        train_dataset=pairs,
+        data_collator=PairCollator(embedder.collator, num_negatives=config.data.num_negatives),
+        loss_config=config.train.loss,
+        image_start_id=image_start_id(embedder),
+        callbacks=[EpochResampling(pairs), *callbacks],
+    )
+
+
+def train_contrastive(config: Config, *, resume: bool = False, build_trainer=contrastive_trainer) -> Path:
+    """Run one embedder stage to completion; a finished run directory is left as it is.
+
+    `build_trainer(config, embedder, args, callbacks)` makes the stage's Trainer (its data and
+    loss); stage 3 passes the distillation one.
+    """
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from umarvel.modeling.embedder import Embedder
-    from umarvel.training.trainer import ContrastiveTrainer, EpochResampling, SamplesPerSecondProgress
+    from umarvel.training.trainer import SamplesPerSecondProgress
 
     run_dir = Path(config.run.output_dir)
     if is_done(run_dir):
@@ -131,19 +156,9 @@ def train_contrastive(config: Config, *, resume: bool = False) -> Path:
     set_seed(config.run.seed)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
-    pairs = build_pairs(config)
-    collator = PairCollator(embedder.collator, num_negatives=config.data.num_negatives)
     args = training_arguments(config, run_dir)
     global_batch = config.train.per_device_batch_size * world_size()
-    trainer = ContrastiveTrainer(
-        model=embedder,
-        args=args,
-        train_dataset=pairs,
-        data_collator=collator,
-        loss_config=config.train.loss,
-        image_start_id=embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        callbacks=[EpochResampling(pairs), SamplesPerSecondProgress(global_batch)],
-    )
+    trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints and resume else None)
@@ -157,7 +172,7 @@ def train_contrastive(config: Config, *, resume: bool = False) -> Path:
             {
                 "global_batch": global_batch,
                 "steps": trainer.state.global_step,
-                "pairs": len(pairs),
+                "pairs": len(trainer.train_dataset),
                 "temperature": trainer.embedder.temperature.value,
                 "wall_seconds": seconds,
             }

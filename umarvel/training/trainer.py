@@ -102,14 +102,21 @@ class ContrastiveTrainer(Trainer):
                 negatives_scope=config.negatives_scope,
                 bidirectional=config.bidirectional,
                 ids=ids,
+                in_batch_negatives=config.in_batch_negatives,
             )
 
+        batches = {name: inputs[name] for name in EMBEDDED if name in inputs}
+        return self.embedded_loss(model, batches, loss_fn, return_outputs)
+
+    def embedded_loss(self, model, batches: dict, loss_fn, return_outputs: bool = False):
+        """`loss_fn` on the embeddings of the named `batches` (through GradCache when the loss
+        config sets a chunk size), its statistics kept for the next log line."""
         output = embed_and_compute_loss(
             lambda batch: model(**batch),
-            {name: inputs[name] for name in EMBEDDED if name in inputs},
+            batches,
             loss_fn,
             self.embedder.temperature(),
-            chunk_size=config.gradcache_chunk_size,
+            chunk_size=self.loss_config.gradcache_chunk_size,
             parameters=[p for p in model.parameters() if p.requires_grad],
             split=lambda batch, size: split_batch(batch, size, self.image_start_id),
         )
