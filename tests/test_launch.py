@@ -2,6 +2,7 @@
 (ZeRO-2 on CPU), plain and with GradCache; all three must train the same adapter."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny" / "progressive.yaml")
 COMMON = ["train", "--stage", "nli", "--config", CONFIG, "--set", "stages.nli.train.max_steps=3",
-          "--set", "train.per_device_batch_size=8"]
+          "--set", "train.per_device_batch_size=8", "--set", "model.temperature.learnable=true"]
 
 
 def _launch(workdir: Path, launcher: list[str], name: str, *extra: str) -> Path:
@@ -27,7 +28,8 @@ def _launch(workdir: Path, launcher: list[str], name: str, *extra: str) -> Path:
 
 
 def _adapter(run: Path) -> dict:
-    return load_file(run / "model" / "adapter_model.safetensors")
+    """The trained LoRA tensors and the learned temperature."""
+    return {**load_file(run / "model" / "adapter_model.safetensors"), **load_file(run / "model" / "temperature.safetensors")}
 
 
 @pytest.mark.slow
@@ -43,3 +45,4 @@ def test_torchrun_and_deepspeed_zero2_train_the_same_adapter(tiny_workdir):
     assert max((ddp[k] - ds[k]).abs().max().item() for k in ddp) < 1e-5
     assert max((ds[k] - cached[k]).abs().max().item() for k in ds) < 1e-5
     assert max(ddp[k].abs().max().item() for k in ddp if "lora_B" in k) > 1e-4, "the adapter must have trained"
+    assert abs(ddp["log_tau"].item() - math.log(0.05)) > 1e-5, "the learnable temperature must have moved"

@@ -176,3 +176,17 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_workdir, monkeypa
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert _losses(Path("runs/straight"))[3:] == pytest.approx(_losses(Path("runs/interrupted"))[3:], abs=1e-5)
+
+
+def test_pair_collation_runs_in_dataloader_workers(embedder, synthetic_dir):
+    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs
+
+    mbeir = MBEIR(synthetic_dir / "M-BEIR")
+    pairs = MBEIRTrainPairs(mbeir.queries("train"), mbeir.global_pool("train"), seed=0)
+    collate = PairCollator(embedder.collator)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, num_workers=2, collate_fn=collate)
+    in_workers = next(iter(loader))
+    in_process = collate([pairs[i] for i in range(4)])
+    for side in ("query", "positive"):
+        for key, value in in_process[side].items():
+            assert torch.equal(in_workers[side][key], value)

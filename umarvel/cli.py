@@ -166,6 +166,14 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from umarvel.demo import run_demo
+
+    _setup_logging()
+    run_demo(args.out, size=args.size, seed=args.seed)
+    return 0
+
+
 def _has_stages(args: argparse.Namespace) -> bool:
     from umarvel.config import read_raw
 
@@ -174,6 +182,7 @@ def _has_stages(args: argparse.Namespace) -> bool:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion weight a of S = a*S_recall + (1-a)*S_rerank; auto (default) picks it on the val queries")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mbeir)
+
+    p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
+    p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="synthetic benchmark size")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")
     _add_config_args(p)

@@ -96,6 +96,14 @@ class EncodedSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def row(self, index: int) -> np.ndarray:
+        """Vector `index`, counted across the shards."""
+        for shard in self.shards:
+            if index < len(shard):
+                return shard[index]
+            index -= len(shard)
+        raise IndexError(index)
+
     def vectors(self) -> np.ndarray:
         """All vectors in one array (for query sets; pools stay sharded)."""
         return np.concatenate(self.shards) if len(self.shards) > 1 else self.shards[0]

@@ -75,16 +75,8 @@ def _best_positive(query_vector: np.ndarray, positives: list[str], pool: Encoded
     rows = [row_of[did] for did in positives if did in row_of]
     if not rows:
         return None
-    vectors = np.stack([_row(pool, r) for r in rows]).astype(np.float32)
+    vectors = np.stack([pool.row(r) for r in rows]).astype(np.float32)
     return float((vectors @ query_vector.astype(np.float32)).max())
-
-
-def _row(pool: EncodedSet, index: int) -> np.ndarray:
-    for shard in pool.shards:
-        if index < len(shard):
-            return shard[index]
-        index -= len(shard)
-    raise IndexError(index)
 
 
 def _groups(records: list[dict], scope: str) -> dict[tuple, list[int]]:
@@ -136,7 +128,7 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
         subset = _candidate_rows(encoded_pool, modality_of, key)
         if subset is not None and subset.size == 0:
             raise UmarvelError(f"no candidate of dataset {key[0]} with task {key[1]}'s modality in {pool_file}")
-        candidates = encoded_pool.shards if subset is None else np.stack([_row(encoded_pool, i) for i in subset])
+        candidates = encoded_pool.shards if subset is None else np.stack([encoded_pool.row(i) for i in subset])
         ids = encoded_pool.ids if subset is None else [encoded_pool.ids[i] for i in subset]
         vectors = query_vectors[[row_of_query[records[m]["qid"]] for m in members]]
         scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(eval_config.use_gpu))

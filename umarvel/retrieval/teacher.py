@@ -93,14 +93,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _vector(encoded, row: int) -> np.ndarray:
-    for shard in encoded.shards:
-        if row < len(shard):
-            return shard[row]
-        row -= len(shard)
-    raise IndexError(row)
-
-
 def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], settings: DistillConfig,
              eval_config: EvalConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
     """(records {"qid", "candidates", "recall"}, skipped qids) for the sampled `rows`.
@@ -139,7 +131,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
             pool_row = pool.table.find(positive)
             if encoded_pool.ids[pool_row] != positive:
                 raise UmarvelError(f"the encoded pool {encoded_pool.directory} is not in the order of {pool.file}")
-            recall[positive] = float(_vector(encoded_pool, pool_row).astype(np.float32) @ query_vectors[i])
+            recall[positive] = float(encoded_pool.row(pool_row).astype(np.float32) @ query_vectors[i])
         candidates = candidate_list(positive, ranked[i], settings.top_k)
         records.append({"qid": record["qid"], "candidates": candidates, "recall": [recall[did] for did in candidates]})
     return records, skipped

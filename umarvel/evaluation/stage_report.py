@@ -1,0 +1,144 @@
+"""Compare the recipe's stages: a terminal table, report.md with per-row tables, and PNG plots.
+
+The report states plainly whether each stage improved on the one it started from, so a stage
+that does not help (on synthetic data, say) is visible rather than hidden.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from umarvel.data.tasks import EVAL_ROWS
+from umarvel.io import atomic_path, atomic_write_text
+
+
+@dataclass
+class StageResult:
+    """One evaluated model: its label, the stage it continued from, results per pool, loss curve."""
+
+    name: str
+    parent: str | None
+    results: dict[str, dict]
+    losses: list[float]
+
+    def average(self, pool: str) -> float | None:
+        result = self.results.get(pool)
+        return None if result is None else result["average"]
+
+
+def load_results(eval_dir: Path) -> dict[str, dict]:
+    """results.json per pool from an eval output dir (one pool at its top, or local/ and global/)."""
+    found = {}
+    for pool in ("local", "global"):
+        for path in (eval_dir / pool / "results.json", eval_dir / "results.json"):
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if data["pool"] == pool:
+                    found[pool] = data
+                    break
+    return found
+
+
+def load_losses(run_dir: Path | None) -> list[float]:
+    if run_dir is None or not (run_dir / "log_history.json").is_file():
+        return []
+    return [entry["loss"] for entry in json.loads((run_dir / "log_history.json").read_text()) if "loss" in entry]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _verdict(stage: StageResult, by_name: dict[str, StageResult], pool: str) -> str:
+    if stage.parent is None or stage.parent not in by_name:
+        return ""
+    mine, before = stage.average(pool), by_name[stage.parent].average(pool)
+    if mine is None or before is None:
+        return ""
+    delta = mine - before
+    word = "improves on" if delta > 0.05 else ("matches" if abs(delta) <= 0.05 else "does NOT improve on")
+    return f"{word} {stage.parent} ({delta:+.2f})"
+
+
+def summary_table(stages: list[StageResult]) -> str:
+    """The terminal table: rows = stages, columns = local and global averages."""
+    by_name = {s.name: s for s in stages}
+    lines = [f"{'model':22s} {'local avg':>10s} {'global avg':>11s}  vs. previous stage (local)"]
+    for stage in stages:
+        lines.append(f"{stage.name:22s} {_fmt(stage.average('local')):>10s} {_fmt(stage.average('global')):>11s}  "
+                     f"{_verdict(stage, by_name, 'local')}")
+    return "\n".join(lines)
+
+
+def _row_table(stages: list[StageResult], pool: str) -> list[str]:
+    present = [s for s in stages if pool in s.results]
+    if not present:
+        return []
+    lines = [f"### {pool.capitalize()} pool, headline metric per row (%)", "",
+             "| row | metric | " + " | ".join(s.name for s in present) + " |",
+             "|---|---|" + "---|" * len(present)]
+    for row in EVAL_ROWS:
+        cells = [_fmt(s.results[pool]["rows"].get(row.name, {}).get("headline")) for s in present]
+        lines.append(f"| {row.name} | {row.headline} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | | " + " | ".join(f"**{_fmt(s.average(pool))}**" for s in present) + " |")
+    return lines + [""]
+
+
+def write_stage_report(out_dir: Path, stages: list[StageResult], *, title: str, notes: list[str]) -> Path:
+    """report.md + loss.png + recall.png in `out_dir`; returns the report path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {s.name: s for s in stages}
+    lines = [f"# {title}", "", *notes, "", "## Averages", "",
+             "| model | local avg | global avg | vs. previous stage (local) | vs. previous stage (global) |",
+             "|---|---|---|---|---|"]
+    for stage in stages:
+        lines.append(f"| {stage.name} | {_fmt(stage.average('local'))} | {_fmt(stage.average('global'))} | "
+                     f"{_verdict(stage, by_name, 'local')} | {_verdict(stage, by_name, 'global')} |")
+    lines += ["", "![training loss per stage](loss.png)", "", "![recall per row and stage](recall.png)", ""]
+    lines += _row_table(stages, "local") + _row_table(stages, "global")
+    _plot_losses(out_dir / "loss.png", stages)
+    _plot_recall(out_dir / "recall.png", stages)
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110)
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def _plot_losses(path: Path, stages: list[StageResult]) -> None:
+    trained = [s for s in stages if s.losses]
+    figure = _figure(3.2 * max(len(trained), 1), 2.8)
+    for index, stage in enumerate(trained, start=1):
+        axis = figure.add_subplot(1, len(trained), index)
+        axis.plot(range(1, len(stage.losses) + 1), stage.losses, linewidth=1.2)
+        axis.set_title(stage.name, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+    if trained:
+        figure.axes[0].set_ylabel("training loss", fontsize=8)
+    _save(figure, path)
+
+
+def _plot_recall(path: Path, stages: list[StageResult]) -> None:
+    present = [s for s in stages if "local" in s.results]
+    figure = _figure(12, 4)
+    axis = figure.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(present), 1)
+    for index, stage in enumerate(present):
+        values = [stage.results["local"]["rows"].get(row.name, {}).get("headline", 0.0) for row in EVAL_ROWS]
+        axis.bar([i + index * width for i in range(len(EVAL_ROWS))], values, width, label=stage.name)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(EVAL_ROWS))])
+    axis.set_xticklabels([row.name for row in EVAL_ROWS], rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel("local headline recall (%)")
+    axis.legend(fontsize=7, ncol=min(len(present), 4))
+    _save(figure, path)
