@@ -19,7 +19,7 @@ def test_defaults_and_every_field_documented():
 
 
 def test_inherit_and_override(tmp_path):
-    base = write(tmp_path / "base.yaml", {"model": {"lora": {"r": 64, "alpha": 128}, "pooling": "last"}})
+    write(tmp_path / "base.yaml", {"model": {"lora": {"r": 64, "alpha": 128}, "pooling": "last"}})
     child = write(tmp_path / "child.yaml", {"inherit": "base.yaml", "model": {"lora": {"r": 128}}})
     config = load_config(child, ["model.lora.alpha=256", "model.temperature.init=5e-2", "run.seed=7"])
     assert (config.model.lora.r, config.model.lora.alpha, config.model.pooling) == (128, 256, "last")

@@ -43,7 +43,6 @@ def test_no_positive_is_a_negative_and_the_filter_holds(mined, synthetic_dir):
     queries = MBEIR(synthetic_dir / "M-BEIR").queries("train")
     positives = {queries.record(i)["qid"]: set(queries.record(i)["pos_cand_list"]) for i in range(len(queries))}
     assert len(negatives) == len(positives)
-    pool_vectors = {}
     checked = 0
     for qid, dids, scores in negatives:
         assert not set(dids) & positives[qid]

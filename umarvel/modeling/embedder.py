@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from umarvel.backbone import language_model, quiet_transformers, load_backbone, load_processor, resolve_device, resolve_dtype
+from umarvel.backbone import quiet_transformers
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.modeling.adapters import load_adapted
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -28,34 +29,6 @@ EMBEDDER_CONFIG = "embedder_config.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 FORMAT_VERSION = 1
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
-    """Full names of the language model's nn.Linear layers (optionally only those ending in a suffix)."""
-    decoder = language_model(backbone)
-    prefix = next(name for name, module in backbone.named_modules() if module is decoder)
-    names = [
-        f"{prefix}.{name}"
-        for name, module in decoder.named_modules()
-        if isinstance(module, nn.Linear) and (not suffixes or any(name.split(".")[-1] == s for s in suffixes))
-    ]
-    if not names:
-        raise ConfigError(f"model.lora.target_modules {suffixes} matches no linear layer of the language model")
-    return names
-
-
-def _attach_lora(backbone, config: ModelConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=_lora_targets(backbone, lora.target_modules),
-        bias="none",
-    )
-    return get_peft_model(backbone, peft_config)
 
 
 class Embedder(nn.Module):
@@ -124,22 +97,8 @@ class Embedder(nn.Module):
 
     @classmethod
     def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        backbone = load_backbone(
-            backbone_dir, dtype=dtype, attn_implementation=config.attn_implementation, attention=config.attention
-        )
-        backbone.requires_grad_(False)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            with quiet_transformers():
-                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
-        elif trainable and config.lora.enabled:
-            with quiet_transformers():
-                backbone = _attach_lora(backbone, config)
-        processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
-        config.backbone = str(backbone_dir.resolve())
+        backbone, processor, device = load_adapted(config, backbone_dir, adapter_dir, trainable,
+                                                   attention=config.attention)
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and encode -----------------------------------------------------------

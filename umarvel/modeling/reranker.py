@@ -21,12 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
-from umarvel.backbone import load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel.backbone import quiet_transformers
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.embedder import EMBEDDER_CONFIG, _attach_lora
+from umarvel.modeling.adapters import load_adapted
+from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
 RERANKER_CONFIG = "reranker_config.json"
 FORMAT_VERSION = 1
@@ -97,22 +98,8 @@ class Reranker(nn.Module):
 
     @classmethod
     def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool) -> "Reranker":
-        device = resolve_device(config.device)
-        backbone = load_backbone(
-            backbone_dir, dtype=resolve_dtype(config.dtype, device), attn_implementation=config.attn_implementation,
-            attention="causal", with_lm_head=True,
-        )
-        backbone.requires_grad_(False)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            with quiet_transformers():
-                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
-        elif trainable and config.lora.enabled:
-            with quiet_transformers():
-                backbone = _attach_lora(backbone, config)
-        processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
-        config.backbone = str(backbone_dir.resolve())
+        backbone, processor, device = load_adapted(config, backbone_dir, adapter_dir, trainable,
+                                                   attention="causal", with_lm_head=True)
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and scoring ------------------------------------------------------------

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from umarvel.config import Config, ConfigError, save_config, to_dict
+from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
-from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.training.stages import DONE, is_done, is_main_process, training_arguments, world_size
+from umarvel.training.stages import DONE, is_done, is_main_process, start_run, training_arguments, world_size
 
 logger = logging.getLogger("umarvel")
 PAIRS_FILE = "pairs.jsonl"
@@ -84,7 +83,6 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
 
 def train_reranker(config: Config, *, resume: bool = False) -> Path:
     """Run the reranker stage to completion; a finished run directory is left as it is."""
-    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from umarvel.data.rerank import RerankTrainSet
@@ -96,12 +94,7 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     if is_done(run_dir):
         logger.info("%s is finished (DONE); skipping", run_dir)
         return run_dir
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if checkpoints and not resume:
-        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
-    if is_main_process():
-        save_config(config, run_dir)
-    set_seed(config.run.seed)
+    latest = start_run(config, run_dir, resume)
     args = training_arguments(config, run_dir)  # joins a launcher's process group
     queries, pool = training_data(config)
     pairs = _pairs(config, queries, pool, run_dir / PAIRS_FILE, args.device)
@@ -116,7 +109,7 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints and resume else None)
+    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     seconds = time.perf_counter() - started
     if trainer.args.should_save:
         trainer.reranker.save_pretrained(run_dir / "model")

@@ -132,13 +132,28 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
     )
 
 
+def start_run(config: Config, run_dir: Path, resume: bool) -> Path | None:
+    """Record the config, seed everything; return the checkpoint to resume from, if any.
+
+    An unfinished run is never silently restarted over its checkpoints: it needs --resume.
+    """
+    from transformers import set_seed
+
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints and not resume:
+        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
+    if is_main_process():
+        save_config(config, run_dir)
+    set_seed(config.run.seed)
+    return checkpoints[-1] if checkpoints else None
+
+
 def train_contrastive(config: Config, *, resume: bool = False, build_trainer=contrastive_trainer) -> Path:
     """Run one embedder stage to completion; a finished run directory is left as it is.
 
     `build_trainer(config, embedder, args, callbacks)` makes the stage's Trainer (its data and
     loss); stage 3 passes the distillation one.
     """
-    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from umarvel.modeling.embedder import Embedder
@@ -148,12 +163,7 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
     if is_done(run_dir):
         logger.info("%s is finished (DONE); skipping", run_dir)
         return run_dir
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if checkpoints and not resume:
-        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
-    if is_main_process():
-        save_config(config, run_dir)
-    set_seed(config.run.seed)
+    latest = start_run(config, run_dir, resume)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     args = training_arguments(config, run_dir)
@@ -161,7 +171,7 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
     trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints and resume else None)
+    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     seconds = time.perf_counter() - started
     if trainer.args.should_save:
         trainer.embedder.save_pretrained(run_dir / "model")

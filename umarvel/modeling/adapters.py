@@ -1,0 +1,64 @@
+"""Backbone + LoRA adapter loading shared by the embedder and the reranker."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel.config import ConfigError, ModelConfig
+
+
+def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
+    """Full names of the language model's nn.Linear layers (optionally only those ending in a suffix)."""
+    decoder = language_model(backbone)
+    prefix = next(name for name, module in backbone.named_modules() if module is decoder)
+    names = [
+        f"{prefix}.{name}"
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.Linear) and (not suffixes or any(name.split(".")[-1] == s for s in suffixes))
+    ]
+    if not names:
+        raise ConfigError(f"model.lora.target_modules {suffixes} matches no linear layer of the language model")
+    return names
+
+
+def attach_lora(backbone, config: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_lora_targets(backbone, lora.target_modules),
+        bias="none",
+    )
+    return get_peft_model(backbone, peft_config)
+
+
+def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,
+                 attention: str, with_lm_head: bool = False) -> tuple[nn.Module, object, torch.device]:
+    """(backbone with its saved or a fresh adapter, processor, device), frozen but for the adapter.
+
+    A saved adapter is loaded (trainable or not); without one, a fresh LoRA is attached only
+    for training, since an untrained LoRA changes nothing at inference.
+    """
+    device = resolve_device(config.device)
+    backbone = load_backbone(
+        backbone_dir, dtype=resolve_dtype(config.dtype, device), attn_implementation=config.attn_implementation,
+        attention=attention, with_lm_head=with_lm_head,
+    )
+    backbone.requires_grad_(False)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        with quiet_transformers():
+            backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+    elif trainable and config.lora.enabled:
+        with quiet_transformers():
+            backbone = attach_lora(backbone, config)
+    processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
+    config.backbone = str(backbone_dir.resolve())
+    return backbone, processor, device
