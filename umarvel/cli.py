@@ -6,6 +6,7 @@ inside the verb so `umarvel --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -100,18 +101,26 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _launched_embedder(args: argparse.Namespace):
+    """(config, embedder) for an encoding verb, inside the launcher's process group if any;
+    each rank encodes on its own device."""
     from umarvel.config import load_config
-    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
     from umarvel.launcher import launched_job
     from umarvel.modeling.embedder import load_for_inference
 
-    _setup_logging()
     config = load_config(args.config, args.overrides)
     with launched_job() as device:
         if device:
             config.model.device = device
-        embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
+        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config))
+
+
+def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
+    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
+
+    _setup_logging()
+    with _launched_embedder(args) as (config, embedder):
         pools = POOLS if args.pool == "both" else (args.pool,)
         if args.rerank:
             evaluator = _rerank_evaluator(args, embedder, config)
@@ -148,17 +157,10 @@ def _fusion_weight(value: str) -> float | str:
 
 
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
-    from umarvel.config import load_config
-    from umarvel.launcher import launched_job
-    from umarvel.modeling.embedder import load_for_inference
     from umarvel.retrieval.mining import format_stats, mine
 
     _setup_logging()
-    config = load_config(args.config, args.overrides)
-    with launched_job() as device:
-        if device:
-            config.model.device = device
-        embedder = load_for_inference(args.model, config.model, from_config=bool(args.config))
+    with _launched_embedder(args) as (config, embedder):
         summary = mine(embedder, args.data, args.out, config.mine, config.eval)
     if summary:
         print(format_stats(summary))
