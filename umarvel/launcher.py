@@ -1,7 +1,7 @@
 """Join the process group a launcher (torchrun, deepspeed) describes in the environment.
 
 Training gets its process group from the transformers Trainer; commands without a Trainer
-(evaluation) run inside `launched_job()` so their ranks can split the encoding between them.
+(evaluation, mining) run inside `launched_job()` so their ranks can split the encoding.
 """
 from __future__ import annotations
 
