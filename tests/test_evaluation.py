@@ -238,39 +238,59 @@ class Interrupted(Exception):
     pass
 
 
+def recording_encode(calls: list[list[str]], crash_on_call: int | None = None):
+    """Embedder.encode that appends each call's dids to `calls` and raises on call `crash_on_call`."""
+    original = Embedder.encode
+
+    def encode(self, items, *args, **kwargs):
+        calls.append([item["did"] for item in items])
+        if len(calls) == crash_on_call:
+            raise Interrupted
+        return original(self, items, *args, **kwargs)
+
+    return encode
+
+
+def interrupt_after_first_shard(embedder, root: Path, cache: Path, monkeypatch) -> Path:
+    """Encode InfoSeek's pool in shards of 2 until the second shard raises; the set's directory."""
+    monkeypatch.setattr(Embedder, "encode", recording_encode([], crash_on_call=2))
+    with pytest.raises(Interrupted):
+        evaluator(embedder, root, cache, rows=[INFOSEEK], shard_size=2).local_pool(EVAL_ROWS_BY_NAME[INFOSEEK])
+    (set_dir,) = [p.parent for p in cache.rglob("shard-00000.npy")]
+    return set_dir
+
+
 def test_interrupted_encoding_resumes_from_its_finished_shards(tiny_model_dir, mini, tmp_path, monkeypatch):
     row = EVAL_ROWS_BY_NAME[INFOSEEK]
     embedder = Embedder.from_pretrained(tiny_model_dir)
     straight = evaluator(embedder, mini, tmp_path / "straight", rows=[INFOSEEK], shard_size=2).local_pool(row)
-    calls: list[list[str]] = []
-    original = Embedder.encode
-
-    def recording(crash_on_call: int | None):
-        def encode(self, items, *args, **kwargs):
-            calls.append([item["did"] for item in items])
-            if len(calls) == crash_on_call:
-                raise Interrupted
-            return original(self, items, *args, **kwargs)
-
-        return encode
-
-    monkeypatch.setattr(Embedder, "encode", recording(crash_on_call=2))
-    resuming = evaluator(embedder, mini, tmp_path / "resumed", rows=[INFOSEEK], shard_size=2)
-    with pytest.raises(Interrupted):
-        resuming.local_pool(row)
-    (set_dir,) = [p.parent for p in (tmp_path / "resumed").rglob("shard-00000.npy")]
+    set_dir = interrupt_after_first_shard(embedder, mini, tmp_path / "resumed", monkeypatch)
     assert sorted(p.name for p in set_dir.iterdir()) == ["shard-00000.ids.txt", "shard-00000.npy"]
     assert load_encoded(set_dir) is None  # no manifest: never read as complete
     first_shard = set_dir / "shard-00000.npy"
     stamp = first_shard.read_bytes(), first_shard.stat().st_mtime_ns
 
-    calls.clear()
-    monkeypatch.setattr(Embedder, "encode", recording(crash_on_call=None))
-    resumed = resuming.local_pool(row)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(Embedder, "encode", recording_encode(calls))
+    resumed = evaluator(embedder, mini, tmp_path / "resumed", rows=[INFOSEEK], shard_size=2).local_pool(row)
     assert calls == [["6:3", "6:4"], ["6:5"]]
     assert (first_shard.read_bytes(), first_shard.stat().st_mtime_ns) == stamp
     assert resumed.ids == straight.ids == [c["did"] for c in INFOSEEK_POOL]
     assert resumed.vectors().dtype == np.float16
+    np.testing.assert_array_equal(resumed.vectors(), straight.vectors())
+
+
+def test_resuming_with_another_shard_size_re_encodes_the_mismatched_shards(tiny_model_dir, mini, tmp_path, monkeypatch):
+    row = EVAL_ROWS_BY_NAME[INFOSEEK]
+    embedder = Embedder.from_pretrained(tiny_model_dir)
+    straight = evaluator(embedder, mini, tmp_path / "straight", rows=[INFOSEEK], shard_size=3).local_pool(row)
+    interrupt_after_first_shard(embedder, mini, tmp_path / "resumed", monkeypatch)
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(Embedder, "encode", recording_encode(calls))
+    resumed = evaluator(embedder, mini, tmp_path / "resumed", rows=[INFOSEEK], shard_size=3).local_pool(row)
+    assert calls == [["6:1", "6:2", "6:3"], ["6:4", "6:5"]]  # the old 2-row shard 0 is not shard 0 of 3
+    assert resumed.ids == straight.ids == [c["did"] for c in INFOSEEK_POOL]
     np.testing.assert_array_equal(resumed.vectors(), straight.vectors())
 
 

@@ -134,6 +134,16 @@ def load_encoded(directory: str | os.PathLike) -> EncodedSet | None:
     return EncodedSet(directory, shards, ids)
 
 
+def _finished_shard(directory: Path, index: int, start: int, stop: int, items, id_key: str) -> bool:
+    """Shard `index` was written with these bounds. An interrupted run with another shard_size
+    left shards of other bounds under the same names; re-using them would drop or repeat items."""
+    ids_file = directory / f"shard-{index:05d}.ids.txt"
+    if not (directory / f"shard-{index:05d}.npy").is_file() or not ids_file.is_file():
+        return False
+    ids = ids_file.read_text().splitlines()
+    return len(ids) == stop - start and ids[0] == items(start, start + 1)[0][id_key]
+
+
 def encode_set(
     embedder,
     items: Callable[[int, int], list[dict]],
@@ -159,7 +169,7 @@ def encode_set(
     rank, world = rank_and_world()
     bounds = [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
     mine = [i for i in range(len(bounds)) if i % world == rank]
-    todo = [i for i in mine if not (directory / f"shard-{i:05d}.npy").is_file()]
+    todo = [i for i in mine if not _finished_shard(directory, i, *bounds[i], items, id_key)]
     bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc=desc, unit="item",
                disable=not progress or rank != 0)
     for index in todo:
