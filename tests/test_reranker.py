@@ -193,16 +193,6 @@ def test_paper_reranker_config_has_the_published_settings():
     assert config.rerank.top_n == 50
 
 
-@pytest.fixture()
-def tiny_workdir(tmp_path, monkeypatch, tiny_model_dir, synthetic_dir):
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "tiny-qwen2vl").symlink_to(tiny_model_dir)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "synthetic").symlink_to(synthetic_dir)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.slow
 def test_tiny_reranker_recipe_through_the_cli(tiny_workdir):
     config = str(ROOT / "configs" / "tiny" / "reranker.yaml")

@@ -62,3 +62,17 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
     config.backbone = str(backbone_dir.resolve())
     return backbone, processor, device
+
+
+class AdaptedBackbone(nn.Module):
+    """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from umarvel.backbone import quiet_transformers
@@ -21,7 +20,7 @@ from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_d
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import load_adapted
+from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -31,7 +30,7 @@ FORMAT_VERSION = 1
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
-class Embedder(nn.Module):
+class Embedder(AdaptedBackbone):
     """Encode items (`text`, `image`, optional `instruction`) into unit vectors."""
 
     def __init__(self, backbone, processor, config: ModelConfig):
@@ -102,16 +101,6 @@ class Embedder(nn.Module):
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and encode -----------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    @property
-    def has_adapter(self) -> bool:
-        from peft import PeftModel
-
-        return isinstance(self.backbone, PeftModel)
-
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
         """Unit-norm float32 embeddings of a collated batch."""
         inputs = {k: v for k, v in multimodal.items() if k in MODEL_INPUTS and v is not None}

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
@@ -26,7 +25,7 @@ from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_d
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import load_adapted
+from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
 RERANKER_CONFIG = "reranker_config.json"
@@ -53,7 +52,7 @@ def resolve_reranker_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-class Reranker(nn.Module):
+class Reranker(AdaptedBackbone):
     """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
 
     # The loss is a mean over rows (one answer token each): the Trainer divides by accumulation.
@@ -103,16 +102,6 @@ class Reranker(nn.Module):
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and scoring ------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    @property
-    def has_adapter(self) -> bool:
-        from peft import PeftModel
-
-        return isinstance(self.backbone, PeftModel)
-
     def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None) -> RerankOutput:
         """Logits of the token after each row's prompt; with `labels` (one labelled token per row,
