@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     embedder = Embedder.from_pretrained(model_dir).eval()
     pools = POOLS if args.pool == "both" else (args.pool,)
     mbeir = MBEIR(root, progress=False)
-    use_instruction = embedder.config.prompt.use_instruction
+    use_instruction = embedder.settings.prompt.use_instruction
     # All 16 rows: the evaluator encodes every row's test queries and every local pool.
     item_sets = [list(mbeir.queries("test", row).items(use_instruction=use_instruction)) for row in EVAL_ROWS]
     item_sets += [list(mbeir.local_pool(row).items()) for row in EVAL_ROWS]

@@ -76,7 +76,7 @@ class KeywordEmbedder:
 
     def __init__(self, keywords: list[str], weights_dir: Path):
         self.axis = {word: i for i, word in enumerate(keywords)}
-        self.config = ModelConfig(backbone=str(weights_dir))
+        self.settings = ModelConfig(backbone=str(weights_dir))
         self.has_adapter = False
         self.encoded: list[str] = []
 

@@ -155,7 +155,7 @@ def _config(synthetic_dir: Path, tmp_path: Path, model_dir: Path, **distill) -> 
 
 
 def test_sampling_is_seeded_and_takes_the_configured_fraction(embedder, synthetic_dir, tmp_path):
-    config = _config(synthetic_dir, tmp_path, Path(embedder.config.backbone))
+    config = _config(synthetic_dir, tmp_path, Path(embedder.settings.backbone))
     queries, pool = training_data(config)
     distinct = len(first_rows(queries))
     rows = sample_query_rows(queries, 0.25, seed=0)

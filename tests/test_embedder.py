@@ -85,7 +85,7 @@ def test_adapter_save_load_gives_identical_embeddings(trained_like, mixed_items,
     loaded = Embedder.from_pretrained(tmp_path / "adapter")
     assert torch.equal(loaded.encode(mixed_items), before)
     assert loaded.temperature.value == pytest.approx(trained_like.temperature.value)
-    assert loaded.config.lora.r == 4
+    assert loaded.settings.lora.r == 4
 
 
 def test_merged_checkpoint_matches_unmerged(trained_like, mixed_items, tmp_path):

@@ -55,7 +55,7 @@ def reranker(tiny_model_dir):
 
 def _single_pair_inputs(reranker, query, candidate):
     """The processor's inputs for one pair alone: no padding, no collator."""
-    prompt = reranker.config.prompt
+    prompt = reranker.settings.prompt
     rendered = render_pair(query, candidate, prompt, reranker.processor.tokenizer)
     images = [load_image(image, prompt.min_pixels, prompt.max_pixels) for image in rendered.images]
     return reranker.processor(text=[rendered.text], images=images or None, return_tensors="pt",

@@ -105,7 +105,7 @@ class RerankingEvaluator(MBEIREvaluator):
         """P(YES) of each query of `row` with its first top_k candidates."""
         queries = self.mbeir.queries(split, row)
         candidates = self.union_pool if pool_name == "global" else self.mbeir.local_pool(row)
-        use_instruction = self.reranker.config.prompt.use_instruction
+        use_instruction = self.reranker.settings.prompt.use_instruction
         query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
         candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
         return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,

@@ -65,7 +65,15 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
 
 
 class AdaptedBackbone(nn.Module):
-    """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter."""
+    """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter.
+
+    Our model section lives in `settings`; `config` is the backbone's transformers config,
+    which the Trainer's integrations (TensorBoard, wandb, DeepSpeed's `auto` sizes) read.
+    """
+
+    @property
+    def config(self):
+        return self.backbone.config
 
     @property
     def device(self) -> torch.device:

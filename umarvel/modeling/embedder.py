@@ -37,7 +37,7 @@ class Embedder(AdaptedBackbone):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
-        self.config = config
+        self.settings = config
         t = config.temperature
         self.temperature = Temperature(t.init, t.learnable, t.min, t.max)
         self.collator = Collator(processor, config.prompt, mask_instruction=config.mask_instruction)
@@ -105,7 +105,7 @@ class Embedder(AdaptedBackbone):
         """Unit-norm float32 embeddings of a collated batch."""
         inputs = {k: v for k, v in multimodal.items() if k in MODEL_INPUTS and v is not None}
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
-        pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.config.pooling)
+        pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ class Embedder(AdaptedBackbone):
     def _write_common(self, directory: Path, merged: bool, log_tau: torch.Tensor | None = None) -> None:
         atomic_write_json(
             directory / EMBEDDER_CONFIG,
-            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.config)},
+            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
         )
         log_tau = self.temperature.log_tau if log_tau is None else log_tau
         save_file({"log_tau": log_tau.detach().cpu().float().contiguous()}, str(directory / TEMPERATURE_FILE))

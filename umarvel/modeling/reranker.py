@@ -64,7 +64,7 @@ class Reranker(AdaptedBackbone):
             raise ConfigError(
                 "the reranker answers by next-token prediction and must read causally: set model.attention=causal"
             )
-        self.backbone, self.processor, self.config = backbone, processor, config
+        self.backbone, self.processor, self.settings = backbone, processor, config
         self.source: Path | None = None  # the directory from_pretrained read, for reports
         self.answer_ids = answer_token_ids(processor.tokenizer)
         self.collator = RerankCollator(processor, config.prompt, self.answer_ids)
@@ -163,7 +163,7 @@ class Reranker(AdaptedBackbone):
             backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
         with quiet_transformers():
             self.backbone.save_pretrained(directory, state_dict=backbone_state)
-        atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.config)})
+        atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)})
         self.processor.save_pretrained(directory)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:

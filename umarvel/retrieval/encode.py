@@ -62,13 +62,13 @@ def weights_fingerprint(directory: str | os.PathLike) -> str:
 def model_fingerprint(embedder) -> str:
     """Weights (backbone + adapter, or merged) and every config field that shapes an embedding."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(weights_fingerprint(embedder.config.backbone).encode())
+    digest.update(weights_fingerprint(embedder.settings.backbone).encode())
     if embedder.has_adapter:
         for name, tensor in sorted(embedder.backbone.state_dict().items()):
             if "lora_" in name:
                 digest.update(name.encode())
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    relevant = {k: v for k, v in to_dict(embedder.config).items() if k not in NOT_AFFECTING_EMBEDDINGS}
+    relevant = {k: v for k, v in to_dict(embedder.settings).items() if k not in NOT_AFFECTING_EMBEDDINGS}
     digest.update(json.dumps(relevant, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -220,7 +220,7 @@ class EmbeddingCache:
 
     def queries(self, name: str, queries, sources: Sequence[str | os.PathLike]) -> EncodedSet:
         """A query file's items with their evaluation-time (per-qid) instructions."""
-        use_instruction = self.embedder.config.prompt.use_instruction
+        use_instruction = self.embedder.settings.prompt.use_instruction
         return self.encode(
             name, sources, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
             len(queries), "qid",

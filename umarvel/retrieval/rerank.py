@@ -58,7 +58,7 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     if config.max_queries and config.max_queries < len(rows):
         rows = sorted(random.Random(seed).sample(rows, config.max_queries))
     sample = f"_sample{len(rows)}_seed{seed}" if config.max_queries else ""
-    use_instruction = embedder.config.prompt.use_instruction
+    use_instruction = embedder.settings.prompt.use_instruction
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
     cache = EmbeddingCache(embedder, eval_config, progress=progress)
     encoded_queries = cache.encode(

@@ -103,7 +103,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
     if len(pool) < settings.top_k + 1:
         raise ConfigError(f"distill.top_k={settings.top_k} needs a pool of at least {settings.top_k + 1} candidates; "
                           f"{pool.file} has {len(pool)}")
-    use_instruction = embedder.config.prompt.use_instruction
+    use_instruction = embedder.settings.prompt.use_instruction
     cache = EmbeddingCache(embedder, eval_config, progress=progress)
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
     encoded_queries = cache.encode(
@@ -141,7 +141,7 @@ def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: lis
                  shard_size: int, batch_size: int, progress: bool = True) -> int:
     """Add P(YES) to this rank's missing shards of `retrieved`; return the pairs scored."""
     rank, world = rank_and_world()
-    use_instruction = reranker.config.prompt.use_instruction
+    use_instruction = reranker.settings.prompt.use_instruction
     scored = 0
     for index in tqdm(missing_shards(work, len(retrieved), shard_size, rank, world), desc="teacher shards",
                       unit="shard", disable=not progress or rank != 0):
