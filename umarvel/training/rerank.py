@@ -18,7 +18,8 @@ from transformers import Trainer
 from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.training.stages import DONE, is_done, is_main_process, start_run, training_arguments, world_size
+from umarvel import process
+from umarvel.training.stages import DONE, is_done, start_run, training_arguments
 
 logger = logging.getLogger("umarvel")
 PAIRS_FILE = "pairs.jsonl"
@@ -71,13 +72,13 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
         embedder = Embedder.from_pretrained(resolve_model_dir(config.rerank.recall_model), device=str(device))
         pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.eval, seed=config.run.seed)
         del embedder
-        if is_main_process():
+        if process.is_main_process():
             params = {**to_dict(config.rerank), "query_file": queries.file, "pool_file": pool.file,
                       "seed": config.run.seed, **stats}
             write_pairs(pairs_file, pairs, params)
             logger.info("reranker pairs: %d queries, %d YES, %d NO -> %s",
                         stats["queries"], stats["yes"], stats["no"], pairs_file)
-        _barrier()
+        process.barrier()
     return read_pairs(pairs_file)
 
 
@@ -102,7 +103,7 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     reranker = Reranker.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     dataset = RerankTrainSet(pairs, queries, pool, seed=config.run.seed,
                              use_instruction=config.model.prompt.use_instruction)
-    global_batch = config.train.per_device_batch_size * world_size()
+    global_batch = config.train.per_device_batch_size * process.world_size()
     trainer = RerankTrainer(
         model=reranker, args=args, train_dataset=dataset, data_collator=reranker.collator,
         callbacks=[EpochResampling(dataset), SamplesPerSecondProgress(global_batch)],
@@ -122,10 +123,5 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
                     run_dir.name, trainer.state.global_step, global_batch,
                     metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")))
         atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    _barrier()
+    process.barrier()
     return run_dir
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from umarvel import process
 from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, save_config, to_dict
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
@@ -26,14 +27,6 @@ PROGRESSIVE = ("nli", "cc3m", "mbeir")
 
 def is_done(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / DONE).is_file()
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def build_pairs(config: Config):
@@ -142,7 +135,7 @@ def start_run(config: Config, run_dir: Path, resume: bool) -> Path | None:
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     if checkpoints and not resume:
         raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
-    if is_main_process():
+    if process.is_main_process():
         save_config(config, run_dir)
     set_seed(config.run.seed)
     return checkpoints[-1] if checkpoints else None
@@ -167,7 +160,7 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     args = training_arguments(config, run_dir)
-    global_batch = config.train.per_device_batch_size * world_size()
+    global_batch = config.train.per_device_batch_size * process.world_size()
     trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -195,13 +188,8 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
             metrics["temperature"],
         )
         atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    _barrier()
+    process.barrier()
     return run_dir
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
@@ -249,9 +237,9 @@ def run_progressive(path: str | None, overrides: list[str], *, only: str | None 
 
 
 def describe_global_batch(config: Config) -> str:
-    per_step = config.train.per_device_batch_size * world_size()
+    per_step = config.train.per_device_batch_size * process.world_size()
     return (
-        f"contrastive batch {per_step} = {config.train.per_device_batch_size} per device x {world_size()} devices; "
+        f"contrastive batch {per_step} = {config.train.per_device_batch_size} per device x {process.world_size()} devices; "
         f"gradient accumulation x{config.train.gradient_accumulation_steps} averages "
         f"{config.train.gradient_accumulation_steps} such batches per update (it adds no negatives)"
         + (f"; GradCache chunks of {config.train.loss.gradcache_chunk_size}" if config.train.loss.gradcache_chunk_size else "")
