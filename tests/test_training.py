@@ -122,6 +122,8 @@ def test_tiny_recipe_progressive_then_mine_then_hardneg_through_the_cli(tiny_wor
     stamp = (base / "nli" / "DONE").read_text()
     assert main(["train", "--stage", "progressive", "--config", config, *overrides]) == 0
     assert (base / "nli" / "DONE").read_text() == stamp
+    # ... but a finished sub-stage is never silently reused for another config
+    assert main(["train", "--stage", "nli", "--config", config, *overrides, "--set", "stages.nli.train.learning_rate=1e-3"]) == 2
     assert main(["train", "--stage", "mbeir", "--config", config, "--set", "run.output_dir=runs/other"]) == 2
 
     # Stage 2: mine with the stage-1 model, then continue training with the mined negatives.

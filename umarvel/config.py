@@ -30,6 +30,9 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
+PROGRESSIVE_STAGES = ("nli", "cc3m", "mbeir")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = doc("Attach a LoRA adapter to the language model (False: train nothing but temperature).", True)
@@ -205,6 +208,17 @@ class Config:
         "Progressive sub-stages (nli, cc3m, mbeir) in order, each a partial config over this one.", factory=dict
     )
 
+    def __post_init__(self):
+        for name, partial in self.stages.items():
+            if name not in PROGRESSIVE_STAGES:
+                raise ConfigError(f"stages.{name}: unknown sub-stage; the progressive sub-stages are "
+                                  f"{', '.join(PROGRESSIVE_STAGES)}")
+            if not isinstance(partial, dict):
+                raise ConfigError(f"stages.{name}: expected a mapping (a partial config), got {partial!r}")
+            if "stages" in partial:
+                raise ConfigError(f"stages.{name}.stages: sub-stages cannot have sub-stages")
+            build_config(deep_merge(_without_stages(self), partial), f"stages.{name}")
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -283,6 +297,10 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+def _without_stages(config: "Config") -> dict:
+    return {k: v for k, v in to_dict(config).items() if k != "stages"}
 
 
 def deep_merge(base: dict, update: dict) -> dict:

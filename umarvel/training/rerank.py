@@ -17,9 +17,9 @@ from transformers import Trainer
 
 from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
-from umarvel.io import atomic_write_json, atomic_write_text
 from umarvel import process
-from umarvel.training.stages import DONE, is_done, start_run, training_arguments
+from umarvel.training import runs
+from umarvel.training.stages import training_arguments
 
 logger = logging.getLogger("umarvel")
 PAIRS_FILE = "pairs.jsonl"
@@ -82,7 +82,7 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
     return read_pairs(pairs_file)
 
 
-def train_reranker(config: Config, *, resume: bool = False) -> Path:
+def train_reranker(config: Config, *, resume: bool = False, force: bool = False) -> Path:
     """Run the reranker stage to completion; a finished run directory is left as it is."""
     from transformers.trainer_callback import PrinterCallback
 
@@ -91,12 +91,11 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     from umarvel.training.trainer import EpochResampling, SamplesPerSecondProgress
 
     _check(config)
-    run_dir = Path(config.run.output_dir)
-    if is_done(run_dir):
-        logger.info("%s is finished (DONE); skipping", run_dir)
-        return run_dir
-    latest = start_run(config, run_dir, resume)
-    args = training_arguments(config, run_dir)  # joins a launcher's process group
+    args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    run = runs.start(config, resume=resume, force=force)
+    if run.finished:
+        return run.directory
+    run_dir = run.directory
     queries, pool = training_data(config)
     pairs = _pairs(config, queries, pool, run_dir / PAIRS_FILE, args.device)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
@@ -110,18 +109,16 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
     if trainer.args.should_save:
         trainer.reranker.save_pretrained(run_dir / "model")
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-        yes = sum(pair.answer == "YES" for pair in pairs)
-        metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
-                   "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
-        atomic_write_json(run_dir / "metrics.json", metrics)
+    yes = sum(pair.answer == "YES" for pair in pairs)
+    metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
+               "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
+    if process.is_main_process():
         logger.info("stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f",
                     run_dir.name, trainer.state.global_step, global_batch,
                     metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")))
-        atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    process.barrier()
+    runs.finish(run, metrics, trainer.state.log_history)
     return run_dir

@@ -7,26 +7,19 @@ stage starts from), log_history.json, metrics.json and, written last, DONE.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from umarvel import process
-from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, save_config, to_dict
+from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, to_dict
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
-from umarvel.io import atomic_write_json, atomic_write_text
+from umarvel.training import runs
 
 logger = logging.getLogger("umarvel")
 
-DONE = "DONE"
-PROGRESSIVE = ("nli", "cc3m", "mbeir")
-
-
-def is_done(run_dir: str | os.PathLike) -> bool:
-    return (Path(run_dir) / DONE).is_file()
 
 
 def build_pairs(config: Config):
@@ -125,71 +118,53 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
     )
 
 
-def start_run(config: Config, run_dir: Path, resume: bool) -> Path | None:
-    """Record the config, seed everything; return the checkpoint to resume from, if any.
-
-    An unfinished run is never silently restarted over its checkpoints: it needs --resume.
-    """
-    from transformers import set_seed
-
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if checkpoints and not resume:
-        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
-    if process.is_main_process():
-        save_config(config, run_dir)
-    set_seed(config.run.seed)
-    return checkpoints[-1] if checkpoints else None
-
-
-def train_contrastive(config: Config, *, resume: bool = False, build_trainer=contrastive_trainer) -> Path:
-    """Run one embedder stage to completion; a finished run directory is left as it is.
+def train_contrastive(config: Config, *, resume: bool = False, force: bool = False,
+                      build_trainer=contrastive_trainer, prepare=None) -> Path:
+    """Run one embedder stage to completion (see `umarvel.training.runs` for re-runs).
 
     `build_trainer(config, embedder, args, callbacks)` makes the stage's Trainer (its data and
-    loss); stage 3 passes the distillation one.
+    loss); `prepare(args)` runs once the run has started, before the model loads (stage 3
+    scores its teacher there).
     """
     from transformers.trainer_callback import PrinterCallback
 
     from umarvel.modeling.embedder import Embedder
     from umarvel.training.trainer import SamplesPerSecondProgress
 
-    run_dir = Path(config.run.output_dir)
-    if is_done(run_dir):
-        logger.info("%s is finished (DONE); skipping", run_dir)
-        return run_dir
-    latest = start_run(config, run_dir, resume)
+    args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    run = runs.start(config, resume=resume, force=force)
+    if run.finished:
+        return run.directory
+    if prepare is not None:
+        prepare(args)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
-    args = training_arguments(config, run_dir)
     global_batch = config.train.per_device_batch_size * process.world_size()
     trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
     if trainer.args.should_save:
-        trainer.embedder.save_pretrained(run_dir / "model")
-        trainer.embedder.merge_and_save(run_dir / "merged")
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-        metrics = dict(result.metrics)
-        metrics.update(
-            {
-                "global_batch": global_batch,
-                "steps": trainer.state.global_step,
-                "pairs": len(trainer.train_dataset),
-                "temperature": trainer.embedder.temperature.value,
-                "wall_seconds": seconds,
-            }
-        )
-        atomic_write_json(run_dir / "metrics.json", metrics)
+        trainer.embedder.save_pretrained(run.directory / "model")
+        trainer.embedder.merge_and_save(run.directory / "merged")
+    metrics = {
+        **result.metrics,
+        "global_batch": global_batch,
+        "steps": trainer.state.global_step,
+        "pairs": len(trainer.train_dataset),
+        "temperature": trainer.embedder.temperature.value,
+        "wall_seconds": seconds,
+    }
+    if process.is_main_process():
         logger.info(
             "stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f, temperature %.4f",
-            run_dir.name, trainer.state.global_step, global_batch,
+            run.directory.name, trainer.state.global_step, global_batch,
             metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")),
             metrics["temperature"],
         )
-        atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    process.barrier()
-    return run_dir
+    runs.finish(run, metrics, trainer.state.log_history)
+    return run.directory
 
 
 def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
@@ -200,6 +175,7 @@ def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
     and CC3M: merge, then attach a fresh adapter).
     """
     raw = read_raw(path, overrides)
+    build_config(raw, str(path))  # every sub-stage name and key, checked before any work
     stages = raw.pop("stages", None) or {}
     if not stages:
         raise ConfigError(f"{path}: no `stages:` section; a progressive config lists nli, cc3m and mbeir")
@@ -217,7 +193,8 @@ def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
     return configs
 
 
-def run_progressive(path: str | None, overrides: list[str], *, only: str | None = None, resume: bool = False) -> list[Path]:
+def run_progressive(path: str | None, overrides: list[str], *, only: str | None = None, resume: bool = False,
+                    force: bool = False) -> list[Path]:
     """NLI -> CC3M -> M-BEIR, each from the previous one's weights; finished sub-stages are skipped."""
     configs = stage_configs(path, overrides)
     names = list(configs)
@@ -227,12 +204,12 @@ def run_progressive(path: str | None, overrides: list[str], *, only: str | None 
     for index, name in enumerate(names):
         if only is not None and name != only:
             continue
-        if index > 0 and not is_done(configs[names[index - 1]].run.output_dir):
+        if index > 0 and not runs.is_done(configs[names[index - 1]].run.output_dir):
             raise UmarvelError(
                 f"sub-stage {name} starts from {names[index - 1]}, which is not finished "
                 f"({configs[names[index - 1]].run.output_dir} has no DONE)"
             )
-        done.append(train_contrastive(configs[name], resume=resume))
+        done.append(train_contrastive(configs[name], resume=resume, force=force))
     return done
 
 
