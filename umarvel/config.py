@@ -118,6 +118,10 @@ class TrainConfig:
     warmup_ratio: float = doc("Fraction of updates with linear warm-up.", 0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = doc("LR schedule.", "linear")
     weight_decay: float = doc("AdamW weight decay (never on biases, norms or the temperature).", 0.0)
+    temperature_learning_rate: float = doc(
+        "Learning rate of the learnable temperature's own optimizer group (tau itself is the parameter); "
+        "0 = train.learning_rate, as in the reference code, with which the paper's 0.05 -> 0.0206 is reached.", 0.0
+    )
     max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("Mixed precision; auto = bf16 on CUDA, fp32 on CPU.", "auto")
     deepspeed: str = doc("DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); empty = none.", "")

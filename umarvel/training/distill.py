@@ -68,6 +68,7 @@ def distillation_trainer(config: Config, embedder, args, callbacks: list, *, que
         loss_config=config.train.loss,
         image_start_id=image_start_id(embedder),
         teacher_temperature=config.distill.teacher_temperature,
+        temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(samples), *callbacks],
     )
 

@@ -13,20 +13,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
 
 from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
 from umarvel import process
 from umarvel.training import runs
+from umarvel.training.telemetry import TelemetryTrainer
 from umarvel.training.stages import training_arguments
 
 logger = logging.getLogger("umarvel")
 PAIRS_FILE = "pairs.jsonl"
 
 
-class RerankTrainer(Trainer):
-    """The stock Trainer; its checkpoints are loadable reranker directories (adapter only)."""
+class RerankTrainer(TelemetryTrainer):
+    """The stock Trainer's loss and loop; its checkpoints are loadable reranker directories (adapter only)."""
 
     @property
     def reranker(self):
@@ -84,11 +84,9 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
 
 def train_reranker(config: Config, *, resume: bool = False, force: bool = False) -> Path:
     """Run the reranker stage to completion; a finished run directory is left as it is."""
-    from transformers.trainer_callback import PrinterCallback
-
     from umarvel.data.rerank import RerankTrainSet
     from umarvel.modeling.reranker import Reranker
-    from umarvel.training.trainer import EpochResampling, SamplesPerSecondProgress
+    from umarvel.training.trainer import EpochResampling
 
     _check(config)
     args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
@@ -105,9 +103,8 @@ def train_reranker(config: Config, *, resume: bool = False, force: bool = False)
     global_batch = config.train.per_device_batch_size * process.world_size()
     trainer = RerankTrainer(
         model=reranker, args=args, train_dataset=dataset, data_collator=reranker.collator,
-        callbacks=[EpochResampling(dataset), SamplesPerSecondProgress(global_batch)],
+        callbacks=[EpochResampling(dataset)],
     )
-    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started

@@ -114,6 +114,7 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
         data_collator=PairCollator(embedder.collator, num_negatives=config.data.num_negatives),
         loss_config=config.train.loss,
         image_start_id=image_start_id(embedder),
+        temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(pairs), *callbacks],
     )
 
@@ -126,10 +127,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
     loss); `prepare(args)` runs once the run has started, before the model loads (stage 3
     scores its teacher there).
     """
-    from transformers.trainer_callback import PrinterCallback
-
     from umarvel.modeling.embedder import Embedder
-    from umarvel.training.trainer import SamplesPerSecondProgress
 
     args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
     run = runs.start(config, resume=resume, force=force)
@@ -140,8 +138,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     global_batch = config.train.per_device_batch_size * process.world_size()
-    trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
-    trainer.remove_callback(PrinterCallback)
+    trainer = build_trainer(config, embedder, args, [])
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
