@@ -92,6 +92,15 @@ class DataConfig:
     pool: str = doc("M-BEIR candidate pool relative to the root; empty = the union train pool.", "")
     hard_negatives: str = doc("Mined hard-negative file (stage 2); empty = none.", "")
     num_negatives: int = doc("Extra negatives per query: mined ones for M-BEIR, NLI hard_neg when > 0.", 0)
+    negative_selection: Literal["top", "sample"] = doc(
+        "Mined negatives a query trains with: its top num_negatives by score (paper), or a seeded draw among its "
+        "top negative_sample_depth.", "top"
+    )
+    negative_sample_depth: int = doc("With negative_selection=sample: draw among this many top-scored negatives.", 0)
+    negative_top_up: bool = doc(
+        "Fill a query that has fewer than num_negatives mined negatives with random pool candidates (counted in "
+        "metrics.json); off: such queries stop the stage at start, or are dropped with on_error=skip.", False
+    )
     on_error: Literal["raise", "skip"] = doc("Bad rows: stop with a clear error, or skip, count and report.", "raise")
     max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0)
     num_workers: int = doc("DataLoader worker processes.", 0)

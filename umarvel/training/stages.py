@@ -25,7 +25,7 @@ logger = logging.getLogger("umarvel")
 def build_pairs(config: Config):
     """The training pairs of a stage's data section."""
     from umarvel.data import sources
-    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
     data = config.data
@@ -50,9 +50,12 @@ def build_pairs(config: Config):
             seed=config.run.seed,
             use_instruction=config.model.prompt.use_instruction,
             hard_negatives=mined,
-            num_negatives=data.num_negatives,
+            negatives=NegativeSelection(data.num_negatives, data.negative_selection, data.negative_sample_depth,
+                                        data.negative_top_up),
             on_error=data.on_error,
         )
+    if getattr(pairs, "negative_stats", None):
+        logger.info("mined negatives: %s", ", ".join(f"{k} {v}" for k, v in pairs.negative_stats.items()))
     if data.max_samples and data.max_samples < len(pairs):
         pairs = torch.utils.data.Subset(pairs, range(data.max_samples))
     return pairs
@@ -152,6 +155,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
         "pairs": len(trainer.train_dataset),
         "temperature": trainer.embedder.temperature.value,
         "wall_seconds": seconds,
+        **_negative_stats(trainer.train_dataset),
     }
     if process.is_main_process():
         logger.info(
@@ -162,6 +166,13 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
         )
     runs.finish(run, metrics, trainer.state.log_history)
     return run.directory
+
+
+def _negative_stats(pairs) -> dict:
+    """What the mined-negative selection did (stage 2), for metrics.json."""
+    pairs = getattr(pairs, "dataset", pairs)  # through a max_samples Subset
+    stats = getattr(pairs, "negative_stats", None)
+    return {"negatives": stats} if stats else {}
 
 
 def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
