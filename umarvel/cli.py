@@ -76,8 +76,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from umarvel.training.registry import run_stage
 
     _setup_logging()
+    from umarvel import process
+
     for run_dir in run_stage(args.stage, args.config, args.overrides, resume=args.resume, force=args.force):
-        print(f"finished: {run_dir}")
+        if process.is_main_process():
+            print(f"finished: {run_dir}")
     return 0
 
 
