@@ -30,7 +30,6 @@ from umarvel.retrieval.teacher import (
 )
 from umarvel.training.distill import DistillationTrainer, check_distill_config
 from umarvel.training.rerank import training_data
-from umarvel.training.stages import image_start_id
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = [[2.0, 0.5, -1.0, 0.0], [0.1, 0.9, 0.3, 0.2], [-0.5, 0.0, 1.5, 3.0]]
@@ -72,7 +71,7 @@ def _examples() -> list[dict]:
 def _trainer(embedder, tmp_path, teacher_temperature: float) -> DistillationTrainer:
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to="none",
                              per_device_train_batch_size=3)
-    return DistillationTrainer(model=embedder, args=args, loss_config=LossConfig(), image_start_id=image_start_id(embedder),
+    return DistillationTrainer(model=embedder, args=args, loss_config=LossConfig(),
                                teacher_temperature=teacher_temperature)
 
 

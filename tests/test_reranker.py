@@ -19,7 +19,7 @@ from umarvel.cli import main
 from umarvel.config import EvalConfig, PromptConfig, load_config
 from umarvel.data.collator import load_image
 from umarvel.data.mbeir import MBEIR
-from umarvel.data.prompts import IMAGE_PLACEHOLDER, RERANK_QUESTION, render_pair
+from umarvel.data.prompts import RERANK_QUESTION, render_pair
 from umarvel.data.rerank import IGNORED_LABEL
 from umarvel.errors import UmarvelError
 from umarvel.evaluation.mbeir import selected_rows
@@ -56,8 +56,8 @@ def reranker(tiny_model_dir):
 def _single_pair_inputs(reranker, query, candidate):
     """The processor's inputs for one pair alone: no padding, no collator."""
     prompt = reranker.settings.prompt
-    rendered = render_pair(query, candidate, prompt, reranker.processor.tokenizer)
-    images = [load_image(image, prompt.min_pixels, prompt.max_pixels) for image in rendered.images]
+    rendered = render_pair(query, candidate, prompt, reranker.family.chat, reranker.processor.tokenizer)
+    images = [load_image(image, prompt, reranker.family) for image in rendered.images]
     return reranker.processor(text=[rendered.text], images=images or None, return_tensors="pt",
                               return_mm_token_type_ids=True)
 
@@ -66,13 +66,13 @@ def test_pair_prompt_holds_query_then_candidate_and_cuts_each_text_to_the_budget
     tokenizer = reranker.processor.tokenizer
     long = "the quick brown fox jumps over the lazy dog " * 20
     out = render_pair({"image": "q.png", "text": long, "instruction": "Find it."}, {"image": "c.png", "text": long},
-                      PromptConfig(system_prompt="", max_text_tokens=12), tokenizer)
+                      PromptConfig(system_prompt="", max_text_tokens=12), reranker.family.chat, tokenizer)
     assert out.images == ["q.png", "c.png"]
     user, query_line, candidate_line, question = out.text.split("\n")[:4]
     assert user == "<|im_start|>user" and question == f"{RERANK_QUESTION}<|im_end|>"
     assert out.text.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    query_text = query_line.removeprefix(f"Query: {IMAGE_PLACEHOLDER}")
-    candidate_text = candidate_line.removeprefix(f"Candidate: {IMAGE_PLACEHOLDER}")
+    query_text = query_line.removeprefix(f"Query: {reranker.family.chat.image}")
+    candidate_text = candidate_line.removeprefix(f"Candidate: {reranker.family.chat.image}")
     assert query_text.startswith("Find it. the quick") and candidate_text.startswith("the quick")
 
     def tokens(text: str) -> int:

@@ -6,7 +6,8 @@ import hashlib
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from umarvel.tiny import SPECIAL_TOKENS, build_tiny_model
+from umarvel.backbones._qwen_vl import SPECIAL_TOKENS
+from umarvel.tiny import build_tiny_model
 
 
 def digest(directory):

@@ -13,7 +13,7 @@ from conftest import draw_image
 from umarvel import Embedder
 from umarvel.cli import main
 from umarvel.config import load_config
-from umarvel.data.collator import PairCollator, id_tensor, split_batch
+from umarvel.data.collator import PairCollator, id_tensor
 from umarvel.errors import DataError
 from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
@@ -56,7 +56,7 @@ def test_split_batch_embeds_like_the_whole_batch(embedder):
     items = [example(i)["positive"] for i in range(3)] + [example(i, with_image=False)["positive"] for i in range(2)]
     items.insert(1, {"text": "a long caption " * 6, "image": draw_image("blue", size=120)})
     batch = embedder.collate(items)
-    start = embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    split_batch, start = embedder.family.split_batch, embedder.family.vision_start_id(embedder.processor.tokenizer)
     embedder.eval()
     with torch.no_grad():
         whole = embedder.embed_batch(batch)
@@ -69,7 +69,7 @@ def test_split_batch_embeds_like_the_whole_batch(embedder):
 
 def _gradients(embedder, batch, chunk_size):
     embedder.zero_grad(set_to_none=True)
-    start = embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    split_batch, start = embedder.family.split_batch, embedder.family.vision_start_id(embedder.processor.tokenizer)
     ids = CandidateIds(**batch["ids"])
     torch.manual_seed(7)
     out = embed_and_compute_loss(

@@ -1,6 +1,6 @@
-"""Load a Qwen2-VL-family backbone and its processor from a local directory.
+"""Load a backbone of a supported family (umarvel/backbones) and its processor from a local directory.
 
-Embedding models use the bare `Qwen2VLModel`-style class (no lm_head: an unused head breaks
+Embedding models use the family's bare model class (no lm_head: an unused head breaks
 DDP/ZeRO); the reranker asks for the LM head. Attention mode is switched on the loaded model.
 """
 from __future__ import annotations
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
+from umarvel import backbones
 from umarvel.errors import UmarvelError
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,8 +47,8 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
-def check_backbone_dir(path: str | Path) -> str:
-    """Return the model type of a local Qwen2-VL-family directory, or raise a clear error."""
+def check_backbone_dir(path: str | Path) -> backbones.Family:
+    """Return the family of a local model directory, or raise a clear error."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -58,10 +57,7 @@ def check_backbone_dir(path: str | Path) -> str:
             f"backbone {path} is not a model directory (no config.json); give a local path, "
             "e.g. checkpoints/Qwen2-VL-7B-Instruct or one made by `umarvel make-tiny-model`"
         )
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UmarvelError(f"backbone {path} is a {model_type!r} model; umarvel supports {SUPPORTED_MODEL_TYPES}")
-    return model_type
+    return backbones.for_model_type(AutoConfig.from_pretrained(path).model_type, where=f"backbone {path}")
 
 
 def load_backbone(
@@ -73,10 +69,7 @@ def load_backbone(
     with_lm_head: bool = False,
 ):
     """Load the bare multimodal model (or, with_lm_head, the generative one) in `attention` mode."""
-    from transformers import AutoModel, AutoModelForImageTextToText
-
-    check_backbone_dir(path)
-    loader = AutoModelForImageTextToText if with_lm_head else AutoModel
+    loader = check_backbone_dir(path).model_classes(with_lm_head)
     with quiet_transformers():
         model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     set_attention_mode(model, attention)
@@ -85,30 +78,22 @@ def load_backbone(
 
 def language_model(model) -> torch.nn.Module:
     """The text decoder inside a (possibly PEFT-wrapped, possibly LM-headed) backbone."""
+    attribute = backbones.of(model).language_model
     for name, module in model.named_modules():
-        if name.endswith("language_model") and hasattr(module, "layers"):
+        if name.split(".")[-1] == attribute and hasattr(module, "layers"):
             return module
     raise UmarvelError(f"no language_model found in {type(model).__name__}")
 
 
 def set_attention_mode(model, attention: str) -> None:
-    """Make the language model causal or bidirectional, for every kernel and batch shape.
-
-    The config flag makes the mask builder emit a bidirectional (padding-only) mask; the
-    per-module flag is what kernels driven by an `is_causal` switch (flash-attention, SDPA when
-    no mask is materialised) read, so both are set and no backend or batch shape runs causal.
-    """
+    """Make the language model causal or bidirectional, the family's way (see its `set_causal`)."""
     if attention not in ("causal", "bidirectional"):
         raise UmarvelError(f"attention must be 'causal' or 'bidirectional', got {attention!r}")
     causal = attention == "causal"
-    decoder = language_model(model)
-    decoder.config.is_causal = causal
+    backbones.of(model).set_causal(language_model(model), causal)
     text_config = getattr(model.config, "text_config", None)
     if text_config is not None:
         text_config.is_causal = causal
-    for module in decoder.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = causal
 
 
 def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):

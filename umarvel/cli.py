@@ -160,7 +160,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from umarvel.demo import run_demo
 
     _setup_logging()
-    run_demo(args.out, size=args.size, seed=args.seed)
+    run_demo(args.out, size=args.size, seed=args.seed, family=args.family)
     return 0
 
 
@@ -170,6 +170,7 @@ def _setup_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from umarvel import backbones
     from umarvel.training.registry import STAGES
 
     parser = argparse.ArgumentParser(
@@ -181,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    p = verbs.add_parser("make-tiny-model", help="build a tiny random Qwen2-VL for tests and the demo")
+    p = verbs.add_parser("make-tiny-model", help="build a tiny random backbone for tests and the demo")
     p.add_argument("--out", required=True, help="directory to write the model, tokenizer and processor")
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
-    p.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl")
+    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT, help="backbone family")
     p.set_defaults(func=_cmd_make_tiny_model)
 
     p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="synthetic benchmark size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT, help="backbone family")
     p.set_defaults(func=_cmd_demo)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")

@@ -60,13 +60,15 @@ class PromptConfig:
     )
     system_prompt: str = doc("System message of the chat template; empty = no system turn.", "You are a helpful assistant.")
     max_text_tokens: int = doc("Token budget for an item's text (instruction + text); image tokens never cut.", 480)
-    min_pixels: int = doc("Smallest image area in pixels after resizing (multiple of 28*28).", 4 * 28 * 28)
-    max_pixels: int = doc("Largest image area in pixels after resizing (multiple of 28*28).", 300 * 28 * 28)
+    min_pixels: int = doc("Smallest image area in pixels after resizing, in squares of the backbone family's pixel "
+                          "unit (umarvel/backbones); 0 = the family's default.", 0)
+    max_pixels: int = doc("Largest image area in pixels after resizing, in squares of the family's pixel unit; "
+                          "0 = the family's default.", 0)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = doc("Path to a Qwen2-VL / Qwen2.5-VL model directory (never a hub id).", "")
+    backbone: str = doc("Path to a model directory of a supported family, umarvel/backbones (never a hub id).", "")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.", "auto"
     )

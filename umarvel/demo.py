@@ -1,9 +1,10 @@
 """`umarvel demo`: the whole U-MARVEL recipe end to end on CPU, tiny model, synthetic benchmark.
 
-It lays out a working directory the way configs/tiny/*.yaml expect (checkpoints/tiny-qwen2vl,
-data/synthetic, runs/tiny/...) and runs every stage through the same CLI a user runs, so the
-demo exercises exactly the shipped commands and configs. Finished steps are skipped on a
-re-run. Evaluations use the synthetic TEST split, which no training step sees.
+It lays out a working directory the way configs/tiny/*.yaml expect (data/synthetic,
+runs/tiny/...) with a tiny model of the chosen backbone family at checkpoints/tiny-<family>,
+and runs every stage through the same CLI a user runs (the stages that start from a backbone
+get `--set model.backbone=`), so the demo exercises exactly the shipped commands and configs.
+Finished steps are skipped on a re-run. Evaluations use the synthetic TEST split, which no training step sees.
 """
 from __future__ import annotations
 
@@ -14,19 +15,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from umarvel import backbones
 from umarvel.errors import UmarvelError
 from umarvel.evaluation.significance import load_hits
 from umarvel.evaluation.stage_report import StageResult, load_losses, load_results, summary_table, write_stage_report
 
 logger = logging.getLogger("umarvel")
-MODEL = "checkpoints/tiny-qwen2vl"
 DATA = "data/synthetic"
 MBEIR = f"{DATA}/M-BEIR"
 RUNS = Path("runs/tiny")
 RERANK_TOP_K = 10
-# (label, model directory to evaluate, the stage it continued from, its training run directory)
+# (label, model directory to evaluate (None: the tiny backbone), the stage it continued from,
+#  its training run directory)
 EVALUATED = [
-    ("untrained", MODEL, None, None),
+    ("untrained", None, None, None),
     ("nli", RUNS / "progressive/nli", "untrained", RUNS / "progressive/nli"),
     ("cc3m", RUNS / "progressive/cc3m", "nli", RUNS / "progressive/cc3m"),
     ("mbeir (progressive)", RUNS / "progressive/mbeir", "cc3m", RUNS / "progressive/mbeir"),
@@ -66,7 +68,12 @@ def _eval_argv(model: str | Path, out: Path, configs: Path, pool: str = "both") 
             "--config", configs / "base.yaml", "--set", "eval.cache_dir=cache"]
 
 
-def demo_steps(configs: Path, size: str, seed: int) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
+def tiny_model_dir(family: str) -> str:
+    return f"checkpoints/tiny-{backbones.get(family).name}"
+
+
+def demo_steps(configs: Path, size: str, seed: int,
+               family: str = backbones.DEFAULT) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
     """(description, is finished?, run) for every step, in order."""
     from umarvel.data.synthetic import write_synthetic
     from umarvel.tiny import build_tiny_model
@@ -74,26 +81,30 @@ def demo_steps(configs: Path, size: str, seed: int) -> list[tuple[str, Callable[
     def done(path: Path | str) -> Callable[[], bool]:
         return lambda: Path(path).exists()
 
+    model = tiny_model_dir(family)
+    backbone = ["--set", f"model.backbone={model}"]
     steps = [
-        ("build the tiny Qwen2-VL", done(f"{MODEL}/config.json"), lambda: build_tiny_model(MODEL, seed=seed)),
+        (f"build the tiny {family}", done(f"{model}/config.json"),
+         lambda: build_tiny_model(model, seed=seed, family=family)),
         (f"write the synthetic benchmark ({size})", done(f"{MBEIR}/instructions/query_instructions.tsv"),
          lambda: write_synthetic(DATA, seed=seed, size=size)),
         ("stage 1: progressive NLI -> CC3M -> M-BEIR", done(RUNS / "progressive/mbeir/DONE"),
-         lambda: _cli(["train", "--stage", "progressive", "--config", configs / "progressive.yaml"])),
+         lambda: _cli(["train", "--stage", "progressive", "--config", configs / "progressive.yaml", *backbone])),
         ("stage 2a: mine filtered hard negatives", done(RUNS / "hardneg.jsonl"),
          lambda: _cli(["mine-negatives", "--model", RUNS / "progressive/mbeir", "--data", MBEIR,
                        "--out", RUNS / "hardneg.jsonl", "--config", configs / "mine.yaml", "--set", "eval.cache_dir=cache"])),
         ("stage 2b: continual training with hard negatives", done(RUNS / "hardneg/DONE"),
          lambda: _cli(["train", "--stage", "hardneg", "--config", configs / "hardneg.yaml"])),
         ("stage 3a: YES/NO reranker", done(RUNS / "reranker/DONE"),
-         lambda: _cli(["train", "--stage", "reranker", "--config", configs / "reranker.yaml"])),
+         lambda: _cli(["train", "--stage", "reranker", "--config", configs / "reranker.yaml", *backbone])),
         ("stage 3b: distil recall + rerank into the embedder", done(RUNS / "distill/DONE"),
          lambda: _cli(["distill", "--config", configs / "distill.yaml"])),
     ]
-    for label, model, _, _ in EVALUATED:
+    for label, evaluated, _, _ in EVALUATED:
         out = RUNS / "eval" / label.split(" ")[0]
+        evaluated = evaluated or model
         steps.append((f"evaluate {label} (local + global)", done(out / "global" / "results.json"),
-                      lambda model=model, out=out: _cli(_eval_argv(model, out, configs))))
+                      lambda evaluated=evaluated, out=out: _cli(_eval_argv(evaluated, out, configs))))
     plus = RUNS / "eval" / "distill+rerank"
     steps.append(("evaluate U-MARVEL+ (distill + reranker, local pool, alpha chosen on val)", done(plus / "results.json"),
                   lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
@@ -116,14 +127,14 @@ def collect(runs: Path, mbeir_root: str | Path = MBEIR) -> list[StageResult]:
     return stages
 
 
-def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0) -> Path:
+def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0, family: str = backbones.DEFAULT) -> Path:
     """Run (or finish) the demo in `out`; print the stage table; return the report path."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     configs = tiny_configs()
     started = time.perf_counter()
     with working_directory(out):
-        steps = demo_steps(configs, size, seed)
+        steps = demo_steps(configs, size, seed, family)
         for number, (description, finished, run) in enumerate(steps, start=1):
             if finished():
                 print(f"[{number}/{len(steps)}] {description}: done already, skipped", flush=True)
@@ -134,7 +145,7 @@ def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0) -> P
             print(f"[{number}/{len(steps)}] {description}: {time.perf_counter() - step_started:.0f} s", flush=True)
         stages = collect(RUNS)
         notes = [
-            f"Tiny random Qwen2-VL, synthetic M-BEIR-shaped benchmark (size {size}, seed {seed}); "
+            f"Tiny random {family}, synthetic M-BEIR-shaped benchmark (size {size}, seed {seed}); "
             "recall on the synthetic TEST split, which no training step sees.",
             "Absolute numbers say nothing about the 7B recipe; the comparison between stages is the point.",
             f"Total wall time of this run: {time.perf_counter() - started:.0f} s.",

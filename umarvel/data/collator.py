@@ -6,13 +6,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.prompts import render
 from umarvel.errors import DataError
 
 
-def load_image(image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Open (if a path) and resize an image into the configured pixel bounds, as Qwen2-VL expects."""
+def load_image(image, prompt: PromptConfig, family: Family) -> Image.Image:
+    """Open (if a path) and resize an image into the prompt's pixel bounds, in whole visual
+    tokens of the family's `pixel_unit`, as its processor expects."""
     from qwen_vl_utils import fetch_image
 
     if isinstance(image, (str, Path)):
@@ -22,7 +24,10 @@ def load_image(image, min_pixels: int, max_pixels: int) -> Image.Image:
                 image = opened.convert("RGB")
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image: {err}", file=str(path)) from None
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    min_pixels, max_pixels = family.pixel_bounds(prompt)
+    # qwen_vl_utils rounds sides to image_patch_size x its 2x2 merge: the family's pixel unit
+    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                       image_patch_size=family.patch_size)
 
 
 def instruction_token_mask(offsets: torch.Tensor, attention_mask: torch.Tensor, spans: list) -> torch.Tensor:
@@ -49,15 +54,16 @@ class Collator:
     Picklable and free of CUDA state, so it runs inside DataLoader workers.
     """
 
-    def __init__(self, processor, prompt: PromptConfig, mask_instruction: bool = True):
+    def __init__(self, processor, prompt: PromptConfig, family: Family, mask_instruction: bool = True):
         self.processor = processor
         self.prompt = prompt
+        self.family = family
         self.mask_instruction = mask_instruction
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        rendered = [render(item, self.prompt, self.processor.tokenizer) for item in items]
+        rendered = [render(item, self.prompt, self.family.chat, self.processor.tokenizer) for item in items]
         images = [
-            load_image(image, self.prompt.min_pixels, self.prompt.max_pixels)
+            load_image(image, self.prompt, self.family)
             for r in rendered
             for image in r.images
         ]
@@ -155,34 +161,3 @@ class DistillCollator:
             "teacher_scores": torch.tensor([e["teacher_scores"] for e in examples], dtype=torch.float32),
         }
 
-
-def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id: int) -> list[dict[str, torch.Tensor]]:
-    """Split a collated batch into chunks of `chunk_size` items, for GradCache.
-
-    Rows split by index; images follow their rows (a row holds as many images as
-    <|vision_start|> tokens, in order) and each image owns prod(grid_thw) patch rows of
-    `pixel_values`. Trailing padding columns no row of the chunk uses are dropped.
-    """
-    rows = batch["input_ids"].shape[0]
-    images_per_row = (batch["input_ids"] == image_start_id).sum(dim=1).tolist()
-    grid = batch.get("image_grid_thw")
-    patches = grid.prod(dim=1).tolist() if grid is not None else []
-    chunks = []
-    image_index = patch_index = 0
-    for start in range(0, rows, chunk_size):
-        stop = min(start + chunk_size, rows)
-        width = int(batch["attention_mask"][start:stop].sum(dim=1).max())
-        chunk = {
-            key: value[start:stop, :width]
-            for key, value in batch.items()
-            if key in ("input_ids", "attention_mask", "pool_mask", "mm_token_type_ids")
-        }
-        n_images = sum(images_per_row[start:stop])
-        if n_images:
-            n_patches = sum(patches[image_index : image_index + n_images])
-            chunk["image_grid_thw"] = grid[image_index : image_index + n_images]
-            chunk["pixel_values"] = batch["pixel_values"][patch_index : patch_index + n_patches]
-            image_index += n_images
-            patch_index += n_patches
-        chunks.append(chunk)
-    return chunks

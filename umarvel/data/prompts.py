@@ -1,7 +1,8 @@
 """The one place an item becomes model input text.
 
 An item is a dict with any of `text`, `image` (path or PIL image) and an optional
-`instruction`. It is laid out in the Qwen2-VL chat format:
+`instruction`. It is laid out in the backbone family's chat format (`Chat` in
+umarvel/backbones); for the Qwen-VL families:
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n
     [<|vision_start|><|image_pad|><|vision_end|>]{instruction} {text}
@@ -20,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from umarvel.backbones import Chat
 from umarvel.config import PromptConfig
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 COMPRESSION = {
     "image": "Summarize above image in one word:",
     "text": "Summarize above sentence in one word:",
@@ -79,24 +80,27 @@ def _instruction_and_text(item: dict, config: PromptConfig, tokenizer) -> tuple[
     return instruction, text
 
 
-def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
-    """Lay out `item` as chat text; with a tokenizer, keep instruction + text within budget."""
+def _system(config: PromptConfig, chat: Chat) -> str:
+    return chat.system.format(system=config.system_prompt) if config.system_prompt else ""
+
+
+def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None) -> RenderedItem:
+    """Lay out `item` as `chat` text; with a tokenizer, keep instruction + text within budget."""
     kind = modality(item)
     instruction, text = _instruction_and_text(item, config, tokenizer)
 
-    prefix = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt else ""
-    prefix += "<|im_start|>user\n"
+    prefix = _system(config, chat) + chat.user
     images = []
     if item.get("image") is not None:
-        prefix += IMAGE_PLACEHOLDER
+        prefix += chat.image
         images.append(item["image"])
     body = " ".join(part for part in (instruction, text) if part)
     suffix = ""
     if config.compression_prompt:
         suffix = f"\n{COMPRESSION[kind]}"
-    suffix += "<|im_end|>"
+    suffix += chat.end
     if config.compression_prompt:
-        suffix += "\n<|im_start|>assistant\n"
+        suffix += chat.assistant
 
     full = prefix + body + suffix
     span = None
@@ -111,7 +115,7 @@ def render(item: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
 RERANK_QUESTION = "Does the candidate match the query? Answer YES or NO."
 
 
-def render_pair(query: dict, candidate: dict, config: PromptConfig, tokenizer=None) -> RenderedItem:
+def render_pair(query: dict, candidate: dict, config: PromptConfig, chat: Chat, tokenizer=None) -> RenderedItem:
     """One (query, candidate) pair as the reranker's chat turn, ending in the assistant prompt:
 
         [<|im_start|>system\n{system}<|im_end|>\n]<|im_start|>user\n
@@ -129,9 +133,8 @@ def render_pair(query: dict, candidate: dict, config: PromptConfig, tokenizer=No
         instruction, text = _instruction_and_text(item, config, tokenizer)
         placeholder = ""
         if item.get("image") is not None:
-            placeholder = IMAGE_PLACEHOLDER
+            placeholder = chat.image
             images.append(item["image"])
         sides.append(f"{label}: {placeholder}" + " ".join(part for part in (instruction, text) if part))
-    system = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt else ""
-    text = f"{system}<|im_start|>user\n" + "\n".join(sides) + f"\n{RERANK_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    text = _system(config, chat) + chat.user + "\n".join(sides) + f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}"
     return RenderedItem(text=text, images=images)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.collator import load_image
 from umarvel.data.mbeir import CandidatePool, Queries, sample_rng
@@ -109,15 +110,15 @@ class RerankCollator:
     answer alone. Rows are right-padded, so the appended token goes at each row's own length.
     """
 
-    def __init__(self, processor, prompt: PromptConfig, answer_ids: dict[str, int]):
+    def __init__(self, processor, prompt: PromptConfig, family: Family, answer_ids: dict[str, int]):
         if processor.tokenizer.padding_side != "right":
             raise UmarvelError("the reranker collator needs a right-padding tokenizer (see backbone.load_processor)")
-        self.processor, self.prompt, self.answer_ids = processor, prompt, answer_ids
+        self.processor, self.prompt, self.family, self.answer_ids = processor, prompt, family, answer_ids
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
-        rendered = [render_pair(e["query"], e["candidate"], self.prompt, tokenizer) for e in examples]
-        images = [load_image(image, self.prompt.min_pixels, self.prompt.max_pixels) for r in rendered for image in r.images]
+        rendered = [render_pair(e["query"], e["candidate"], self.prompt, self.family.chat, tokenizer) for e in examples]
+        images = [load_image(image, self.prompt, self.family) for r in rendered for image in r.images]
         batch = dict(self.processor(
             text=[r.text for r in rendered], images=images or None, padding=True, return_tensors="pt",
             return_mm_token_type_ids=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from umarvel import backbones
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
 from umarvel.config import ConfigError, ModelConfig
 
@@ -59,7 +60,7 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     elif trainable and config.lora.enabled:
         with quiet_transformers():
             backbone = attach_lora(backbone, config)
-    processor = load_processor(backbone_dir, config.prompt.min_pixels, config.prompt.max_pixels)
+    processor = load_processor(backbone_dir, *backbones.of(backbone).pixel_bounds(config.prompt))
     config.backbone = str(backbone_dir.resolve())
     return backbone, processor, device
 
@@ -74,6 +75,10 @@ class AdaptedBackbone(nn.Module):
     @property
     def config(self):
         return self.backbone.config
+
+    @property
+    def family(self) -> backbones.Family:
+        return backbones.of(self.backbone)
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,4 @@
-"""The U-MARVEL embedder: Qwen2-VL backbone + LoRA + pooling + L2 normalisation + temperature.
+"""The U-MARVEL embedder: a backbone of a supported family + LoRA + pooling + L2 normalisation + temperature.
 
 A saved embedder directory holds `embedder_config.json` (the model section of the config),
 `temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone
@@ -27,7 +27,6 @@ from umarvel.modeling.temperature import Temperature
 EMBEDDER_CONFIG = "embedder_config.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 FORMAT_VERSION = 1
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 class Embedder(AdaptedBackbone):
@@ -40,7 +39,7 @@ class Embedder(AdaptedBackbone):
         self.settings = config
         t = config.temperature
         self.temperature = Temperature(t.init, t.learnable, t.min, t.max)
-        self.collator = Collator(processor, config.prompt, mask_instruction=config.mask_instruction)
+        self.collator = Collator(processor, config.prompt, self.family, mask_instruction=config.mask_instruction)
         if config.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -52,7 +51,7 @@ class Embedder(AdaptedBackbone):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Embedder":
-        """Load a saved embedder (adapter or merged) or wrap a plain Qwen2-VL directory.
+        """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
         lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
@@ -102,7 +101,7 @@ class Embedder(AdaptedBackbone):
     # ----- forward and encode -----------------------------------------------------------
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
         """Unit-norm float32 embeddings of a collated batch."""
-        inputs = {k: v for k, v in multimodal.items() if k in MODEL_INPUTS and v is not None}
+        inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)

@@ -1,4 +1,4 @@
-"""The U-MARVEL reranker: a generative Qwen2-VL (LM head, LoRA, frozen vision tower) that reads
+"""The U-MARVEL reranker: a generative backbone (LM head, LoRA, frozen vision tower) that reads
 a query and ONE candidate and answers YES or NO; its score is P(YES) (paper 3.3).
 
 P(YES) is normalised over the two answers only: the softmax of the YES and NO logits of the
@@ -67,14 +67,14 @@ class Reranker(AdaptedBackbone):
         self.backbone, self.processor, self.settings = backbone, processor, config
         self.source: Path | None = None  # the directory from_pretrained read, for reports
         self.answer_ids = answer_token_ids(processor.tokenizer)
-        self.collator = RerankCollator(processor, config.prompt, self.answer_ids)
+        self.collator = RerankCollator(processor, config.prompt, self.family, self.answer_ids)
         if config.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Reranker":
-        """Load a saved reranker, or wrap a plain Qwen2-VL directory (a new adapter if trainable).
+        """Load a saved reranker, or wrap a plain backbone directory (a new adapter if trainable).
 
         `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
         its own LoRA settings win.
@@ -102,8 +102,7 @@ class Reranker(AdaptedBackbone):
         return cls(backbone, processor, config).to(device)
 
     # ----- forward and scoring ------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None) -> RerankOutput:
+    def forward(self, input_ids, attention_mask, labels=None, **multimodal) -> RerankOutput:
         """Logits of the token after each row's prompt; with `labels` (one labelled token per row,
         as RerankCollator makes them) the logits that predict it, and their cross-entropy."""
         if labels is None:
@@ -115,11 +114,8 @@ class Reranker(AdaptedBackbone):
                 raise UmarvelError("reranker labels must mark exactly one answer token per row")
             predicting = answer_at - 1
         model = self.backbone.get_base_model() if self.has_adapter else self.backbone
-        multimodal = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
-        hidden = model.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-            **{k: v for k, v in multimodal.items() if v is not None},
-        ).last_hidden_state
+        inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
         logits = model.lm_head(hidden[rows, predicting]).float()
         loss = None if labels is None else F.cross_entropy(logits, labels[rows, answer_at])
         return RerankOutput(logits=logits, loss=loss)

@@ -26,7 +26,7 @@ from umarvel.data.sources import read_teacher_scores
 from umarvel.retrieval.teacher import TeacherScoring, teacher_path
 from umarvel.training.losses import distillation_kl
 from umarvel.training.rerank import training_data
-from umarvel.training.stages import image_start_id, train_contrastive
+from umarvel.training.stages import train_contrastive
 from umarvel.training.trainer import ContrastiveTrainer, EpochResampling
 
 logger = logging.getLogger("umarvel")
@@ -66,7 +66,6 @@ def distillation_trainer(config: Config, embedder, args, callbacks: list, *, que
         train_dataset=samples,
         data_collator=DistillCollator(embedder.collator),
         loss_config=config.train.loss,
-        image_start_id=image_start_id(embedder),
         teacher_temperature=config.distill.teacher_temperature,
         temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(samples), *callbacks],

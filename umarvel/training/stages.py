@@ -100,11 +100,6 @@ def training_arguments(config: Config, run_dir: Path):
     )
 
 
-def image_start_id(embedder) -> int:
-    """The token that opens an image in a row, which GradCache's chunking follows."""
-    return embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-
-
 def contrastive_trainer(config: Config, embedder, args, callbacks: list):
     """InfoNCE over the stage's training pairs: the Trainer `train_contrastive` builds by default."""
     from umarvel.training.trainer import ContrastiveTrainer, EpochResampling
@@ -116,7 +111,6 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
         train_dataset=pairs,
         data_collator=PairCollator(embedder.collator, num_negatives=config.data.num_negatives),
         loss_config=config.train.loss,
-        image_start_id=image_start_id(embedder),
         temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(pairs), *callbacks],
     )

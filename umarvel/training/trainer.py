@@ -15,7 +15,6 @@ import torch
 from transformers import TrainerCallback
 
 from umarvel.config import LossConfig
-from umarvel.data.collator import split_batch
 from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
 from umarvel.training.telemetry import TelemetryTrainer
@@ -37,12 +36,10 @@ class EpochResampling(TrainerCallback):
 class ContrastiveTrainer(TelemetryTrainer):
     """Trainer whose model is an `Embedder` and whose batches come from `PairCollator`."""
 
-    def __init__(self, *args, loss_config: LossConfig, image_start_id: int, temperature_lr: float | None = None,
-                 **kwargs):
+    def __init__(self, *args, loss_config: LossConfig, temperature_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.temperature_lr = temperature_lr
-        self.image_start_id = image_start_id
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer divides by accumulation
         self._stats: dict[str, list[float]] = defaultdict(list)
 
@@ -86,11 +83,16 @@ class ContrastiveTrainer(TelemetryTrainer):
             self.embedder.temperature(),
             chunk_size=self.loss_config.gradcache_chunk_size,
             parameters=[p for p in model.parameters() if p.requires_grad],
-            split=lambda batch, size: split_batch(batch, size, self.image_start_id),
+            split=self._split_batch,
         )
         for key, value in output.stats.items():
             self._stats[key].append(float(value))
         return (output.loss, output.stats) if return_outputs else output.loss
+
+    def _split_batch(self, batch: dict, size: int) -> list[dict]:
+        """GradCache chunks, the backbone family's way (images follow their rows)."""
+        family = self.embedder.family
+        return family.split_batch(batch, size, family.vision_start_id(self.embedder.processor.tokenizer))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats:
