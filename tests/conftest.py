@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny Qwen2-VL checkpoints built once per session, no network."""
+"""Shared fixtures: tiny checkpoints of every backbone family built once per session, no network."""
 from __future__ import annotations
 
 import pytest
 from PIL import Image, ImageDraw
 
+from umarvel import backbones
 from umarvel.tiny import build_tiny_model
 
 
@@ -12,9 +13,12 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2vl", seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen25_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny25") / "qwen25vl", seed=0, family="qwen2.5-vl")
+@pytest.fixture(scope="session", params=backbones.names())
+def family_model_dir(request, tmp_path_factory):
+    """A tiny checkpoint of each supported family in turn (the default one is `tiny_model_dir`)."""
+    if request.param == backbones.DEFAULT:
+        return request.getfixturevalue("tiny_model_dir")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-family") / request.param, seed=0, family=request.param)
 
 
 def draw_image(colour: str, shape: str = "circle", size: int = 64) -> Image.Image:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import draw_image
+from umarvel import backbones
 from umarvel.backbone import load_backbone, load_processor
 from umarvel.errors import UmarvelError
 
@@ -26,9 +27,9 @@ def _hidden(model, processor, texts, images):
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("with_image", [False, True])
-def test_later_token_reaches_earlier_only_when_bidirectional(tiny_model_dir, attn, attention, padded, with_image):
-    model = load_backbone(tiny_model_dir, attn_implementation=attn, attention=attention).eval()
-    processor = load_processor(tiny_model_dir)
+def test_later_token_reaches_earlier_only_when_bidirectional(family_model_dir, attn, attention, padded, with_image):
+    model = load_backbone(family_model_dir, attn_implementation=attn, attention=attention).eval()
+    processor = load_processor(family_model_dir)
     image_part = IMAGE if with_image else ""
     images = [draw_image("red")] if with_image else []
     filler = ["<|im_start|>user\na much longer second row that forces padding onto the first row<|im_end|>"] if padded else []
@@ -45,20 +46,27 @@ def test_later_token_reaches_earlier_only_when_bidirectional(tiny_model_dir, att
         assert changed < 1e-6
 
 
-def test_flag_is_set_on_every_attention_module(tiny_model_dir):
-    model = load_backbone(tiny_model_dir, attention="bidirectional")
-    flags = [m.is_causal for n, m in model.named_modules() if n.startswith("language_model") and hasattr(m, "is_causal")]
+def test_flag_is_set_on_every_attention_module(family_model_dir):
+    model = load_backbone(family_model_dir, attention="bidirectional")
+    family = backbones.of(model)
+    assert type(model).__name__ == family.model_class and not hasattr(model, "lm_head")
+    decoder = getattr(model, family.language_model)
+    flags = [m.is_causal for m in decoder.modules() if hasattr(m, "is_causal")]
     assert flags and not any(flags)
     assert model.config.text_config.is_causal is False
+    generative = load_backbone(family_model_dir, attention="causal", with_lm_head=True)
+    assert type(generative).__name__ == family.generative_class
 
 
-def test_qwen25_family_loads_bidirectional(tiny_qwen25_dir):
-    model = load_backbone(tiny_qwen25_dir, attention="bidirectional").eval()
-    processor = load_processor(tiny_qwen25_dir)
-    h1, _ = _hidden(model, processor, [PROMPT.format(image=IMAGE, last="tree")], [draw_image("red")])
-    h2, _ = _hidden(model, processor, [PROMPT.format(image=IMAGE, last="house")], [draw_image("red")])
-    assert (h1[0, 0] - h2[0, 0]).abs().max() > 1e-4
-    assert not hasattr(model, "lm_head")
+def test_unsupported_family_names_it_and_the_supported_ones(tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(UmarvelError) as error:
+        load_backbone(tmp_path)
+    message = str(error.value)
+    assert "'qwen2' model" in message and str(tmp_path) in message
+    assert all(f"{name} ({backbones.get(name).model_type})" in message for name in backbones.names())
 
 
 def test_not_a_model_directory_is_a_clear_error(tmp_path):

@@ -6,13 +6,17 @@ import json
 
 import pytest
 
+from umarvel import backbones
 from umarvel.cli import main
 
 
 @pytest.mark.slow
-def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys, family):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "tiny", "--family", family]) == 0
+    assert json.loads((out / f"checkpoints/tiny-{family}/config.json").read_text())["model_type"] == \
+        backbones.get(family).model_type
     runs = out / "runs" / "tiny"
     for stage in ("progressive/nli", "progressive/cc3m", "progressive/mbeir", "hardneg", "reranker", "distill"):
         assert (runs / stage / "DONE").is_file(), stage
@@ -37,5 +41,5 @@ def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys):
     assert "local avg" in printed and "report:" in printed
 
     # A re-run re-uses every finished step.
-    assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "tiny", "--family", family]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 14

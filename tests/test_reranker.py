@@ -41,16 +41,25 @@ def table_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "umarvel-cache"))
 
 
-@pytest.fixture(scope="module")
-def reranker(tiny_model_dir):
+def _adapted_reranker(model_dir) -> Reranker:
     """A tiny reranker whose adapter is not the identity, so scores depend on it."""
-    model = Reranker.from_pretrained(tiny_model_dir, trainable=True, lora={"dropout": 0.0},
-                                     prompt={"min_pixels": 3136, "max_pixels": 3136})
+    model = Reranker.from_pretrained(model_dir, trainable=True, lora={"dropout": 0.0})
     generator = torch.Generator().manual_seed(0)
     for name, param in model.backbone.named_parameters():
         if "lora_B" in name:
             param.data.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     return model
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_model_dir):
+    return _adapted_reranker(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def family_reranker(family_model_dir):
+    """The same, on every backbone family in turn."""
+    return _adapted_reranker(family_model_dir)
 
 
 def _single_pair_inputs(reranker, query, candidate):
@@ -82,7 +91,8 @@ def test_pair_prompt_holds_query_then_candidate_and_cuts_each_text_to_the_budget
     assert tokens(candidate_text) == 12
 
 
-def test_score_is_p_yes_over_yes_and_no_at_the_last_prompt_token(reranker):
+def test_score_is_p_yes_over_yes_and_no_at_the_last_prompt_token(family_reranker):
+    reranker = family_reranker
     tokenizer = reranker.processor.tokenizer
     yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("YES", "NO"))
     batched = reranker.score(PAIRS, batch_size=len(PAIRS))  # padded together
@@ -96,7 +106,8 @@ def test_score_is_p_yes_over_yes_and_no_at_the_last_prompt_token(reranker):
     assert max(expected) - min(expected) > 1e-3  # the pairs are told apart, so the check has teeth
 
 
-def test_training_labels_only_the_appended_answer_and_the_loss_is_its_next_token_loss(reranker):
+def test_training_labels_only_the_appended_answer_and_the_loss_is_its_next_token_loss(family_reranker):
+    reranker = family_reranker
     examples = [{"query": q, "candidate": c, "answer": a} for (q, c), a in zip(PAIRS, ["YES", "NO", "NO"])]
     batch = reranker.collator(examples)
     prompt_lengths = reranker.collator([{"query": q, "candidate": c} for q, c in PAIRS])["attention_mask"].sum(dim=1)
@@ -113,7 +124,8 @@ def test_training_labels_only_the_appended_answer_and_the_loss_is_its_next_token
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
 
-def test_save_and_load_give_identical_scores(reranker, tmp_path):
+def test_save_and_load_give_identical_scores(family_reranker, tmp_path):
+    reranker = family_reranker
     reranker.save_pretrained(tmp_path / "run" / "model")
     before = reranker.score(PAIRS)
     for path in (tmp_path / "run", tmp_path / "run" / "model"):

@@ -6,6 +6,7 @@ import hashlib
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from umarvel import backbones
 from umarvel.backbones._qwen_vl import SPECIAL_TOKENS
 from umarvel.tiny import build_tiny_model
 
@@ -22,12 +23,16 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny_model_dir, tmp_path)
     assert digest(other)["tokenizer.json"] == digest(tiny_model_dir)["tokenizer.json"]
 
 
-@pytest.mark.parametrize("fixture, processor_class", [("tiny_model_dir", "Qwen2VLProcessor"), ("tiny_qwen25_dir", "Qwen2_5_VLProcessor")])
-def test_loads_with_standard_auto_classes(request, fixture, processor_class):
-    path = request.getfixturevalue(fixture)
+PROCESSORS = {"qwen2-vl": "Qwen2VLProcessor", "qwen2.5-vl": "Qwen2_5_VLProcessor", "qwen3-vl": "Qwen3VLProcessor"}
+
+
+def test_loads_with_standard_auto_classes(family_model_dir):
+    path = family_model_dir
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
-    assert type(processor).__name__ == processor_class
+    family = backbones.for_model_type(model.config.model_type)
+    assert type(processor).__name__ == PROCESSORS[family.name]
+    assert processor.image_processor.patch_size * processor.image_processor.merge_size == family.pixel_unit
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert len(set(ids)) == len(SPECIAL_TOKENS) and tok.unk_token_id not in ids

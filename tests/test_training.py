@@ -31,14 +31,23 @@ def example(i: int, negatives: int = 1, with_image: bool = True) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir):
-    emb = Embedder.from_pretrained(tiny_model_dir, trainable=True, lora={"dropout": 0.0},
-                                   temperature={"learnable": True})
+def _trained_like(model_dir) -> Embedder:
+    emb = Embedder.from_pretrained(model_dir, trainable=True, lora={"dropout": 0.0}, temperature={"learnable": True})
     for name, param in emb.backbone.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.05)
     return emb
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir):
+    return _trained_like(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def family_embedder(family_model_dir):
+    """The same, on every backbone family in turn."""
+    return _trained_like(family_model_dir)
 
 
 def test_pair_collator_keeps_negatives_query_major_with_ids(embedder):
@@ -52,7 +61,8 @@ def test_pair_collator_keeps_negatives_query_major_with_ids(embedder):
         PairCollator(embedder.collator, num_negatives=2)([example(0, 2), example(2, 1)])
 
 
-def test_split_batch_embeds_like_the_whole_batch(embedder):
+def test_split_batch_embeds_like_the_whole_batch(family_embedder):
+    embedder = family_embedder
     items = [example(i)["positive"] for i in range(3)] + [example(i, with_image=False)["positive"] for i in range(2)]
     items.insert(1, {"text": "a long caption " * 6, "image": draw_image("blue", size=120)})
     batch = embedder.collate(items)
@@ -86,7 +96,8 @@ def _gradients(embedder, batch, chunk_size):
     return {n: p.grad.clone() for n, p in embedder.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def test_gradcache_on_image_batches_matches_plain_gradients(embedder):
+def test_gradcache_on_image_batches_matches_plain_gradients(family_embedder):
+    embedder = family_embedder
     batch = PairCollator(embedder.collator, num_negatives=1)([example(i) for i in range(5)])
     embedder.train()
     plain = _gradients(embedder, batch, chunk_size=0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from umarvel.errors import UmarvelError
 
-_MODULES = ("qwen2_vl", "qwen2_5_vl")
+_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEFAULT = "qwen2-vl"  # the paper's backbone family
 
 

@@ -135,10 +135,15 @@ def tiny_text_config(tokenizer, rope: dict) -> dict:
     }
 
 
-def mrope_section() -> list[int]:
-    """(temporal, height, width) rotary sections of the tiny decoder; they sum to head_dim / 2."""
+def tiny_rope(**extra) -> dict:
+    """M-RoPE of the tiny decoder: (temporal, height, width) sections summing to head_dim / 2."""
     half = TEXT_HIDDEN // TEXT_HEADS // 2
-    return [half - 2 * (half // 3), half // 3, half // 3]
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **extra}
+
+
+# The tiny vision tower of the families whose config names these sizes (Qwen2.5-VL, Qwen3-VL).
+TINY_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": TEXT_HIDDEN}
 
 
 def vision_token_ids(tokenizer) -> dict[str, int]:

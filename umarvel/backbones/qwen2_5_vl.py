@@ -11,17 +11,8 @@ from umarvel.backbones import _qwen_vl as qwen, qwen2_vl
 def tiny_config(tokenizer):
     from transformers import Qwen2_5_VLConfig
 
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": qwen.mrope_section()}
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": qwen.TEXT_HIDDEN,
-        "window_size": 56,
-        "fullatt_block_indexes": [1],
-    }
-    return Qwen2_5_VLConfig(text_config=qwen.tiny_text_config(tokenizer, rope), vision_config=vision,
+    vision = {**qwen.TINY_VISION, "window_size": 56, "fullatt_block_indexes": [1]}
+    return Qwen2_5_VLConfig(text_config=qwen.tiny_text_config(tokenizer, qwen.tiny_rope()), vision_config=vision,
                             **qwen.vision_token_ids(tokenizer))
 
 

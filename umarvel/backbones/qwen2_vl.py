@@ -10,9 +10,8 @@ TINY_PIXELS = {"shortest_edge": 4 * UNIT * UNIT, "longest_edge": 16 * UNIT * UNI
 def tiny_config(tokenizer):
     from transformers import Qwen2VLConfig
 
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": qwen.mrope_section()}
     vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": qwen.TEXT_HIDDEN}
-    return Qwen2VLConfig(text_config=qwen.tiny_text_config(tokenizer, rope), vision_config=vision,
+    return Qwen2VLConfig(text_config=qwen.tiny_text_config(tokenizer, qwen.tiny_rope()), vision_config=vision,
                          **qwen.vision_token_ids(tokenizer))
 
 
