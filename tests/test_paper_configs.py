@@ -19,25 +19,34 @@ from pathlib import Path
 import pytest
 
 from test_telemetry import SCALARS, tensorboard_scalars
+from umarvel import backbones
+from umarvel.config import load_config, to_dict
 from umarvel.data.synthetic import write_synthetic
 from umarvel.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--set", "model.attn_implementation=sdpa"]
 SHORT = [*CPU, "--set", "train.max_steps=2"]
+def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
+    """The paper recipe of configs/<folder>/ in dependency order: (name, umarvel arguments, run
+    directories under runs/<folder>/ it must finish)."""
+    configs, runs = f"configs/{folder}", f"runs/{folder}"
+    mine = ["--model", f"{runs}/progressive/mbeir", "--data", "data/M-BEIR"]
+    return [
+        ("progressive", ["train", "--stage", "progressive", "--config", f"{configs}/progressive.yaml", *SHORT],
+         ["progressive/nli", "progressive/cc3m", "progressive/mbeir"]),
+        ("mine", ["mine-negatives", *mine, "--out", f"{runs}/hardneg.jsonl", "--config", f"{configs}/mine.yaml", *CPU], []),
+        ("hardneg", ["train", "--stage", "hardneg", "--config", f"{configs}/hardneg.yaml", *SHORT,
+                     "--set", "data.negative_top_up=true"], ["hardneg"]),
+        ("reranker", ["train", "--stage", "reranker", "--config", f"{configs}/reranker.yaml", *SHORT], ["reranker"]),
+        ("distill", ["distill", "--config", f"{configs}/distill.yaml", *SHORT], ["distill"]),
+        ("eval", ["eval", "mbeir", "--pool", "both", "--model", f"{runs}/distill", "--data", "data/M-BEIR",
+                  "--output-dir", f"{runs}/eval", "--config", f"{configs}/base.yaml", *CPU], []),
+    ]
+
+
 MINE = ["--model", "runs/umarvel/progressive/mbeir", "--data", "data/M-BEIR"]
-# (name, umarvel arguments, run directories it must finish), in dependency order
-STEPS = [
-    ("progressive", ["train", "--stage", "progressive", "--config", "configs/umarvel/progressive.yaml", *SHORT],
-     ["progressive/nli", "progressive/cc3m", "progressive/mbeir"]),
-    ("mine", ["mine-negatives", *MINE, "--out", "runs/umarvel/hardneg.jsonl", "--config", "configs/umarvel/mine.yaml",
-              *CPU], []),
-    ("hardneg", ["train", "--stage", "hardneg", "--config", "configs/umarvel/hardneg.yaml", *SHORT,
-                 "--set", "data.negative_top_up=true"], ["hardneg"]),
-    ("reranker", ["train", "--stage", "reranker", "--config", "configs/umarvel/reranker.yaml", *SHORT], ["reranker"]),
-    ("distill", ["distill", "--config", "configs/umarvel/distill.yaml", *SHORT], ["distill"]),
-    ("eval", ["eval", "mbeir", "--pool", "both", "--model", "runs/umarvel/distill", "--data", "data/M-BEIR",
-              "--output-dir", "runs/umarvel/eval", "--config", "configs/umarvel/base.yaml", *CPU], []),
+STEPS = chain("umarvel") + [
     ("table5-mine", ["mine-negatives", *MINE, "--out", "runs/umarvel/hardneg-unfiltered.jsonl",
                      "--config", "configs/umarvel/table5/mine-unfiltered.yaml", *CPU], []),
     ("table5-id0", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id0-topk-only.yaml", *SHORT],
@@ -45,6 +54,11 @@ STEPS = [
     ("table5-id1", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id1-inbatch-topk.yaml", *SHORT],
      ["table5/id1-inbatch-topk"]),
 ]
+# Other families: the whole chain on Qwen3-VL-8B (the new family); the other folders differ from
+# it or from configs/umarvel only in backbone, pixel limits and run paths, which
+# test_family_configs_change_only_backbone_pixels_and_paths checks without a run.
+FAMILY_FOLDERS = {"qwen3vl-8b": ("qwen3-vl", "Qwen3-VL-8B-Instruct")}
+FAMILY_STEPS = [(folder, *step) for folder in FAMILY_FOLDERS for step in chain(folder)]
 
 
 def _deepspeed(workdir: Path, arguments: list[str]) -> subprocess.CompletedProcess:
@@ -58,21 +72,32 @@ def paper_layout(tmp_path_factory):
     """A working directory with the paths the paper configs name."""
     workdir = tmp_path_factory.mktemp("paper")
     build_tiny_model(workdir / "checkpoints" / "Qwen2-VL-7B-Instruct", seed=0)
+    for family, checkpoint in FAMILY_FOLDERS.values():
+        build_tiny_model(workdir / "checkpoints" / checkpoint, seed=0, family=family)
     write_synthetic(workdir / "data", seed=0, size="tiny")
     (workdir / "configs").symlink_to(ROOT / "configs")
     return workdir
 
 
-@pytest.fixture(scope="module")
-def paper_runs(paper_layout):
+def _run_in_order(workdir: Path, steps) -> dict:
     """Run every step once; a failing step fails every test that needs it, with its log."""
     outcome = {}
-    for name, arguments, _ in STEPS:
-        done = _deepspeed(paper_layout, arguments)
+    for name, arguments, _ in steps:
+        done = _deepspeed(workdir, arguments)
         outcome[name] = done
         if done.returncode != 0:
             break
-    return paper_layout, outcome
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def paper_runs(paper_layout):
+    return paper_layout, _run_in_order(paper_layout, STEPS)
+
+
+@pytest.fixture(scope="module")
+def family_runs(paper_layout):
+    return paper_layout, {folder: _run_in_order(paper_layout, chain(folder)) for folder in FAMILY_FOLDERS}
 
 
 def _scalars_of(run_dir: str) -> list[str]:
@@ -85,11 +110,26 @@ def _scalars_of(run_dir: str) -> list[str]:
 @pytest.mark.parametrize("name, arguments, run_dirs", STEPS, ids=[step[0] for step in STEPS])
 def test_paper_config_runs_under_deepspeed(paper_runs, name, arguments, run_dirs):
     workdir, outcome = paper_runs
+    _check_step(workdir / "runs" / "umarvel", outcome, name, run_dirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, name, arguments, run_dirs", FAMILY_STEPS,
+                         ids=[f"{step[0]}-{step[1]}" for step in FAMILY_STEPS])
+def test_family_config_runs_under_deepspeed(family_runs, folder, name, arguments, run_dirs):
+    workdir, outcomes = family_runs
+    _check_step(workdir / "runs" / folder, outcomes[folder], name, run_dirs)
+    if name == "progressive":
+        saved = json.loads((workdir / "runs" / folder / "progressive/mbeir/merged/config.json").read_text())
+        assert saved["model_type"] == backbones.get(FAMILY_FOLDERS[folder][0]).model_type
+
+
+def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> None:
     assert name in outcome, "an earlier step failed"
     done = outcome[name]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for run_dir in run_dirs:
-        run = workdir / "runs" / "umarvel" / run_dir
+        run = runs / run_dir
         assert (run / "DONE").is_file()
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 2
@@ -112,3 +152,34 @@ def test_stage_two_trains_with_its_top_k_and_table5_top_k_only_uses_own_negative
     assert unfiltered["params"]["threshold"] == 1.0
     id0 = (workdir / "runs/umarvel/table5/id0-topk-only/config.yaml").read_text()
     assert "in_batch_negatives: false" in id0
+
+
+CHANGED = {"model.backbone", "model.prompt.min_pixels", "model.prompt.max_pixels", "run.output_dir",
+           "data.hard_negatives", "rerank.recall_model", "distill.reranker"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("folder", ["qwen2_5vl-7b", "qwen3vl-4b", "qwen3vl-8b"])
+def test_family_configs_change_only_backbone_pixels_and_paths(folder):
+    """Each family folder is the configs/umarvel recipe with its backbone, its pixel unit and its runs."""
+    checkpoint = load_config(ROOT / "configs" / folder / "base.yaml").model.backbone
+    family = {"qwen2_5vl-7b": "qwen2.5-vl", "qwen3vl-4b": "qwen3-vl", "qwen3vl-8b": "qwen3-vl"}[folder]
+    unit = backbones.get(family).pixel_unit
+    for stage in ("base", "progressive", "mine", "hardneg", "reranker", "distill"):
+        ours = _flat(to_dict(load_config(ROOT / "configs" / folder / f"{stage}.yaml")))
+        paper = _flat(to_dict(load_config(ROOT / "configs" / "umarvel" / f"{stage}.yaml")))
+        differing = {key for key in ours if ours[key] != paper[key]}
+        assert differing <= CHANGED, (stage, differing - CHANGED)
+        assert ours["model.prompt.min_pixels"] == 4 * unit * unit and ours["model.prompt.max_pixels"] == 300 * unit * unit
+        for key in differing & (CHANGED - {"model.prompt.min_pixels", "model.prompt.max_pixels"}):
+            value = ours[key]
+            assert value == checkpoint or value.startswith(f"runs/{folder}/"), (stage, key, value)
