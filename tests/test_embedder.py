@@ -148,3 +148,13 @@ def test_bad_override_names_the_key(tiny_model_dir):
     with pytest.raises(ConfigError, match="model.pooling: 'max' is not one of"):
         Embedder.from_pretrained(tiny_model_dir, pooling="max")
 
+
+
+def test_the_family_record_names_every_input_its_processor_makes(family_model_dir, mixed_items):
+    """An input the record does not list would be dropped silently before the forward."""
+    emb = Embedder.from_pretrained(family_model_dir)
+    batch = emb.collate(mixed_items)
+    assert set(batch) - {"pool_mask"} == set(emb.family.model_inputs)
+    grid = batch["image_grid_thw"]
+    patch = emb.family.patch_size
+    assert batch["pixel_values"].shape == (int(grid.prod(dim=1).sum()), 3 * 2 * patch * patch)  # RGB x 2 frames

@@ -69,7 +69,7 @@ def load_backbone(
     with_lm_head: bool = False,
 ):
     """Load the bare multimodal model (or, with_lm_head, the generative one) in `attention` mode."""
-    loader = check_backbone_dir(path).model_classes(with_lm_head)
+    loader = check_backbone_dir(path).model_loader(with_lm_head)
     with quiet_transformers():
         model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     set_attention_mode(model, attention)

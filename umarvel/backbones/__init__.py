@@ -65,7 +65,8 @@ class Family:
     def vision_start_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.vision_start)
 
-    def model_classes(self, with_lm_head: bool = False):
+    def model_loader(self, with_lm_head: bool = False):
+        """The transformers class to load this family with: bare, or with the LM head."""
         import transformers
 
         return getattr(transformers, self.generative_class if with_lm_head else self.model_class)
