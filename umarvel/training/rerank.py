@@ -32,10 +32,11 @@ class RerankTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.reranker.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+        """As ContrastiveTrainer._save: every rank gathers the live adapter, the saving process writes."""
+        self.reranker.write_adapter(output_dir or self.args.output_dir, write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume without DeepSpeed (under DeepSpeed the engine's own checkpoint is loaded)."""
         self.reranker.load_adapter_weights(resume_from_checkpoint)
 
 
@@ -111,8 +112,8 @@ def train_reranker(config: Config, *, resume: bool = False) -> Path:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     seconds = time.perf_counter() - started
+    trainer.reranker.save_pretrained(run_dir / "model", write=trainer.args.should_save)  # collective under ZeRO-3
     if trainer.args.should_save:
-        trainer.reranker.save_pretrained(run_dir / "model")
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
         yes = sum(pair.answer == "YES" for pair in pairs)
         metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,

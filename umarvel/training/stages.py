@@ -156,6 +156,7 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
     """
     from transformers.trainer_callback import PrinterCallback
 
+    from umarvel.modeling.adapters import gathered
     from umarvel.modeling.embedder import Embedder
     from umarvel.training.trainer import SamplesPerSecondProgress
 
@@ -173,9 +174,13 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     seconds = time.perf_counter() - started
+    # Every rank takes part: under ZeRO-3 the weights are gathered from their partitions.
+    embedder = trainer.embedder
+    embedder.save_pretrained(run_dir / "model", write=trainer.args.should_save)
+    embedder.merge_and_save(run_dir / "merged", write=trainer.args.should_save)
+    with gathered(embedder.temperature.parameters()):
+        temperature = embedder.temperature.value
     if trainer.args.should_save:
-        trainer.embedder.save_pretrained(run_dir / "model")
-        trainer.embedder.merge_and_save(run_dir / "merged")
         atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
         metrics = dict(result.metrics)
         metrics.update(
@@ -183,7 +188,7 @@ def train_contrastive(config: Config, *, resume: bool = False, build_trainer=con
                 "global_batch": global_batch,
                 "steps": trainer.state.global_step,
                 "pairs": len(trainer.train_dataset),
-                "temperature": trainer.embedder.temperature.value,
+                "temperature": temperature,
                 "wall_seconds": seconds,
             }
         )
