@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +92,17 @@ def test_deepspeed_zero3_saves_the_whole_adapter_merges_resumes_and_caches_gradi
     cached = _adapter(_launch(tiny_workdir, DEEPSPEED, "zero3_gradcache", *zero3,
                               "--set", "train.loss.gradcache_chunk_size=3"))
     assert max((adapter[k] - cached[k]).abs().max().item() for k in adapter) < 1e-5
+
+
+@pytest.mark.slow
+def test_zero3_step_with_images_on_one_rank_only(tiny_model_dir, tmp_path):
+    """ZeRO-3 gathers the frozen vision tower collectively: the image-less rank must run it too."""
+    out = tmp_path / "embeddings"
+    command = [*DEEPSPEED[:-2], str(ROOT / "tests" / "deepspeed_zero3_vision_worker.py"),
+               "--model", str(tiny_model_dir), "--out", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}.pt", weights_only=True)
+        assert (result["partitioned"] - result["whole"]).abs().max().item() < 1e-5

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -82,6 +82,17 @@ def gathered(parameters):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+@torch.no_grad()
+def _dummy_vision(visual: nn.Module) -> None:
+    """The vision tower on the smallest image it takes (one merged patch)."""
+    config = visual.config
+    merge = config.spatial_merge_size
+    weight = next(visual.parameters())
+    pixels = torch.zeros(merge * merge, config.in_channels * config.temporal_patch_size * config.patch_size**2,
+                         dtype=weight.dtype, device=weight.device)
+    visual(pixels, grid_thw=torch.tensor([[1, merge, merge]], device=weight.device))
+
+
 class AdaptedBackbone(nn.Module):
     """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter.
 
@@ -127,3 +138,28 @@ class AdaptedBackbone(nn.Module):
     def _write_files(self, directory: Path) -> None:
         """This model's files beside the adapter (settings, processor, ...)."""
         raise NotImplementedError
+
+    @contextmanager
+    def vision_on_every_rank(self, has_images: bool):
+        """Run the backbone's forward in the block with the vision tower on every rank.
+
+        Under ZeRO-3 each module's forward gathers its weights collectively, the frozen vision
+        tower's too, so a batch without images on one rank while another has some hangs or
+        aborts. Then the image-less ranks run the tower on a minimal dummy image (discarded)
+        where the model runs it for real: after the token embeddings, before the language
+        model. Costs one flag all-reduce per forward under ZeRO-3; nothing otherwise.
+        """
+        visual = next(m for name, m in self.backbone.named_modules() if name.endswith("visual"))
+        if not any(hasattr(p, "ds_id") for p in visual.parameters()) or not torch.distributed.is_initialized():
+            yield
+            return
+        anywhere = torch.tensor([int(has_images)], device=self.device)
+        torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+        if has_images or not anywhere.item():
+            yield
+            return
+        hook = language_model(self.backbone).register_forward_pre_hook(lambda *_: _dummy_vision(visual), prepend=True)
+        try:
+            yield
+        finally:
+            hook.remove()

@@ -115,10 +115,11 @@ class Reranker(AdaptedBackbone):
             predicting = answer_at - 1
         model = self.backbone.get_base_model() if self.has_adapter else self.backbone
         multimodal = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
-        hidden = model.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-            **{k: v for k, v in multimodal.items() if v is not None},
-        ).last_hidden_state
+        with self.vision_on_every_rank(pixel_values is not None):
+            hidden = model.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                **{k: v for k, v in multimodal.items() if v is not None},
+            ).last_hidden_state
         logits = model.lm_head(hidden[rows, predicting]).float()
         loss = None if labels is None else F.cross_entropy(logits, labels[rows, answer_at])
         return RerankOutput(logits=logits, loss=loss)
