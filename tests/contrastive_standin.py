@@ -13,7 +13,7 @@ from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
 
 FEATURES, DIM = 12, 6
-TEMPERATURE = "temperature.log_tau"  # the temperature's parameter name
+TEMPERATURE = "temperature.tau"  # the temperature's parameter name
 GLOBAL_BATCH, NEGATIVES_PER_QUERY = 8, 2
 # Positive document ids: queries 0 and 4 share document 10 (they sit on different ranks when
 # the batch is split 4 + 4), queries 2 and 3 share document 12 (same rank).

@@ -74,8 +74,7 @@ class Embedder(AdaptedBackbone):
             config = cls._config(saved["model"], overrides, str(saved_file))
             backbone_dir = cls._find_backbone(config.backbone, path)
             embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
-        state = load_file(path / TEMPERATURE_FILE)
-        embedder.temperature.log_tau.data.copy_(state["log_tau"])
+        embedder.temperature.load_state(load_file(path / TEMPERATURE_FILE))
         return embedder
 
     @staticmethod
@@ -139,8 +138,7 @@ class Embedder(AdaptedBackbone):
             directory / EMBEDDER_CONFIG,
             {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
         )
-        log_tau = self.temperature.log_tau.detach().cpu().float().contiguous()
-        save_file({"log_tau": log_tau}, str(directory / TEMPERATURE_FILE))
+        save_file(self.temperature.state(), str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
 
     def _write_files(self, directory: Path) -> None:
@@ -152,7 +150,7 @@ class Embedder(AdaptedBackbone):
 
         directory = Path(directory)
         set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors"))
-        self.temperature.log_tau.data.copy_(load_file(directory / TEMPERATURE_FILE)["log_tau"])
+        self.temperature.load_state(load_file(directory / TEMPERATURE_FILE))
 
     def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
         """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter).
@@ -202,17 +200,20 @@ class Embedder(AdaptedBackbone):
         return Path(directory)
 
     # ----- optimisation -------------------------------------------------------------------
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: decay on LoRA matrices; none on biases, norms and the temperature."""
+    def parameter_groups(self, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: decay on LoRA matrices; none on biases and norms; the temperature
+        in a group of its own, without decay, at `temperature_lr` (None: the optimizer's rate)."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = name.startswith("temperature.") or param.ndim < 2
-            (no_decay if skip else decay).append(param)
+            if param.requires_grad and not name.startswith("temperature."):
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        temperature = {"params": [p for p in self.temperature.parameters() if p.requires_grad], "weight_decay": 0.0}
+        if temperature_lr is not None:
+            temperature["lr"] = temperature_lr
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
+            temperature,
         ]
 
 
