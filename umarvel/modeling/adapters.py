@@ -1,13 +1,16 @@
-"""Backbone + LoRA adapter loading shared by the embedder and the reranker."""
+"""Backbone + LoRA adapter loading shared by the embedder and the reranker: the saved-model
+protocol (which directory a path means, the saved settings vs overrides, finding the backbone)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
-from umarvel.config import ConfigError, ModelConfig
+from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
+from umarvel.errors import UmarvelError
 
 
 def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
@@ -36,6 +39,33 @@ def attach_lora(backbone, config: ModelConfig):
         bias="none",
     )
     return get_peft_model(backbone, peft_config)
+
+
+def read_saved(path: Path, name: str, version: int) -> dict | None:
+    """The saved-model record `name` in `path` (None when absent), checked for its format version."""
+    saved_file = path / name
+    if not saved_file.is_file():
+        return None
+    saved = json.loads(saved_file.read_text())
+    if saved.get("format_version") != version:
+        raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
+    return saved
+
+
+def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
+    """Saved (or default) model settings with `overrides` on top; errors name `where`."""
+    try:
+        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def find_backbone(recorded: str, adapter_dir: Path) -> Path:
+    """The backbone directory an adapter was trained on: as recorded, or relative to the adapter."""
+    for candidate in (Path(recorded), adapter_dir / recorded):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(f"{adapter_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained")
 
 
 def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,

@@ -6,7 +6,6 @@ is the directory named in the config) or, after `merge_and_save`, the merged bac
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from umarvel.backbone import quiet_transformers
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
+from umarvel.modeling.adapters import AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -58,41 +57,22 @@ class Embedder(AdaptedBackbone):
         lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
         """
         path = Path(path)
-        saved_file = path / EMBEDDER_CONFIG
-        if not saved_file.is_file():
-            config = cls._config({"backbone": str(path)}, overrides, str(path))
+        saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
+        if saved is None:
+            config = model_config({"backbone": str(path)}, overrides, str(path))
             return cls._build(config, path, adapter_dir=None, trainable=trainable)
-        saved = json.loads(saved_file.read_text())
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise UmarvelError(f"{saved_file}: unsupported embedder format {saved.get('format_version')!r}")
+        where = str(path / EMBEDDER_CONFIG)
         overrides = dict(overrides)
         if saved["merged"]:
-            config = cls._config(saved["model"], {**overrides, "backbone": str(path)}, str(saved_file))
+            config = model_config(saved["model"], {**overrides, "backbone": str(path)}, where)
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
             overrides.pop("lora", None)
-            config = cls._config(saved["model"], overrides, str(saved_file))
-            backbone_dir = cls._find_backbone(config.backbone, path)
-            embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
+            config = model_config(saved["model"], overrides, where)
+            embedder = cls._build(config, find_backbone(config.backbone, path), adapter_dir=path, trainable=trainable)
         state = load_file(path / TEMPERATURE_FILE)
         embedder.temperature.log_tau.data.copy_(state["log_tau"])
         return embedder
-
-    @staticmethod
-    def _config(base: dict, overrides: dict, where: str) -> ModelConfig:
-        try:
-            return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
-
-    @staticmethod
-    def _find_backbone(recorded: str, embedder_dir: Path) -> Path:
-        for candidate in (Path(recorded), embedder_dir / recorded):
-            if (candidate / "config.json").is_file():
-                return candidate
-        raise UmarvelError(
-            f"{embedder_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained"
-        )
 
     @classmethod
     def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):

@@ -10,7 +10,6 @@ with), the processor files and a PEFT adapter whose backbone is the directory na
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 from umarvel.backbone import quiet_transformers
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.config import ConfigError, ModelConfig, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
+from umarvel.modeling.adapters import AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
 RERANKER_CONFIG = "reranker_config.json"
@@ -80,18 +79,14 @@ class Reranker(AdaptedBackbone):
         its own LoRA settings win.
         """
         path = resolve_reranker_dir(path)
-        saved_file = path / RERANKER_CONFIG
-        if not saved_file.is_file():
-            config = _model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
+        saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
+        if saved is None:
+            config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
-            saved = json.loads(saved_file.read_text())
-            if saved.get("format_version") != FORMAT_VERSION:
-                raise UmarvelError(f"{saved_file}: unsupported reranker format {saved.get('format_version')!r}")
             overrides = {k: v for k, v in overrides.items() if k != "lora"}
-            config = _model_config(saved["model"], overrides, str(saved_file))
-            backbone_dir = _find_backbone(config.backbone, path)
-            reranker = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
+            config = model_config(saved["model"], overrides, str(path / RERANKER_CONFIG))
+            reranker = cls._build(config, find_backbone(config.backbone, path), adapter_dir=path, trainable=trainable)
         reranker.source = path
         return reranker
 
@@ -182,17 +177,3 @@ class Reranker(AdaptedBackbone):
 def _pair_length(pair: tuple[dict, dict]) -> tuple[int, int]:
     images = sum(item.get("image") is not None for item in pair)
     return images, sum(len(item.get("text") or "") + len(item.get("instruction") or "") for item in pair)
-
-
-def _model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
-    try:
-        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _find_backbone(recorded: str, reranker_dir: Path) -> Path:
-    for candidate in (Path(recorded), reranker_dir / recorded):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(f"{reranker_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained")
