@@ -6,6 +6,7 @@ import torch
 
 from umarvel import Embedder
 from umarvel.config import ConfigError
+from umarvel.errors import UmarvelError
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,16 @@ def test_adapter_save_load_gives_identical_embeddings(trained_like, mixed_items,
     assert torch.equal(loaded.encode(mixed_items), before)
     assert loaded.temperature.value == pytest.approx(trained_like.temperature.value)
     assert loaded.settings.lora.r == 4
+
+
+def test_a_run_directory_loads_its_final_adapter(trained_like, mixed_items, tmp_path):
+    """The README's promise: from_pretrained takes a run directory (it means run/model/)."""
+    trained_like.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    loaded = Embedder.from_pretrained(tmp_path / "run")
+    assert torch.equal(loaded.encode(mixed_items), trained_like.encode(mixed_items))
+    with pytest.raises(UmarvelError, match=r"empty is not a run directory.*holds embedder_config.json or config.json"):
+        Embedder.from_pretrained(tmp_path / "empty")
 
 
 def test_merged_checkpoint_matches_unmerged(trained_like, mixed_items, tmp_path):

@@ -3,6 +3,7 @@ protocol (which directory a path means, the saved settings vs overrides, finding
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,19 @@ def attach_lora(backbone, config: ModelConfig):
         bias="none",
     )
     return get_peft_model(backbone, peft_config)
+
+
+def resolve_saved_dir(path: str | os.PathLike, record: str, kind: str) -> Path:
+    """A run directory means its final model, `model/`; a saved model (holding `record`) or a
+    plain model directory (holding config.json) means itself."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / record).is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(
+        f"{path} is not a run directory, saved {kind} or model directory: "
+        f"neither it nor {path / 'model'} holds {record} or config.json"
+    )
 
 
 def read_saved(path: Path, name: str, version: int) -> dict | None:

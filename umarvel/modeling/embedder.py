@@ -19,7 +19,9 @@ from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved
+from umarvel.modeling.adapters import (
+    AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+)
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -54,9 +56,10 @@ class Embedder(AdaptedBackbone):
         """Load a saved embedder (adapter or merged) or wrap a plain Qwen2-VL directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
+        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win. A run
+        directory means its final adapter, `model/`.
         """
-        path = Path(path)
+        path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
         if saved is None:
             config = model_config({"backbone": str(path)}, overrides, str(path))
@@ -204,11 +207,7 @@ RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter; otherwise the directory itself."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / EMBEDDER_CONFIG).is_file() or (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(f"{path} is not a run directory, embedder directory or model directory")
+    return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
 def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":

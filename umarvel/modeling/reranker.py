@@ -24,7 +24,9 @@ from umarvel.config import ConfigError, ModelConfig, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved
+from umarvel.modeling.adapters import (
+    AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+)
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
 RERANKER_CONFIG = "reranker_config.json"
@@ -42,13 +44,9 @@ class RerankOutput(ModelOutput):
 def resolve_reranker_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter (`model/`); otherwise the directory itself."""
     path = Path(path)
-    if (path / "model" / RERANKER_CONFIG).is_file():
-        return path / "model"
-    if (path / EMBEDDER_CONFIG).is_file():
+    if (path / EMBEDDER_CONFIG).is_file() or (path / "model" / EMBEDDER_CONFIG).is_file():
         raise UmarvelError(f"{path} is an embedder, not a reranker (train one with `umarvel train --stage reranker`)")
-    if not ((path / RERANKER_CONFIG).is_file() or (path / "config.json").is_file()):
-        raise UmarvelError(f"{path} is not a reranker run directory, reranker directory or model directory")
-    return path
+    return resolve_saved_dir(path, RERANKER_CONFIG, "reranker")
 
 
 class Reranker(AdaptedBackbone):
