@@ -120,6 +120,8 @@ def test_save_and_load_give_identical_scores(reranker, tmp_path):
         loaded = Reranker.from_pretrained(path)
         assert torch.equal(loaded.score(PAIRS), before)
         assert loaded.source == tmp_path / "run" / "model"
+    record = json.loads((tmp_path / "run" / "model" / "reranker_config.json").read_text())
+    assert Path(tmp_path / "run" / "model" / record["backbone_relative"]).resolve() == Path(record["model"]["backbone"])
 
 
 def test_an_embedder_directory_is_not_a_reranker(tiny_model_dir, tmp_path):

@@ -113,7 +113,16 @@ def _launched_embedder(args: argparse.Namespace):
     with launched_job() as device:
         if device:
             config.model.device = device
-        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config))
+        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config),
+                                         backbone=_given_backbone(args.overrides))
+
+
+def _given_backbone(overrides: list[str]) -> str | None:
+    """`--set model.backbone=PATH`: where a saved adapter's backbone is now (a config file's
+    backbone is the start of training, not the backbone of an adapter under evaluation)."""
+    from umarvel.config import read_raw
+
+    return (read_raw(None, overrides).get("model") or {}).get("backbone") or None
 
 
 def _cmd_eval_mbeir(args: argparse.Namespace) -> int:

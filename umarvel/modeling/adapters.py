@@ -74,12 +74,33 @@ def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def find_backbone(recorded: str, adapter_dir: Path) -> Path:
-    """The backbone directory an adapter was trained on: as recorded, or relative to the adapter."""
-    for candidate in (Path(recorded), adapter_dir / recorded):
+def backbone_record(backbone: str, adapter_dir: Path) -> dict:
+    """The backbone relative to the adapter as well as absolute: a run tree copied or moved
+    together with its backbone (or the earlier runs it continued from) still loads."""
+    try:
+        return {"backbone_relative": os.path.relpath(Path(backbone).resolve(), Path(adapter_dir).resolve())}
+    except ValueError:  # another drive (Windows): no relative form
+        return {}
+
+
+def find_backbone(adapter_dir: Path, saved: dict, given: str | None = None) -> Path:
+    """The backbone directory an adapter was trained on: `given` when the user names one, else
+    as recorded (absolute), else relative to the adapter."""
+    if given:
+        candidates = [Path(given)]
+    else:
+        recorded, relative = saved["model"]["backbone"], saved.get("backbone_relative")
+        candidates = [Path(recorded), adapter_dir / recorded] + ([adapter_dir / relative] if relative else [])
+    for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-    raise UmarvelError(f"{adapter_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained")
+    if given:
+        raise UmarvelError(f"backbone {given}, given for the adapter {adapter_dir}, is not a model directory (no config.json)")
+    tried = " nor at ".join(dict.fromkeys(str(c) for c in candidates))
+    raise UmarvelError(
+        f"{adapter_dir}: its backbone is found neither at {tried}; point to it with "
+        "`--set model.backbone=PATH` on the command line or backbone=PATH in from_pretrained"
+    )
 
 
 def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,

@@ -1,8 +1,9 @@
 """The U-MARVEL embedder: Qwen2-VL backbone + LoRA + pooling + L2 normalisation + temperature.
 
 A saved embedder directory holds `embedder_config.json` (the model section of the config),
-`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone
-is the directory named in the config) or, after `merge_and_save`, the merged backbone itself.
+`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone is
+the directory named in the config, absolute and relative to the adapter) or, after
+`merge_and_save`, the merged backbone itself.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
@@ -56,8 +57,9 @@ class Embedder(AdaptedBackbone):
         """Load a saved embedder (adapter or merged) or wrap a plain Qwen2-VL directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win. A run
-        directory means its final adapter, `model/`.
+        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win, and
+        backbone=PATH names the backbone of an adapter moved away from it. A run directory
+        means its final adapter, `model/`.
         """
         path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
@@ -71,8 +73,9 @@ class Embedder(AdaptedBackbone):
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
             overrides.pop("lora", None)
+            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
             config = model_config(saved["model"], overrides, where)
-            embedder = cls._build(config, find_backbone(config.backbone, path), adapter_dir=path, trainable=trainable)
+            embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
         state = load_file(path / TEMPERATURE_FILE)
         embedder.temperature.log_tau.data.copy_(state["log_tau"])
         return embedder
@@ -117,10 +120,10 @@ class Embedder(AdaptedBackbone):
 
     # ----- saving -------------------------------------------------------------------------
     def _write_common(self, directory: Path, merged: bool, log_tau: torch.Tensor | None = None) -> None:
-        atomic_write_json(
-            directory / EMBEDDER_CONFIG,
-            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
-        )
+        record = {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)}
+        if not merged:
+            record.update(backbone_record(self.settings.backbone, directory))
+        atomic_write_json(directory / EMBEDDER_CONFIG, record)
         log_tau = self.temperature.log_tau if log_tau is None else log_tau
         save_file({"log_tau": log_tau.detach().cpu().float().contiguous()}, str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
@@ -210,12 +213,17 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
-def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":
+def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
+                       backbone: str | None = None) -> "Embedder":
     """Load for encoding: a saved embedder keeps its own settings but for device (always taken
     from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
-    file was given); a plain backbone takes the whole model section of a given config."""
+    file was given); a plain backbone takes the whole model section of a given config.
+    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now."""
     directory = resolve_model_dir(path)
     settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
-    if (directory / EMBEDDER_CONFIG).is_file() or not from_config:
+    saved = (directory / EMBEDDER_CONFIG).is_file()
+    if saved or not from_config:
         settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
+    if saved and backbone:
+        settings["backbone"] = backbone
     return Embedder.from_pretrained(directory, **settings)

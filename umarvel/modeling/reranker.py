@@ -6,7 +6,8 @@ answer's first token, at the position after the assistant prompt. The vocabulary
 are computed at that one position per row, never for the whole sequence.
 
 A saved reranker directory holds `reranker_config.json` (the model section it was trained
-with), the processor files and a PEFT adapter whose backbone is the directory named there.
+with), the processor files and a PEFT adapter whose backbone is the directory named there
+(absolute, and relative to the adapter).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
@@ -74,7 +75,8 @@ class Reranker(AdaptedBackbone):
         """Load a saved reranker, or wrap a plain Qwen2-VL directory (a new adapter if trainable).
 
         `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
-        its own LoRA settings win.
+        its own LoRA settings win, and backbone=PATH names the backbone of an adapter moved away
+        from it.
         """
         path = resolve_reranker_dir(path)
         saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
@@ -83,8 +85,9 @@ class Reranker(AdaptedBackbone):
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
             overrides = {k: v for k, v in overrides.items() if k != "lora"}
+            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
             config = model_config(saved["model"], overrides, str(path / RERANKER_CONFIG))
-            reranker = cls._build(config, find_backbone(config.backbone, path), adapter_dir=path, trainable=trainable)
+            reranker = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
         reranker.source = path
         return reranker
 
@@ -156,7 +159,8 @@ class Reranker(AdaptedBackbone):
             backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
         with quiet_transformers():
             self.backbone.save_pretrained(directory, state_dict=backbone_state)
-        atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)})
+        record = {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)}
+        atomic_write_json(directory / RERANKER_CONFIG, {**record, **backbone_record(self.settings.backbone, directory)})
         self.processor.save_pretrained(directory)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
