@@ -417,3 +417,16 @@ def test_two_process_encoding_splits_the_shards_and_matches_one_process(tiny_mod
     for one_set in (tmp_path / "one" / "cache").glob("*/*"):
         two_set = load_encoded(tmp_path / "two" / "cache" / one_set.parent.name / one_set.name)
         np.testing.assert_array_equal(two_set.vectors(), load_encoded(one_set).vectors())
+
+
+def test_validate_eval_and_mining_take_the_same_data_directory(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    """One rule for --data: the M-BEIR root, or the data directory holding M-BEIR/ (as synth writes it)."""
+    parent = str(synthetic_dir)
+    assert main(["data", "validate", "--data", parent, "--images", "skip"]) == 0
+    cache = ["--set", f"eval.cache_dir={tmp_path / 'cache'}"]
+    assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", parent, "--output-dir", str(tmp_path / "eval"),
+                 "--set", "eval.rows=[mscoco_task0]", *cache]) == 0
+    assert "local: average" in capsys.readouterr().out
+    assert main(["mine-negatives", "--model", str(tiny_model_dir), "--data", parent, "--out", str(tmp_path / "neg.jsonl"),
+                 *cache]) == 0
+    assert (tmp_path / "neg.jsonl").is_file()

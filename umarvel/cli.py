@@ -14,6 +14,9 @@ import sys
 from umarvel.errors import UmarvelError
 
 
+DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (may `inherit:` others)")
     parser.add_argument(
@@ -230,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("mine-negatives", help="mine filtered hard negatives with a stage-1 model")
     p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
-    p.add_argument("--data", required=True, help="the M-BEIR root directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="the hard-negative file to write (jsonl with a header line)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
@@ -241,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = benchmarks.add_parser("mbeir", help="M-BEIR recall on the local and/or global (union) pool")
     p.add_argument("--pool", choices=["local", "global", "both"], default="local")
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
-    p.add_argument("--data", required=True, help="the M-BEIR root directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--output-dir", required=True, help="where results.json/md/csv/png and run files go")
     p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
                    "(a reranker run or model directory)")
@@ -270,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small")
     p.set_defaults(func=_cmd_data_synth)
     p = data_verbs.add_parser("validate", help="check an M-BEIR root (or a data dir holding M-BEIR/); report every problem")
-    p.add_argument("--data", required=True, help="M-BEIR root, or a directory with M-BEIR/, nli_for_simcse.csv, cc3m/")
+    p.add_argument("--data", required=True, help=DATA_HELP + "; nli_for_simcse.csv and cc3m/ beside M-BEIR/ are checked too")
     p.add_argument("--images", choices=["open", "exists", "skip"], default="open",
                    help="image check: open with PIL (default), only check they exist, or only check paths")
     p.set_defaults(func=_cmd_data_validate)

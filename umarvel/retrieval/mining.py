@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from umarvel.config import EvalConfig, MineConfig
-from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+from umarvel.data.mbeir import MBEIR, mbeir_root, open_pool, open_queries
 from umarvel.data.sources import write_hard_negatives
 from umarvel.data.tasks import GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
 from umarvel.errors import UmarvelError
@@ -99,7 +99,7 @@ def _candidate_rows(pool: EncodedSet, modality_of: list[str], key: tuple) -> np.
 def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_config: MineConfig,
          eval_config: EvalConfig, *, progress: bool = True) -> dict:
     """Mine, write the hard-negative file (+ `<out>.stats.json`) atomically; return the stats."""
-    root = Path(data_root)
+    root = mbeir_root(data_root)
     instructions = MBEIR(root).instructions
     query_file = root / (mine_config.queries or UNION_TRAIN_QUERIES)
     pool_file = root / (mine_config.pool or GLOBAL_POOL.format(split="train"))
