@@ -125,14 +125,15 @@ def test_cross_dataset_positive_is_a_hit_only_in_the_global_pool(mini, keyword_e
     assert json.loads((out / "local" / RESULTS_JSON).read_text())["rows"][INFOSEEK]["headline"] == 50.0
 
 
-def test_one_pool_is_written_into_the_output_dir_and_re_uses_the_encodings(mini, keyword_embedder, tmp_path):
+def test_one_pool_is_written_into_its_pool_folder_and_re_uses_the_encodings(mini, keyword_embedder, tmp_path):
     cache = tmp_path / "cache"
     both = evaluate(keyword_embedder, mini, cache, tmp_path / "both")
     encoded = len(keyword_embedder.encoded)
     for pool in POOLS:
         alone = evaluate(keyword_embedder, mini, cache, tmp_path / pool, pools=(pool,))
         assert alone[pool] == both[pool]
-        assert (tmp_path / pool / RESULTS_JSON).read_text() == (tmp_path / "both" / pool / RESULTS_JSON).read_text()
+        assert not (tmp_path / pool / RESULTS_JSON).exists()
+        assert (tmp_path / pool / pool / RESULTS_JSON).read_text() == (tmp_path / "both" / pool / RESULTS_JSON).read_text()
     assert len(keyword_embedder.encoded) == encoded
 
 

@@ -129,7 +129,7 @@ def _given_backbone(overrides: list[str]) -> str | None:
 
 
 def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
-    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
+    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, report_dir, selected_rows
 
     _setup_logging()
     with _launched_embedder(args) as (config, embedder):
@@ -141,7 +141,11 @@ def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
         results = evaluator.evaluate(selected_rows(config.eval.rows), pools, args.output_dir)
     for pool, rows in results.items():
         average = sum(r.headline for r in rows) / len(rows)
-        print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {args.output_dir}")
+        print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {report_dir(args.output_dir, pool)}")
+        if args.rerank:
+            how = "chosen on the val queries" if args.alpha == "auto" else "given"
+            print(f"{pool}: U-MARVEL+ top {args.rerank_top_k} re-scored, S = a*S_recall + (1-a)*S_rerank "
+                  f"with a = {evaluator.alphas[pool]:.2f} ({how})")
     return 0
 
 
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["local", "global", "both"], default="local")
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--output-dir", required=True, help="where results.json/md/csv/png and run files go")
+    p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
     p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
                    "(a reranker run or model directory)")
     p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")

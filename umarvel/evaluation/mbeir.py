@@ -59,7 +59,7 @@ class MBEIREvaluator:
         results = {}
         for pool in pools:
             candidates = pool_sets if pool == "local" else {"global": _concatenate(list(pool_sets.values()))}
-            out = report_dir(output_dir, pool, pools)
+            out = report_dir(output_dir, pool)
             results[pool] = [
                 self._score_row(row, query_sets[row.name], candidates[row.name if pool == "local" else "global"], pool, out)
                 for row in rows
@@ -82,9 +82,9 @@ class MBEIREvaluator:
         return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu)
 
 
-def report_dir(output_dir: str | os.PathLike, pool: str, pools: tuple[str, ...]) -> Path:
-    """Where a pool's report goes: the output dir itself, or a folder per pool when there are two."""
-    return Path(output_dir) / pool if len(pools) > 1 else Path(output_dir)
+def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:
+    """Where a pool's report goes: `<output dir>/<pool>/`, however many pools are evaluated."""
+    return Path(output_dir) / pool
 
 
 def _concatenate(sets: list[EncodedSet]) -> EncodedSet:
