@@ -335,6 +335,7 @@ def test_cli_eval_of_both_pools_writes_results_and_run_files_per_pool(cli_eval, 
         run_files = sorted(p.name for p in (out / pool).glob("*_run.txt"))
         assert run_files == sorted(run_file_name(row, pool) for row in EVAL_ROWS)
         assert "| **Avg.** |" in (out / pool / RESULTS_MD).read_text()
+        assert "The paper's numbers are not shown" in (out / pool / RESULTS_MD).read_text()  # synthetic pools
         assert len((out / pool / RESULTS_CSV).read_text().splitlines()) == 1 + 16 + 1
         assert (out / pool / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

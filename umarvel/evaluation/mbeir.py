@@ -56,6 +56,7 @@ class MBEIREvaluator:
         if rank_and_world()[0] != 0:
             return {}
         output_dir = Path(output_dir)
+        pool_sizes = {name: len(encoded) for name, encoded in pool_sets.items()}
         results = {}
         for pool in pools:
             candidates = pool_sets if pool == "local" else {"global": _concatenate(list(pool_sets.values()))}
@@ -64,7 +65,7 @@ class MBEIREvaluator:
                 self._score_row(row, query_sets[row.name], candidates[row.name if pool == "local" else "global"], pool, out)
                 for row in rows
             ]
-            write_report(out, pool, results[pool])
+            write_report(out, pool, results[pool], pool_sizes=pool_sizes)
         return results
 
     def _score_row(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, out: Path) -> RowResult:
