@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def cache_root() -> Path:
+    """Where umarvel keeps what it can rebuild (parsed tables, embeddings): $UMARVEL_CACHE, else
+    ~/.cache/umarvel. Safe to delete; everything in it is re-made on the next run."""
+    return Path(os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel")
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only on success."""

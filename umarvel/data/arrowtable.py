@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from umarvel.errors import DataError
+from umarvel.io import cache_root
 
 CACHE_VERSION = 1
 BATCH_ROWS = 16_384
@@ -36,9 +37,8 @@ OnError = Literal["raise", "skip"]
 
 
 def default_cache_dir() -> Path:
-    """$UMARVEL_CACHE/tables, else ~/.cache/umarvel/tables (datasets are often read-only)."""
-    base = os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel"
-    return Path(base) / "tables"
+    """<cache root>/tables (not beside the data: datasets are often read-only)."""
+    return cache_root() / "tables"
 
 
 def stable_hash64(text: str) -> int:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from umarvel.config import EvalConfig, to_dict
-from umarvel.io import atomic_path, atomic_write_json
+from umarvel.io import atomic_path, atomic_write_json, cache_root
 
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
@@ -197,8 +197,7 @@ def encode_set(
 
 
 def default_embedding_cache() -> Path:
-    base = os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel"
-    return Path(base) / "embeddings"
+    return cache_root() / "embeddings"
 
 
 class EmbeddingCache:
