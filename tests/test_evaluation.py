@@ -432,3 +432,13 @@ def test_validate_eval_and_mining_take_the_same_data_directory(tiny_model_dir, s
     assert main(["mine-negatives", "--model", str(tiny_model_dir), "--data", parent, "--out", str(tmp_path / "neg.jsonl"),
                  *cache]) == 0
     assert (tmp_path / "neg.jsonl").is_file()
+
+
+def test_cache_dir_flag_places_the_embeddings_and_the_log_says_where(tiny_model_dir, synthetic_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="umarvel"):
+        assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", str(synthetic_dir), "--output-dir",
+                     str(tmp_path / "eval"), "--set", "eval.rows=[nights_task4]", "--cache-dir", str(tmp_path / "vectors")]) == 0
+    (model_dir,) = (tmp_path / "vectors").iterdir()
+    assert sorted(p.name.split("-")[0] for p in model_dir.iterdir()) == ["nights_task4_pool", "nights_task4_test_queries"]
+    assert f"embedding cache: {model_dir} (re-used by later runs of this model; safe to delete)" in caplog.text
+    assert not (tmp_path / "umarvel-cache" / "embeddings").exists()  # nothing in the default place

@@ -17,6 +17,14 @@ from umarvel.errors import UmarvelError
 DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
 
 
+def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="embedding cache (fp16 vectors, re-used across runs; ~40 GB for the 7B global pool); "
+        "default eval.cache_dir, else $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings",
+    )
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (may `inherit:` others)")
     parser.add_argument(
@@ -113,6 +121,8 @@ def _launched_embedder(args: argparse.Namespace):
     from umarvel.modeling.embedder import load_for_inference
 
     config = load_config(args.config, args.overrides)
+    if args.cache_dir:
+        config.eval.cache_dir = args.cache_dir
     with launched_job() as device:
         if device:
             config.model.device = device
@@ -239,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="the hard-negative file to write (jsonl with a header line)")
+    _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
 
@@ -255,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")
     p.add_argument("--alpha", type=_fusion_weight, default="auto", metavar="A|auto",
                    help="fusion weight a of S = a*S_recall + (1-a)*S_rerank; auto (default) picks it on the val queries")
+    _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mbeir)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from umarvel.config import EvalConfig, to_dict
 from umarvel.io import atomic_path, atomic_write_json, cache_root
 
+logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
 WHOLE_FILE_LIMIT = 64 << 20
@@ -207,6 +209,8 @@ class EmbeddingCache:
         self.embedder, self.config, self.progress = embedder, config, progress
         self.model = model_fingerprint(embedder)
         self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
+        if rank_and_world()[0] == 0:  # it can grow large (40 GB for the 7B global pool): say where
+            logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root)
 
     def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str) -> EncodedSet:
         """`items(start, stop)` -> item dicts; `sources` are the files the items come from."""
