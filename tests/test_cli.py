@@ -1,17 +1,29 @@
 """The `umarvel` command: help, tiny model, config errors as one clear line."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from umarvel.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_help_lists_only_working_verbs():
     out = subprocess.run([sys.executable, "-m", "umarvel.cli", "--help"], capture_output=True, text=True, check=True)
     assert "make-tiny-model" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["make-tiny-model", "--out", "tiny"]])
+def test_no_command_prints_deepspeeds_accelerator_warning(argv, tmp_path):
+    """transformers imports DeepSpeed when saving a model; its CPU-fallback warning is noise here."""
+    out = subprocess.run([sys.executable, "-m", "umarvel", *argv], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "accelerator" not in (out.stdout + out.stderr).lower(), out.stdout  # DeepSpeed logs to stdout
 
 
 def test_make_tiny_model_through_the_cli(tmp_path):

@@ -311,8 +311,22 @@ def _leave_process_group(code: int) -> int:
     os._exit(code)
 
 
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning. We import DeepSpeed nowhere, but
+    transformers does whenever it is installed (Trainer.__init__ and save_pretrained unwrap the
+    model through accelerate, which imports it to know its engine class), and on a machine
+    without CUDA every command then warned about a choice that is already ours: the CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
     try:
         code = args.func(args) or 0
     except UmarvelError as err:
