@@ -1,14 +1,16 @@
 """The `umarvel` command: help, tiny model, config errors as one clear line."""
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from umarvel.cli import main
+from umarvel.cli import EXAMPLES, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +26,28 @@ def test_no_command_prints_deepspeeds_accelerator_warning(argv, tmp_path):
     out = subprocess.run([sys.executable, "-m", "umarvel", *argv], capture_output=True, text=True, check=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "accelerator" not in (out.stdout + out.stderr).lower(), out.stdout  # DeepSpeed logs to stdout
+
+
+def _commands(parser):
+    """Every (sub)command parser below `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield command
+                yield from _commands(command)
+
+
+def test_every_option_is_described_and_every_command_shows_examples_that_parse():
+    parser = build_parser()
+    commands = list(_commands(parser))
+    assert len(commands) == 11
+    for command in commands:
+        for action in command._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help and action.help != argparse.SUPPRESS, f"{command.prog} {action.option_strings}"
+        assert "examples:\n  umarvel " in command.format_help(), command.prog
+        for line in EXAMPLES[command.prog]:
+            build_parser().parse_args(shlex.split(line)[1:])  # exits on an unknown flag or bad choice
 
 
 def test_make_tiny_model_through_the_cli(tmp_path):

@@ -17,6 +17,34 @@ from umarvel.errors import UmarvelError
 DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
 
 
+SYNTH_SIZES = ("tiny (4 test queries per row, 14 candidates per pool), small (24 and 80; the default), "
+               "medium (60 and 300; clearer differences between stages, slower)")
+# Shown under each command's --help; tests parse every line, so they cannot go stale.
+EXAMPLES = {
+    "umarvel make-tiny-model": ["umarvel make-tiny-model --out checkpoints/tiny-qwen2vl"],
+    "umarvel train": [
+        "umarvel train --stage progressive --config configs/tiny/progressive.yaml",
+        "umarvel train --stage hardneg --config configs/umarvel/hardneg.yaml --set train.per_device_batch_size=32",
+    ],
+    "umarvel distill": ["umarvel distill --config configs/tiny/distill.yaml"],
+    "umarvel mine-negatives": [
+        "umarvel mine-negatives --model runs/tiny/progressive/mbeir --data data/synthetic --out runs/tiny/hardneg.jsonl "
+        "--config configs/tiny/mine.yaml",
+    ],
+    "umarvel eval": ["umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval"],
+    "umarvel eval mbeir": [
+        "umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval",
+        "umarvel eval mbeir --model runs/umarvel/distill --data data/M-BEIR --output-dir runs/umarvel/eval-plus "
+        "--rerank runs/umarvel/reranker --cache-dir /scratch/umarvel-embeddings",
+    ],
+    "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny"],
+    "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
+    "umarvel data": ["umarvel data synth --out data/synthetic", "umarvel data validate --data data/synthetic"],
+    "umarvel data synth": ["umarvel data synth --out data/synthetic --size medium --seed 1"],
+    "umarvel data validate": ["umarvel data validate --data data/M-BEIR", "umarvel data validate --data data --images exists"],
+}
+
+
 def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", metavar="DIR",
@@ -226,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("make-tiny-model", help="build a tiny random Qwen2-VL for tests and the demo")
     p.add_argument("--out", required=True, help="directory to write the model, tokenizer and processor")
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
-    p.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl")
+    p.add_argument("--family", choices=["qwen2-vl", "qwen2.5-vl"], default="qwen2-vl",
+                   help="the backbone family the tiny model has the architecture of (default qwen2-vl)")
     p.set_defaults(func=_cmd_make_tiny_model)
 
     p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
@@ -257,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benchmarks.required = True
     p = benchmarks.add_parser("mbeir", help="M-BEIR recall on the local and/or global (union) pool")
-    p.add_argument("--pool", choices=["local", "global", "both"], default="local")
+    p.add_argument("--pool", choices=["local", "global", "both"], default="local",
+                   help="local (default): each row searches its own candidate pool; global: every row searches "
+                   "the union of all 16 pools (5.6M candidates on M-BEIR); both")
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
@@ -272,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
-    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="synthetic benchmark size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
+                   help=f"synthetic benchmark size: {SYNTH_SIZES}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model, the synthetic data and every run")
     p.set_defaults(func=_cmd_demo)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")
@@ -286,13 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_verbs.add_parser("synth", help="write a small learnable M-BEIR-shaped benchmark (+ NLI, CC3M)")
     p.add_argument("--out", required=True, help="directory to write M-BEIR/, nli_for_simcse.csv and cc3m/ into")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
-    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help=SYNTH_SIZES)
     p.set_defaults(func=_cmd_data_synth)
     p = data_verbs.add_parser("validate", help="check an M-BEIR root (or a data dir holding M-BEIR/); report every problem")
     p.add_argument("--data", required=True, help=DATA_HELP + "; nli_for_simcse.csv and cc3m/ beside M-BEIR/ are checked too")
     p.add_argument("--images", choices=["open", "exists", "skip"], default="open",
                    help="image check: open with PIL (default), only check they exist, or only check paths")
     p.set_defaults(func=_cmd_data_validate)
+    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
+        for command in choices.values():
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command.prog])
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
