@@ -63,6 +63,14 @@ def test_config_error_is_one_line_and_exit_2(tmp_path, capsys):
     assert "model.lora.rank: unknown key" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["train", "--stage", "progressive"], ["train", "--stage", "hardneg"], ["distill"]])
+def test_training_without_a_config_says_one_is_needed_and_where_they_are(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"`umarvel {argv[0]}` needs --config FILE" in err and "configs/tiny/" in err and "configs/umarvel/" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_config_prints_resolved_values(capsys):
     assert main(["config", "--set", "model.lora.r=32"]) == 0
     assert "r: 32" in capsys.readouterr().out

@@ -360,10 +360,22 @@ class _DeepSpeedCpuNotice(logging.Filter):
 _DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
 
 
+def _require_config(args: argparse.Namespace) -> None:
+    """Training verbs take their model, data and run directory from a config: without one the
+    defaults (empty paths) fail later with a message about the symptom, not the cause."""
+    if args.verb in ("train", "distill") and not args.config:
+        raise UmarvelError(
+            f"`umarvel {args.verb}` needs --config FILE: a run's model, data and output directory come from it. "
+            "Start from configs/tiny/ (the CPU recipe, e.g. configs/tiny/progressive.yaml) or configs/umarvel/ "
+            "(the paper's 7B recipe); `umarvel config` lists every key"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
     try:
+        _require_config(args)
         code = args.func(args) or 0
     except UmarvelError as err:
         print(f"umarvel: error: {err}", file=sys.stderr)
