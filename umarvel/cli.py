@@ -15,8 +15,6 @@ from umarvel.errors import UmarvelError
 
 
 DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
-
-
 SYNTH_SIZES = ("tiny (4 test queries per row, 14 candidates per pool), small (24 and 80; the default), "
                "medium (60 and 300; clearer differences between stages, slower)")
 # Shown under each command's --help; tests parse every line, so they cannot go stale.
@@ -305,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
                    help=f"synthetic benchmark size: {SYNTH_SIZES}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model, the synthetic data and every run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of the synthetic data (runs keep their configs' run.seed)")
     p.set_defaults(func=_cmd_demo)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")

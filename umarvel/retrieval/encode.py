@@ -210,7 +210,7 @@ class EmbeddingCache:
         self.model = model_fingerprint(embedder)
         self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
         if rank_and_world()[0] == 0:  # it can grow large (40 GB for the 7B global pool): say where
-            logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root)
+            logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root.absolute())
 
     def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str) -> EncodedSet:
         """`items(start, stop)` -> item dicts; `sources` are the files the items come from."""
