@@ -33,6 +33,7 @@ def example(i: int, negatives: int = 1, with_image: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def embedder(tiny_model_dir):
+    torch.manual_seed(0)  # LoRA init and weights independent of what earlier tests drew from the global RNG
     emb = Embedder.from_pretrained(tiny_model_dir, trainable=True, lora={"dropout": 0.0},
                                    temperature={"learnable": True})
     for name, param in emb.backbone.named_parameters():

@@ -95,7 +95,7 @@ def demo_steps(configs: Path, size: str, seed: int) -> list[tuple[str, Callable[
         steps.append((f"evaluate {label} (local + global)", done(out / "global" / "results.json"),
                       lambda model=model, out=out: _cli(_eval_argv(model, out, configs))))
     plus = RUNS / "eval" / "distill+rerank"
-    steps.append(("evaluate U-MARVEL+ (distill + reranker, local pool, alpha chosen on val)", done(plus / "results.json"),
+    steps.append(("evaluate U-MARVEL+ (distill + reranker, local pool, alpha chosen on val)", done(plus / "local" / "results.json"),
                   lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
                                 "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])))
     return steps

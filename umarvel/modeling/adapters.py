@@ -1,6 +1,8 @@
-"""Backbone + LoRA adapter loading shared by the embedder and the reranker."""
+"""Backbone + LoRA adapter loading shared by the embedder and the reranker: the saved-model
+protocol (which directory a path means, the saved settings vs overrides, finding the backbone)."""
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
-from umarvel.config import ConfigError, ModelConfig
+from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
 
@@ -40,6 +42,67 @@ def attach_lora(backbone, config: ModelConfig):
         bias="none",
     )
     return get_peft_model(backbone, peft_config)
+
+
+def resolve_saved_dir(path: str | os.PathLike, record: str, kind: str) -> Path:
+    """A run directory means its final model, `model/`; a saved model (holding `record`) or a
+    plain model directory (holding config.json) means itself."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / record).is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(
+        f"{path} is not a run directory, saved {kind} or model directory: "
+        f"neither it nor {path / 'model'} holds {record} or config.json"
+    )
+
+
+def read_saved(path: Path, name: str, version: int) -> dict | None:
+    """The saved-model record `name` in `path` (None when absent), checked for its format version."""
+    saved_file = path / name
+    if not saved_file.is_file():
+        return None
+    saved = json.loads(saved_file.read_text())
+    if saved.get("format_version") != version:
+        raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
+    return saved
+
+
+def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
+    """Saved (or default) model settings with `overrides` on top; errors name `where`."""
+    try:
+        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def backbone_record(backbone: str, adapter_dir: Path) -> dict:
+    """The backbone relative to the adapter as well as absolute: a run tree copied or moved
+    together with its backbone (or the earlier runs it continued from) still loads."""
+    try:
+        return {"backbone_relative": os.path.relpath(Path(backbone).resolve(), Path(adapter_dir).resolve())}
+    except ValueError:  # another drive (Windows): no relative form
+        return {}
+
+
+def find_backbone(adapter_dir: Path, saved: dict, given: str | None = None) -> Path:
+    """The backbone directory an adapter was trained on: `given` when the user names one, else
+    as recorded (absolute), else relative to the adapter."""
+    if given:
+        candidates = [Path(given)]
+    else:
+        recorded, relative = saved["model"]["backbone"], saved.get("backbone_relative")
+        candidates = [Path(recorded), adapter_dir / recorded] + ([adapter_dir / relative] if relative else [])
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    if given:
+        raise UmarvelError(f"backbone {given}, given for the adapter {adapter_dir}, is not a model directory (no config.json)")
+    tried = " nor at ".join(dict.fromkeys(str(c) for c in candidates))
+    raise UmarvelError(
+        f"{adapter_dir}: its backbone is found neither at {tried}; point to it with "
+        "`--set model.backbone=PATH` on the command line or backbone=PATH in from_pretrained"
+    )
 
 
 def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,

@@ -1,12 +1,12 @@
 """The U-MARVEL embedder: Qwen2-VL backbone + LoRA + pooling + L2 normalisation + temperature.
 
 A saved embedder directory holds `embedder_config.json` (the model section of the config),
-`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone
-is the directory named in the config) or, after `merge_and_save`, the merged backbone itself.
+`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone is
+the directory named in the config, absolute and relative to the adapter) or, after
+`merge_and_save`, the merged backbone itself.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from umarvel.backbone import quiet_transformers
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
-from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, gathered, load_adapted
+from umarvel.modeling.adapters import (
+    AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
+)
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -55,43 +56,27 @@ class Embedder(AdaptedBackbone):
         """Load a saved embedder (adapter or merged) or wrap a plain Qwen2-VL directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
+        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win, and
+        backbone=PATH names the backbone of an adapter moved away from it. A run directory
+        means its final adapter, `model/`.
         """
-        path = Path(path)
-        saved_file = path / EMBEDDER_CONFIG
-        if not saved_file.is_file():
-            config = cls._config({"backbone": str(path)}, overrides, str(path))
+        path = resolve_model_dir(path)
+        saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
+        if saved is None:
+            config = model_config({"backbone": str(path)}, overrides, str(path))
             return cls._build(config, path, adapter_dir=None, trainable=trainable)
-        saved = json.loads(saved_file.read_text())
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise UmarvelError(f"{saved_file}: unsupported embedder format {saved.get('format_version')!r}")
+        where = str(path / EMBEDDER_CONFIG)
         overrides = dict(overrides)
         if saved["merged"]:
-            config = cls._config(saved["model"], {**overrides, "backbone": str(path)}, str(saved_file))
+            config = model_config(saved["model"], {**overrides, "backbone": str(path)}, where)
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
             overrides.pop("lora", None)
-            config = cls._config(saved["model"], overrides, str(saved_file))
-            backbone_dir = cls._find_backbone(config.backbone, path)
+            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
+            config = model_config(saved["model"], overrides, where)
             embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
         embedder.temperature.load_state(load_file(path / TEMPERATURE_FILE))
         return embedder
-
-    @staticmethod
-    def _config(base: dict, overrides: dict, where: str) -> ModelConfig:
-        try:
-            return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
-
-    @staticmethod
-    def _find_backbone(recorded: str, embedder_dir: Path) -> Path:
-        for candidate in (Path(recorded), embedder_dir / recorded):
-            if (candidate / "config.json").is_file():
-                return candidate
-        raise UmarvelError(
-            f"{embedder_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained"
-        )
 
     @classmethod
     def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
@@ -134,10 +119,10 @@ class Embedder(AdaptedBackbone):
 
     # ----- saving -------------------------------------------------------------------------
     def _write_common(self, directory: Path, merged: bool) -> None:
-        atomic_write_json(
-            directory / EMBEDDER_CONFIG,
-            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
-        )
+        record = {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)}
+        if not merged:
+            record.update(backbone_record(self.settings.backbone, directory))
+        atomic_write_json(directory / EMBEDDER_CONFIG, record)
         save_file(self.temperature.state(), str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
 
@@ -228,19 +213,20 @@ RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter; otherwise the directory itself."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / EMBEDDER_CONFIG).is_file() or (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(f"{path} is not a run directory, embedder directory or model directory")
+    return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
-def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":
+def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
+                       backbone: str | None = None) -> "Embedder":
     """Load for encoding: a saved embedder keeps its own settings but for device (always taken
     from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
-    file was given); a plain backbone takes the whole model section of a given config."""
+    file was given); a plain backbone takes the whole model section of a given config.
+    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now."""
     directory = resolve_model_dir(path)
     settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
-    if (directory / EMBEDDER_CONFIG).is_file() or not from_config:
+    saved = (directory / EMBEDDER_CONFIG).is_file()
+    if saved or not from_config:
         settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
+    if saved and backbone:
+        settings["backbone"] = backbone
     return Embedder.from_pretrained(directory, **settings)

@@ -53,10 +53,10 @@ def _check(config: Config) -> None:
 
 def training_data(config: Config):
     """(queries, pool) of the data section: M-BEIR train queries and the pool they search."""
-    from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, mbeir_root, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
-    data, root = config.data, Path(config.data.path)
+    data, root = config.data, mbeir_root(config.data.path)
     query_file = data.train_queries or UNION_TRAIN_QUERIES
     queries = open_queries(root / query_file, root, MBEIR(root, on_error=data.on_error).instructions,
                            upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error)

@@ -25,7 +25,7 @@ logger = logging.getLogger("umarvel")
 def build_pairs(config: Config):
     """The training pairs of a stage's data section."""
     from umarvel.data import sources
-    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, mbeir_root, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
     data = config.data
@@ -36,7 +36,7 @@ def build_pairs(config: Config):
     elif data.source == "cc3m":
         pairs = sources.CC3MPairs(data.path, data.image_root or Path(data.path).parent, on_error=data.on_error)
     else:
-        root = Path(data.path)
+        root = mbeir_root(data.path)
         instructions = MBEIR(root, on_error=data.on_error).instructions
         query_file = data.train_queries or UNION_TRAIN_QUERIES
         queries = open_queries(
