@@ -44,3 +44,30 @@ def test_a_leftover_shard_with_the_same_row_count_but_another_start_is_re_encode
     assert embedder.encoded == [item["did"] for item in ITEMS]
     assert load_encoded(tmp_path / "resumed").ids == resumed.ids
 
+
+def test_a_shard_interrupted_between_its_two_files_is_re_encoded(tmp_path, monkeypatch):
+    """Vectors and ids of a shard are two files: a run killed after writing one of them must not
+    leave a pair that passes the resume check with the other from an older run."""
+    straight = run(IdEmbedder(), tmp_path / "straight", shard_size=2)
+    directory = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(encode_module, "rank_and_world", lambda: (1, 2))
+        run(IdEmbedder(), directory, shard_size=4)  # shard 1 = items 4, 5, both files
+        writes = []
+        original = encode_module.atomic_path
+
+        def killed_on_second_write(path):
+            writes.append(path)
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+            return original(path)
+
+        patch.setattr(encode_module, "atomic_path", killed_on_second_write)
+        try:
+            run(IdEmbedder(), directory, shard_size=2)  # rank 1 of 2: shard 1 = items 2, 3
+        except KeyboardInterrupt:
+            pass
+    assert len(writes) == 2
+    resumed = run(IdEmbedder(), directory, shard_size=2)
+    assert resumed.ids == [item["did"] for item in ITEMS]
+    np.testing.assert_array_equal(resumed.vectors(), straight.vectors())
