@@ -76,6 +76,15 @@ class EmulatedRanks:
         return results
 
 
+@pytest.mark.parametrize("world, expected", [(1, False), (2, True), (3, True)])
+def test_a_process_group_of_more_than_one_rank_is_distributed(monkeypatch, world, expected):
+    """Else a 2-GPU run would contrast each rank's queries against its own candidates only."""
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: world)
+    assert distributed.is_distributed() is expected
+
+
 def rows(sizes, rank):
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
