@@ -16,7 +16,7 @@ from mini_mbeir import KeywordEmbedder, query, text_candidate, write_jsonl, writ
 from umarvel.config import EvalConfig, MineConfig
 from umarvel.data.sources import read_hard_negatives
 from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
-from umarvel.retrieval.mining import mine
+from umarvel.retrieval.mining import mine, select_negatives
 
 ROW = "webqa_task1"  # text -> text
 # Scores against the query "alpha beta" (keyword counts, cosine):
@@ -27,6 +27,7 @@ POOL = [
     text_candidate("2:4", "alpha"),  # 0.707
     text_candidate("2:5", "beta gamma delta"),  # 0.408
     text_candidate("2:6", "gamma"),  # 0.000
+    text_candidate("5:9", "alpha alpha alpha beta"),  # 0.894  another dataset: searched in "union" scope only
 ]
 QUERY = query(ROW, "2:100", "alpha beta", ["2:1", "2:2"])
 OTHER = query(ROW, "2:101", "delta", ["2:5"])  # delta: 2:5 scores 0.577, every other 0
@@ -41,24 +42,41 @@ def root(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def mined(root: Path, tmp_path: Path, **settings) -> dict[str, list[str]]:
+def mined(root: Path, tmp_path: Path, **settings) -> tuple[dict[str, list[str]], dict]:
+    """(qid -> hard negatives, the per-task stats)."""
     embedder = KeywordEmbedder(["alpha", "beta", "gamma", "delta"], tmp_path)
     config = MineConfig(depth=len(POOL), top_k=3, **settings)
     out = tmp_path / f"hardneg-{len(list(tmp_path.glob('hardneg-*.jsonl')))}.jsonl"
-    mine(embedder, root, out, config, EvalConfig(cache_dir=str(tmp_path / "cache")), progress=False)
-    return {qid: dids for qid, dids, _ in read_hard_negatives(out)}
+    summary = mine(embedder, root, out, config, EvalConfig(cache_dir=str(tmp_path / "cache")), progress=False)
+    return {qid: dids for qid, dids, _ in read_hard_negatives(out)}, summary["tasks"]
 
 
-@pytest.mark.parametrize("scope", ["union", "task"])
-def test_a_second_positive_ranked_first_is_not_a_hard_negative(root, tmp_path, scope):
-    negatives = mined(root, tmp_path, scope=scope, threshold=1.0)
+@pytest.mark.parametrize("scope, first", [("union", "5:9"), ("task", None)])
+def test_a_second_positive_ranked_first_is_not_a_hard_negative(root, tmp_path, scope, first):
+    negatives, tasks = mined(root, tmp_path, scope=scope, threshold=1.0)
     assert list(negatives) == ["2:100", "2:101"]  # one list per qid, in file order
-    assert negatives["2:100"] == ["2:3", "2:4", "2:5"]
+    assert negatives["2:100"] == ([first] if first else []) + ["2:3", "2:4", "2:5"][: 3 - bool(first)]
     assert len(negatives["2:101"]) == 3 and "2:5" not in negatives["2:101"]  # the rest tie at 0
+    assert list(tasks) == ["2:task1"]
+    stats = tasks["2:task1"]
+    assert (stats["queries"], stats["short_queries"], stats["positives_removed"], stats["filtered"]) == (2, 0, 3, 0)
+    assert stats["kept_scores"]["count"] == 6 and stats["filtered_scores"] == {"count": 0}
 
 
-def test_the_relative_filter_uses_the_best_of_all_positives(root, tmp_path):
-    # best positive = 2:2 (1.0), so the ceiling is 0.9 and 2:3 (0.866) survives; a ceiling
-    # from the first positive alone (0.9 x 0.816 = 0.73) would drop 2:3 as well.
-    negatives = mined(root, tmp_path, threshold=1.0, max_fraction_of_positive=0.9)
-    assert negatives["2:100"] == ["2:3", "2:4", "2:5"]
+@pytest.mark.parametrize("fraction, expected, filtered", [
+    # best positive = 2:2 (1.0): ceiling 0.9 keeps 2:3 (0.866); from the first positive
+    # alone (0.9 x 0.816 = 0.73) it would drop 2:3 too.
+    (0.9, ["2:3", "2:4", "2:5"], 0),
+    # ceiling 0.85 drops 2:3; without a best positive nothing would be dropped, with the first
+    # positive's (0.69) 2:4 would go too.
+    (0.85, ["2:4", "2:5", "2:6"], 1),
+])
+def test_the_relative_filter_uses_the_best_of_all_positives(root, tmp_path, fraction, expected, filtered):
+    negatives, tasks = mined(root, tmp_path, scope="task", threshold=1.0, max_fraction_of_positive=fraction)
+    assert negatives["2:100"] == expected
+    assert tasks["2:task1"]["filtered"] == filtered
+
+
+def test_a_score_at_the_threshold_is_kept():
+    kept, _, filtered, _ = select_negatives(["a", "b"], [0.9, 0.5], set(), MineConfig(top_k=2, threshold=0.9), None)
+    assert (kept, filtered) == (["a", "b"], [])
