@@ -35,3 +35,12 @@ def test_config_prints_resolved_values(capsys):
 def test_unknown_verb_is_rejected():
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_missing_faiss_names_the_extra_to_install(tmp_path):
+    script = ("import sys; sys.modules['faiss'] = None\n"
+              "from umarvel.cli import main\n"
+              f"sys.exit(main(['eval', 'mbeir', '--model', '{tmp_path}', '--data', '{tmp_path}', '--output-dir', '{tmp_path}']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "FAISS is not installed" in done.stderr and "umarvel[cpu]" in done.stderr and "Traceback" not in done.stderr

@@ -16,7 +16,7 @@ def trained_like(tiny_model_dir, tmp_path_factory):
     for name, param in emb.backbone.named_parameters():
         if "lora_B" in name:
             param.data = torch.randn(param.shape, generator=generator) * 0.2
-    emb.temperature.log_tau.data.fill_(-3.5)
+    emb.temperature.tau.data.fill_(0.03)
     return emb
 
 
@@ -124,17 +124,18 @@ def test_lora_target_suffixes_and_bad_suffix(tiny_model_dir):
         Embedder.from_pretrained(tiny_model_dir, trainable=True, lora={"target_modules": ["nope"]})
 
 
-def test_learnable_temperature_is_clamped_and_not_decayed(tiny_model_dir):
+def test_learnable_temperature_is_bounded_and_in_its_own_undecayed_group(tiny_model_dir):
     emb = Embedder.from_pretrained(
         tiny_model_dir, trainable=True, temperature={"init": 0.05, "learnable": True, "min": 0.01, "max": 0.1}
     )
-    emb.temperature.log_tau.data.fill_(10.0)
+    emb.temperature.tau.data.fill_(10.0)
     assert emb.temperature.value == pytest.approx(0.1)
-    groups = emb.parameter_groups(weight_decay=0.1)
-    no_decay = {id(p) for p in groups[1]["params"]}
-    assert id(emb.temperature.log_tau) in no_decay
+    groups = emb.parameter_groups(weight_decay=0.1, temperature_lr=0.01)
+    assert [len(g["params"]) for g in groups[2:]] == [1] and groups[2]["params"][0] is emb.temperature.tau
+    assert groups[2] == {"params": [emb.temperature.tau], "weight_decay": 0.0, "lr": 0.01}
     assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.1
     assert all(p.ndim == 2 for p in groups[0]["params"])
+    assert "lr" not in emb.parameter_groups(weight_decay=0.1)[2]
 
 
 def test_bad_override_names_the_key(tiny_model_dir):

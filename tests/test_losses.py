@@ -229,3 +229,22 @@ def test_without_in_batch_negatives_a_query_sees_only_its_positive_and_own_negat
     assert not torch.allclose(out.loss, with_in_batch.loss)
     with pytest.raises(ValueError, match="in_batch_negatives=False needs extra negatives"):
         info_nce(query, positive, tau, in_batch_negatives=False)
+
+
+@pytest.mark.parametrize("scope", ["own", "global"])
+def test_top_k_only_softmax_is_one_positive_plus_own_k_negatives_in_either_scope(scope):
+    """Table 5's "top-k only": 1 + K columns per query, whatever negatives_scope the stage keeps."""
+    generator = torch.Generator().manual_seed(3)
+    batch, k, dim, tau = 3, 2, 4, 0.1
+    query = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator, dtype=torch.float64), dim=-1)
+    positive = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator, dtype=torch.float64), dim=-1)
+    negatives = torch.nn.functional.normalize(torch.randn(batch, k, dim, generator=generator, dtype=torch.float64), dim=-1)
+    out = info_nce(query, positive, tau, negatives=negatives, negatives_scope=scope, in_batch_negatives=False)
+    expected = []
+    for i in range(batch):
+        logits = torch.cat([(query[i] @ positive[i])[None], negatives[i] @ query[i]]) / tau
+        assert logits.shape == (1 + k,)
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(out.loss, torch.stack(expected).mean(), atol=1e-12)
+    wider = info_nce(query, positive, tau, negatives=negatives, negatives_scope=scope)
+    assert not torch.allclose(out.loss, wider.loss)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from umarvel.data.mbeir import (
-    MBEIR, Instructions, MBEIRTrainPairs, format_query_text, format_text, open_pool, open_queries, resolve_under,
-    split_query_text,
+    MBEIR, Instructions, MBEIRTrainPairs, NegativeSelection, format_query_text, format_text, open_pool, open_queries,
+    resolve_under, split_query_text,
 )
 from umarvel.data.sources import read_hard_negatives, write_hard_negatives
 from umarvel.data.synthetic import write_synthetic
@@ -133,7 +133,7 @@ def test_mined_negatives_never_include_a_positive(mbeir, tmp_path):
         records[record["qid"]] = {"qid": record["qid"], "negatives": negatives, "scores": [0.5] * len(negatives)}
     path = write_hard_negatives(tmp_path / "neg.jsonl", records.values(), model="m", params={"top_k": 3})
     pairs = MBEIRTrainPairs(queries, pool, seed=0, hard_negatives=read_hard_negatives(path, cache_dir=tmp_path),
-                            num_negatives=2)
+                            negatives=NegativeSelection(2))
     for i in range(len(pairs)):
         pair = pairs[i]
         negatives = {n["did"] for n in pair["negatives"]}

@@ -91,7 +91,7 @@ def test_gradcache_on_image_batches_matches_plain_gradients(embedder):
     embedder.train()
     plain = _gradients(embedder, batch, chunk_size=0)
     cached = _gradients(embedder, batch, chunk_size=2)
-    assert plain.keys() == cached.keys() and "temperature.log_tau" in plain
+    assert plain.keys() == cached.keys() and "temperature.tau" in plain
     scale = max(g.abs().max().item() for g in plain.values())
     worst = max((plain[n] - cached[n]).abs().max().item() for n in plain)
     assert scale > 1e-3 and worst / scale < 1e-6, (worst, scale)
@@ -122,6 +122,8 @@ def test_tiny_recipe_progressive_then_mine_then_hardneg_through_the_cli(tiny_wor
     stamp = (base / "nli" / "DONE").read_text()
     assert main(["train", "--stage", "progressive", "--config", config, *overrides]) == 0
     assert (base / "nli" / "DONE").read_text() == stamp
+    # ... but a finished sub-stage is never silently reused for another config
+    assert main(["train", "--stage", "nli", "--config", config, *overrides, "--set", "stages.nli.train.learning_rate=1e-3"]) == 2
     assert main(["train", "--stage", "mbeir", "--config", config, "--set", "run.output_dir=runs/other"]) == 2
 
     # Stage 2: mine with the stage-1 model, then continue training with the mined negatives.

@@ -22,6 +22,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an unfinished run (of the same config) from its latest checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="delete the run directory's contents and train again (a finished run is otherwise "
+                        "skipped, and one of another config refused)")
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from umarvel.tiny import build_tiny_model
 
@@ -65,40 +73,20 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from umarvel.config import load_config
-    from umarvel.training.stages import PROGRESSIVE, describe_global_batch, run_progressive, train_contrastive
+    from umarvel.training.registry import run_stage
 
     _setup_logging()
-    if args.stage == "reranker":
-        return _train_reranker(args)
-    if args.stage == "progressive" or (args.stage in PROGRESSIVE and _has_stages(args)):
-        only = None if args.stage == "progressive" else args.stage
-        for run_dir in run_progressive(args.config, args.overrides, only=only, resume=args.resume):
+    from umarvel import process
+
+    for run_dir in run_stage(args.stage, args.config, args.overrides, resume=args.resume, force=args.force):
+        if process.is_main_process():
             print(f"finished: {run_dir}")
-        return 0
-    config = load_config(args.config, args.overrides)
-    logging.getLogger("umarvel").info(describe_global_batch(config))
-    print(f"finished: {train_contrastive(config, resume=args.resume)}")
-    return 0
-
-
-def _train_reranker(args: argparse.Namespace) -> int:
-    from umarvel.config import load_config
-    from umarvel.training.rerank import train_reranker
-
-    config = load_config(args.config, args.overrides)
-    print(f"finished: {train_reranker(config, resume=args.resume)}")
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from umarvel.config import load_config
-    from umarvel.training.distill import distill
-
-    _setup_logging()
-    config = load_config(args.config, args.overrides)
-    print(f"finished: {distill(config, resume=args.resume)}")
-    return 0
+    args.stage = "distill"
+    return _cmd_train(args)
 
 
 @contextlib.contextmanager
@@ -176,18 +164,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_stages(args: argparse.Namespace) -> bool:
-    from umarvel.config import read_raw
-
-    return bool(read_raw(args.config, args.overrides).get("stages"))
-
-
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from umarvel.training.registry import STAGES
+
     parser = argparse.ArgumentParser(
         prog="umarvel",
         description="Train and evaluate universal multimodal retrievers the U-MARVEL way.",
@@ -204,19 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_tiny_model)
 
     p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
-    p.add_argument(
-        "--stage", required=True,
-        help="progressive (all sub-stages of the config's `stages:`), one of its sub-stages (nli, cc3m, mbeir), "
-        "the name of a single contrastive stage such as hardneg, or reranker (the YES/NO reranker)",
-    )
+    p.add_argument("--stage", required=True, choices=list(STAGES), metavar="STAGE",
+                   help="; ".join(f"{name}: {stage.help}" for name, stage in STAGES.items()))
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its latest checkpoint")
+    _add_run_args(p)
     p.set_defaults(func=_cmd_train)
 
     p = verbs.add_parser("distill", help="stage 3: score teacher lists with recall + reranker, then distil them "
                          "into the stage-2 embedder (KL)")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its latest checkpoint")
+    _add_run_args(p)
     p.set_defaults(func=_cmd_distill)
 
     p = verbs.add_parser("mine-negatives", help="mine filtered hard negatives with a stage-1 model")

@@ -30,6 +30,9 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
+PROGRESSIVE_STAGES = ("nli", "cc3m", "mbeir")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = doc("Attach a LoRA adapter to the language model (False: train nothing but temperature).", True)
@@ -89,6 +92,15 @@ class DataConfig:
     pool: str = doc("M-BEIR candidate pool relative to the root; empty = the union train pool.", "")
     hard_negatives: str = doc("Mined hard-negative file (stage 2); empty = none.", "")
     num_negatives: int = doc("Extra negatives per query: mined ones for M-BEIR, NLI hard_neg when > 0.", 0)
+    negative_selection: Literal["top", "sample"] = doc(
+        "Mined negatives a query trains with: its top num_negatives by score (paper), or a seeded draw among its "
+        "top negative_sample_depth.", "top"
+    )
+    negative_sample_depth: int = doc("With negative_selection=sample: draw among this many top-scored negatives.", 0)
+    negative_top_up: bool = doc(
+        "Fill a query that has fewer than num_negatives mined negatives with random pool candidates (counted in "
+        "metrics.json); off: such queries stop the stage at start, or are dropped with on_error=skip.", False
+    )
     on_error: Literal["raise", "skip"] = doc("Bad rows: stop with a clear error, or skip, count and report.", "raise")
     max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0)
     num_workers: int = doc("DataLoader worker processes.", 0)
@@ -115,6 +127,10 @@ class TrainConfig:
     warmup_ratio: float = doc("Fraction of updates with linear warm-up.", 0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = doc("LR schedule.", "linear")
     weight_decay: float = doc("AdamW weight decay (never on biases, norms or the temperature).", 0.0)
+    temperature_learning_rate: float = doc(
+        "Learning rate of the learnable temperature's own optimizer group (tau itself is the parameter); "
+        "0 = train.learning_rate, as in the reference code, with which the paper's 0.05 -> 0.0206 is reached.", 0.0
+    )
     max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("Mixed precision; auto = bf16 on CUDA, fp32 on CPU.", "auto")
     deepspeed: str = doc("DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); empty = none.", "")
@@ -205,6 +221,17 @@ class Config:
         "Progressive sub-stages (nli, cc3m, mbeir) in order, each a partial config over this one.", factory=dict
     )
 
+    def __post_init__(self):
+        for name, partial in self.stages.items():
+            if name not in PROGRESSIVE_STAGES:
+                raise ConfigError(f"stages.{name}: unknown sub-stage; the progressive sub-stages are "
+                                  f"{', '.join(PROGRESSIVE_STAGES)}")
+            if not isinstance(partial, dict):
+                raise ConfigError(f"stages.{name}: expected a mapping (a partial config), got {partial!r}")
+            if "stages" in partial:
+                raise ConfigError(f"stages.{name}.stages: sub-stages cannot have sub-stages")
+            build_config(deep_merge(_without_stages(self), partial), f"stages.{name}")
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -283,6 +310,10 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+def _without_stages(config: "Config") -> dict:
+    return {k: v for k, v in to_dict(config).items() if k != "stages"}
 
 
 def deep_merge(base: dict, update: dict) -> dict:

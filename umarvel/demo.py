@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from umarvel.errors import UmarvelError
+from umarvel.evaluation.significance import load_hits
 from umarvel.evaluation.stage_report import StageResult, load_losses, load_results, summary_table, write_stage_report
 
 logger = logging.getLogger("umarvel")
@@ -100,12 +101,18 @@ def demo_steps(configs: Path, size: str, seed: int) -> list[tuple[str, Callable[
     return steps
 
 
-def collect(runs: Path) -> list[StageResult]:
-    stages = [
-        StageResult(label, parent, load_results(runs / "eval" / label.split(" ")[0]), load_losses(run))
-        for label, _, parent, run in EVALUATED
-    ]
-    stages.append(StageResult("distill + rerank", "distill", load_results(runs / "eval" / "distill+rerank"), []))
+def collect(runs: Path, mbeir_root: str | Path = MBEIR) -> list[StageResult]:
+    from umarvel.data.mbeir import MBEIR as Benchmark
+
+    benchmark = Benchmark(mbeir_root)
+
+    def result(label: str, parent: str | None, eval_dir: Path, run: Path | None) -> StageResult:
+        hits = {pool: found for pool in ("local", "global")
+                if (found := load_hits(eval_dir, pool, lambda row: benchmark.qrels("test", row)))}
+        return StageResult(label, parent, load_results(eval_dir), load_losses(run), hits)
+
+    stages = [result(label, parent, runs / "eval" / label.split(" ")[0], run) for label, _, parent, run in EVALUATED]
+    stages.append(result("distill + rerank", "distill", runs / "eval" / "distill+rerank", None))
     return stages
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import pyarrow as pa
 
+from umarvel import process
 from umarvel.errors import DataError
 
 CACHE_VERSION = 1
@@ -37,8 +38,7 @@ OnError = Literal["raise", "skip"]
 
 def default_cache_dir() -> Path:
     """$UMARVEL_CACHE/tables, else ~/.cache/umarvel/tables (datasets are often read-only)."""
-    base = os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel"
-    return Path(base) / "tables"
+    return process.cache_root() / "tables"
 
 
 def stable_hash64(text: str) -> int:
@@ -46,16 +46,12 @@ def stable_hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 def progress_bar(total_bytes: int, desc: str, enabled: bool | None = None):
     """A byte-counting tqdm bar, shown by default for large files on the main process only."""
     from tqdm import tqdm
 
     if enabled is None:
-        enabled = total_bytes >= PROGRESS_MIN_BYTES and is_main_process()
+        enabled = total_bytes >= PROGRESS_MIN_BYTES and process.is_main_process()
     return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not enabled)
 
 

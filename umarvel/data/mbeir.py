@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,11 @@ from umarvel.data.arrowtable import (
 from umarvel.data.tasks import (
     DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow,
 )
+from umarvel.config import ConfigError
 from umarvel.errors import DataError
+
+if TYPE_CHECKING:
+    from umarvel.data.sources import ScoredLists
 
 SPLITS = ("train", "val", "test")
 
@@ -508,8 +513,9 @@ def _check_split(split: str) -> None:
 
 # ---- training sets ------------------------------------------------------------------------
 
-class ScoredIdLookup(Protocol):
-    def get(self, qid: str) -> tuple[list[str], list[float]] | None: ...
+def _by_score(scored: list[tuple[str, float]]) -> list[str]:
+    """dids from the highest score down (ties keep the file's order)."""
+    return [did for did, _ in sorted(scored, key=lambda pair: -pair[1])]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -517,23 +523,44 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+@dataclass(frozen=True)
+class NegativeSelection:
+    """How a query's mined negatives become its `num_negatives` training negatives.
+
+    top:    the k highest-scored survivors of mining's filter (the paper, and its code);
+    sample: a seeded draw of k among the `depth` highest-scored (an explicit variant).
+    top_up: a query left with fewer than k is filled with random pool candidates (the reference
+            code's fallback); off, such queries stop the stage at start, or with on_error=skip
+            are dropped. Either way they are counted in the stage's metrics.
+    """
+
+    k: int = 0
+    mode: Literal["top", "sample"] = "top"
+    depth: int = 0
+    top_up: bool = False
+
+
 class MBEIRTrainPairs:
     """M-BEIR training pairs {"query", "positive", "negatives"} for the contrastive stages.
 
-    Per sample and epoch, a seeded rng draws the instruction, one positive out of
-    pos_cand_list, and `num_negatives` negatives: mined ones, topped up at random (never positives).
-    Queries whose positives are all missing from the pool are a DataError, or skipped and
-    listed in `skipped` when on_error='skip'.
+    Per sample and epoch, a seeded rng draws the instruction and one positive out of
+    pos_cand_list; the negatives follow `NegativeSelection` (never a positive, never one
+    twice). Queries whose positives are all missing from the pool are a DataError, or skipped
+    and listed in `skipped` when on_error='skip'. `negative_stats` counts what the selection did.
     """
 
     def __init__(self, queries: Queries, pool: CandidatePool, *, seed: int = 0, use_instruction: bool = True,
-                 hard_negatives: ScoredIdLookup | None = None, num_negatives: int = 0, on_error: OnError = "raise"):
+                 hard_negatives: "ScoredLists | None" = None, negatives: NegativeSelection = NegativeSelection(),
+                 on_error: OnError = "raise"):
         self.queries, self.pool, self.seed = queries, pool, seed
-        self.use_instruction, self.hard_negatives, self.num_negatives = use_instruction, hard_negatives, num_negatives
+        self.use_instruction, self.hard_negatives, self.selection = use_instruction, hard_negatives, negatives
         self.epoch = 0
         log = ErrorLog(on_error)
         self.rows = self._rows_with_positives(log)
         self.skipped = log.kept
+        self.negative_stats: dict = {}
+        if negatives.k and hard_negatives is not None:
+            self.rows = self._rows_with_enough_negatives(on_error)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -550,23 +577,79 @@ class MBEIRTrainPairs:
         return {"query": query, "positive": positive, "negatives": self._negatives(record, rng)}
 
     def _negatives(self, record: dict, rng: random.Random) -> list[dict]:
-        """`num_negatives` negatives: a sample of the mined ones, topped up with random pool
-        candidates when the filter left fewer (never a positive, never one twice)."""
-        if not self.num_negatives or self.hard_negatives is None:
+        selection = self.selection
+        if not selection.k or self.hard_negatives is None:
             return []
         positives = set(record["pos_cand_list"])
         mined = self.hard_negatives.get(record["qid"])
-        choices = [did for did in (mined[0] if mined else []) if did not in positives]
-        picked = rng.sample(choices, min(self.num_negatives, len(choices)))
-        taken = positives | set(picked)
-        attempts = 0
-        while len(picked) < self.num_negatives and attempts < 100 * self.num_negatives:
+        ranked = _by_score([(did, score) for did, score in zip(*mined) if did not in positives] if mined else [])
+        if selection.mode == "sample":
+            picked = rng.sample(ranked[: selection.depth], min(selection.k, len(ranked[: selection.depth])))
+        else:
+            picked = ranked[: selection.k]
+        if len(picked) < selection.k and selection.top_up:
+            picked += self._random_candidates(selection.k - len(picked), positives | set(picked), rng)
+        if len(picked) < selection.k:
+            raise DataError(f"query {record['qid']} has {len(picked)} mined negatives besides its positives, "
+                            f"data.num_negatives asks for {selection.k}; set data.negative_top_up=true or mine more",
+                            self.hard_negatives.file)
+        return [self.pool.get(did, needed_by=f"the mined negatives of query {record['qid']}") for did in picked]
+
+    def _random_candidates(self, count: int, taken: set[str], rng: random.Random) -> list[str]:
+        found, attempts = [], 0
+        while len(found) < count and attempts < 100 * count:
             attempts += 1
             did = self.pool.item(rng.randrange(len(self.pool)))["did"]
             if did not in taken:
-                picked.append(did)
+                found.append(did)
                 taken.add(did)
-        return [self.pool.get(did, needed_by=f"the mined negatives of query {record['qid']}") for did in picked]
+        return found
+
+    def _rows_with_enough_negatives(self, on_error: OnError) -> np.ndarray:
+        """The usable rows, after checking every query's mined list against k; fills negative_stats."""
+        selection, mined = self.selection, self.hard_negatives
+        needed = selection.depth if selection.mode == "sample" else selection.k
+        if selection.mode == "sample" and selection.depth < selection.k:
+            raise ConfigError(f"data.negative_sample_depth ({selection.depth}) must be at least data.num_negatives "
+                              f"({selection.k}) to sample among the top negatives")
+        kept_per_query = (mined.header or {}).get("params", {}).get("top_k")
+        if isinstance(kept_per_query, int) and kept_per_query < needed:
+            raise ConfigError(f"{mined.file} keeps {kept_per_query} negatives per query (mine.top_k), the stage needs "
+                              f"{needed} (data.num_negatives{' / data.negative_sample_depth' if selection.mode == 'sample' else ''}): "
+                              "mine again with mine.top_k >= that, or lower it")
+        counts = self._mined_counts()
+        short = counts < selection.k
+        stats = {"selection": selection.mode, "num_negatives": selection.k, "sample_depth": selection.depth,
+                 "queries": int(len(self.rows)), "queries_with_fewer": int(short.sum()),
+                 "mean_mined_per_query": float(counts.mean()) if len(counts) else 0.0,
+                 "top_up_slots_per_epoch": 0, "queries_dropped": 0}
+        rows = self.rows
+        if short.any() and selection.top_up:
+            stats["top_up_slots_per_epoch"] = int((selection.k - counts[short]).sum())
+        elif short.any():
+            example = self.queries.record(int(self.rows[np.flatnonzero(short)[0]]))
+            message = (f"{int(short.sum())} of {len(rows)} training queries have fewer than data.num_negatives="
+                       f"{selection.k} mined negatives in {mined.file} (e.g. {example['qid']}: "
+                       f"{int(counts[np.flatnonzero(short)[0]])}): mine deeper, lower data.num_negatives, "
+                       "set data.negative_top_up=true (random pool candidates fill them), or data.on_error=skip "
+                       "to train without them")
+            if on_error == "raise":
+                raise DataError(message, self.queries.file)
+            rows = rows[~short]
+            stats["queries_dropped"] = int(short.sum())
+        self.negative_stats = stats
+        return rows
+
+    def _mined_counts(self) -> np.ndarray:
+        """Mined negatives listed for each usable row's query (0 when the file has none)."""
+        mined = self.hard_negatives.table.table
+        qids = self.queries.table.table.column("qid").take(pa.array(self.rows))
+        where = pc.index_in(qids, value_set=mined.column("qid"))
+        lengths = pc.list_value_length(mined.column(self.hard_negatives.ids_field)).to_numpy(zero_copy_only=False)
+        found = where.is_valid().to_numpy(zero_copy_only=False)
+        counts = np.zeros(len(self.rows), dtype=np.int64)
+        counts[found] = lengths[where.drop_null().to_numpy()]
+        return counts
 
     def _rows_with_positives(self, log: ErrorLog) -> np.ndarray:
         usable = []

@@ -11,13 +11,14 @@ import os
 from pathlib import Path
 
 
+from umarvel import process
 from umarvel.config import EvalConfig
 from umarvel.data.mbeir import MBEIR
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
 from umarvel.errors import DataError, UmarvelError
 from umarvel.evaluation.metrics import RowResult, evaluate_row
 from umarvel.evaluation.report import run_file_name, write_report, write_run_file
-from umarvel.retrieval.encode import EmbeddingCache, EncodedSet, rank_and_world
+from umarvel.retrieval.encode import EmbeddingCache, EncodedSet
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -53,7 +54,7 @@ class MBEIREvaluator:
         query_sets = {row.name: self.queries(row) for row in rows}
         pool_rows = EVAL_ROWS if "global" in pools else rows
         pool_sets = {row.name: self.local_pool(row) for row in pool_rows}
-        if rank_and_world()[0] != 0:
+        if process.rank() != 0:
             return {}
         output_dir = Path(output_dir)
         results = {}

@@ -14,6 +14,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
+from umarvel import process
 from umarvel.config import EvalConfig
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.errors import DataError
@@ -21,7 +22,7 @@ from umarvel.evaluation.mbeir import MBEIREvaluator, _concatenate, report_dir
 from umarvel.evaluation.metrics import RowResult, evaluate_row
 from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.retrieval.encode import EncodedSet, rank_and_world
+from umarvel.retrieval.encode import EncodedSet
 from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))
@@ -57,7 +58,7 @@ class RerankingEvaluator(MBEIREvaluator):
     def evaluate(self, rows: list[EvalRow], pools: tuple[str, ...], output_dir: str | os.PathLike) -> dict[str, list[RowResult]]:
         """Choose (or take) a per pool, then evaluate as MBEIREvaluator and record a in the reports."""
         validation = {pool: self.choose_alpha(rows, pool) for pool in pools} if self.alpha == "auto" else {}
-        if rank_and_world()[0] != 0:
+        if process.rank() != 0:
             return super().evaluate(rows, pools, output_dir)
         self.alphas = {pool: validation[pool][0] if validation else float(self.alpha) for pool in pools}
         results = super().evaluate(rows, pools, output_dir)
@@ -83,7 +84,7 @@ class RerankingEvaluator(MBEIREvaluator):
         the other ranks help encode and get None)."""
         queries = {row.name: self.queries(row, split=VALIDATION) for row in rows}
         local = {row.name: self.local_pool(row) for row in (EVAL_ROWS if pool_name == "global" else rows)}
-        if rank_and_world()[0] != 0:
+        if process.rank() != 0:
             return None
         union = _concatenate(list(local.values())) if pool_name == "global" else None
         averages = dict.fromkeys(self.grid, 0.0)

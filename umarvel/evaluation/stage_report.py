@@ -1,30 +1,41 @@
 """Compare the recipe's stages: a terminal table, report.md with per-row tables, and PNG plots.
 
 The report states plainly whether each stage improved on the one it started from, so a stage
-that does not help (on synthetic data, say) is visible rather than hidden.
+that does not help (on synthetic data, say) is visible rather than hidden; with per-query hits
+(`significance`) every average carries its 95% bootstrap interval and "improves on" means the
+paired difference is larger than its noise.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel.data.tasks import EVAL_ROWS
+from umarvel.evaluation.significance import Hits, average_interval, paired_difference, verdict
 from umarvel.io import atomic_path, atomic_write_text
 
 
 @dataclass
 class StageResult:
-    """One evaluated model: its label, the stage it continued from, results per pool, loss curve."""
+    """One evaluated model: its label, the stage it continued from, results per pool, loss curve,
+    and per pool the per-query headline hits of each row (for intervals), when known."""
 
     name: str
     parent: str | None
     results: dict[str, dict]
     losses: list[float]
+    hits: dict[str, Hits] = field(default_factory=dict)
 
     def average(self, pool: str) -> float | None:
         result = self.results.get(pool)
         return None if result is None else result["average"]
+
+    def shown_average(self, pool: str) -> str:
+        """`48.44 [40.10, 56.30]` with hits, else the plain average."""
+        if pool in self.hits and self.average(pool) is not None:
+            return str(average_interval(self.hits[pool]))
+        return _fmt(self.average(pool))
 
 
 def load_results(eval_dir: Path) -> dict[str, dict]:
@@ -53,20 +64,25 @@ def _fmt(value: float | None) -> str:
 def _verdict(stage: StageResult, by_name: dict[str, StageResult], pool: str) -> str:
     if stage.parent is None or stage.parent not in by_name:
         return ""
-    mine, before = stage.average(pool), by_name[stage.parent].average(pool)
+    parent = by_name[stage.parent]
+    mine, before = stage.average(pool), parent.average(pool)
     if mine is None or before is None:
         return ""
+    if pool in stage.hits and pool in parent.hits:
+        difference = paired_difference(stage.hits[pool], parent.hits[pool])
+        if difference is not None:
+            return verdict(difference, stage.parent)
     delta = mine - before
     word = "improves on" if delta > 0.05 else ("matches" if abs(delta) <= 0.05 else "does NOT improve on")
-    return f"{word} {stage.parent} ({delta:+.2f})"
+    return f"{word} {stage.parent} ({delta:+.2f}; no per-query data for an interval)"
 
 
 def summary_table(stages: list[StageResult]) -> str:
     """The terminal table: rows = stages, columns = local and global averages."""
     by_name = {s.name: s for s in stages}
-    lines = [f"{'model':22s} {'local avg':>10s} {'global avg':>11s}  vs. previous stage (local)"]
+    lines = [f"{'model':22s} {'local avg [95% CI]':>22s} {'global avg [95% CI]':>22s}  vs. previous stage (local)"]
     for stage in stages:
-        lines.append(f"{stage.name:22s} {_fmt(stage.average('local')):>10s} {_fmt(stage.average('global')):>11s}  "
+        lines.append(f"{stage.name:22s} {stage.shown_average('local'):>22s} {stage.shown_average('global'):>22s}  "
                      f"{_verdict(stage, by_name, 'local')}")
     return "\n".join(lines)
 
@@ -90,10 +106,13 @@ def write_stage_report(out_dir: Path, stages: list[StageResult], *, title: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in stages}
     lines = [f"# {title}", "", *notes, "", "## Averages", "",
-             "| model | local avg | global avg | vs. previous stage (local) | vs. previous stage (global) |",
+             "Averages with their 95% bootstrap interval over queries; a stage improves on the one it "
+             "continued from only when the paired difference's interval excludes 0.", "",
+             "| model | local avg [95% CI] | global avg [95% CI] | vs. previous stage (local) | "
+             "vs. previous stage (global) |",
              "|---|---|---|---|---|"]
     for stage in stages:
-        lines.append(f"| {stage.name} | {_fmt(stage.average('local'))} | {_fmt(stage.average('global'))} | "
+        lines.append(f"| {stage.name} | {stage.shown_average('local')} | {stage.shown_average('global')} | "
                      f"{_verdict(stage, by_name, 'local')} | {_verdict(stage, by_name, 'global')} |")
     lines += ["", "![training loss per stage](loss.png)", "", "![recall per row and stage](recall.png)", ""]
     lines += _row_table(stages, "local") + _row_table(stages, "global")

@@ -1,6 +1,8 @@
 """Backbone + LoRA adapter loading shared by the embedder and the reranker."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -8,6 +10,8 @@ from torch import nn
 
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
 from umarvel.config import ConfigError, ModelConfig
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_dir
 
 
 def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
@@ -64,6 +68,31 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     return backbone, processor, device
 
 
+def gathered(parameters):
+    """The block sees `parameters` whole; a no-op unless DeepSpeed ZeRO-3 partitions them.
+
+    Collective under ZeRO-3 (every rank must enter with the same parameters); the gathered
+    storage is freed on exit, so keep copies, not views.
+    """
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+@torch.no_grad()
+def _dummy_vision(visual: nn.Module) -> None:
+    """The vision tower on the smallest image it takes (one merged patch)."""
+    config = visual.config
+    merge = config.spatial_merge_size
+    weight = next(visual.parameters())
+    pixels = torch.zeros(merge * merge, config.in_channels * config.temporal_patch_size * config.patch_size**2,
+                         dtype=weight.dtype, device=weight.device)
+    visual(pixels, grid_thw=torch.tensor([[1, merge, merge]], device=weight.device))
+
+
 class AdaptedBackbone(nn.Module):
     """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter.
 
@@ -84,3 +113,53 @@ class AdaptedBackbone(nn.Module):
         from peft import PeftModel
 
         return isinstance(self.backbone, PeftModel)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def write_adapter(self, directory: str | os.PathLike, *, write: bool = True, atomic: bool = False) -> Path:
+        """Write the adapter and this model's own files into `directory` (a Trainer checkpoint;
+        with `atomic`, built beside it and renamed in when complete).
+
+        Under DeepSpeed ZeRO-3 the adapter is gathered first: every rank must call this, and
+        only the one with `write` writes.
+        """
+        if not self.has_adapter:
+            raise UmarvelError(f"this {type(self).__name__.lower()} has no adapter to save")
+        with gathered(self.trainable_parameters()):
+            if write:
+                with atomic_dir(directory) if atomic else nullcontext(Path(directory)) as target:
+                    target.mkdir(parents=True, exist_ok=True)
+                    with quiet_transformers():
+                        self.backbone.save_pretrained(target)
+                    self._write_files(target)
+        return Path(directory)
+
+    def _write_files(self, directory: Path) -> None:
+        """This model's files beside the adapter (settings, processor, ...)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def vision_on_every_rank(self, has_images: bool):
+        """Run the backbone's forward in the block with the vision tower on every rank.
+
+        Under ZeRO-3 each module's forward gathers its weights collectively, the frozen vision
+        tower's too, so a batch without images on one rank while another has some hangs or
+        aborts. Then the image-less ranks run the tower on a minimal dummy image (discarded)
+        where the model runs it for real: after the token embeddings, before the language
+        model. Costs one flag all-reduce per forward under ZeRO-3; nothing otherwise.
+        """
+        visual = next(m for name, m in self.backbone.named_modules() if name.endswith("visual"))
+        if not any(hasattr(p, "ds_id") for p in visual.parameters()) or not torch.distributed.is_initialized():
+            yield
+            return
+        anywhere = torch.tensor([int(has_images)], device=self.device)
+        torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+        if has_images or not anywhere.item():
+            yield
+            return
+        hook = language_model(self.backbone).register_forward_pre_hook(lambda *_: _dummy_vision(visual), prepend=True)
+        try:
+            yield
+        finally:
+            hook.remove()

@@ -20,7 +20,7 @@ from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_d
 from umarvel.data.collator import Collator
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
+from umarvel.modeling.adapters import AdaptedBackbone, gathered, load_adapted
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -74,8 +74,7 @@ class Embedder(AdaptedBackbone):
             config = cls._config(saved["model"], overrides, str(saved_file))
             backbone_dir = cls._find_backbone(config.backbone, path)
             embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
-        state = load_file(path / TEMPERATURE_FILE)
-        embedder.temperature.log_tau.data.copy_(state["log_tau"])
+        embedder.temperature.load_state(load_file(path / TEMPERATURE_FILE))
         return embedder
 
     @staticmethod
@@ -104,7 +103,8 @@ class Embedder(AdaptedBackbone):
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
         """Unit-norm float32 embeddings of a collated batch."""
         inputs = {k: v for k, v in multimodal.items() if k in MODEL_INPUTS and v is not None}
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
+        with self.vision_on_every_rank("pixel_values" in inputs):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
 
@@ -133,31 +133,16 @@ class Embedder(AdaptedBackbone):
         return torch.stack(out)
 
     # ----- saving -------------------------------------------------------------------------
-    def _write_common(self, directory: Path, merged: bool, log_tau: torch.Tensor | None = None) -> None:
+    def _write_common(self, directory: Path, merged: bool) -> None:
         atomic_write_json(
             directory / EMBEDDER_CONFIG,
             {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
         )
-        log_tau = self.temperature.log_tau if log_tau is None else log_tau
-        save_file({"log_tau": log_tau.detach().cpu().float().contiguous()}, str(directory / TEMPERATURE_FILE))
+        save_file(self.temperature.state(), str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
 
-    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write adapter + config + temperature into an existing directory (a Trainer checkpoint).
-
-        `state_dict` is this module's state as gathered by DeepSpeed (ZeRO-3 partitions the
-        live parameters); without it the live parameters are saved.
-        """
-        if not self.has_adapter:
-            raise UmarvelError("this embedder has no adapter to save; use merge_and_save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        backbone_state = None
-        if state_dict:
-            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        with quiet_transformers():
-            self.backbone.save_pretrained(directory, state_dict=backbone_state)
-        self._write_common(directory, merged=False, log_tau=(state_dict or {}).get("temperature.log_tau"))
+    def _write_files(self, directory: Path) -> None:
+        self._write_common(directory, merged=False)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load a saved adapter's weights and temperature into this embedder (resume)."""
@@ -165,58 +150,77 @@ class Embedder(AdaptedBackbone):
 
         directory = Path(directory)
         set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors"))
-        self.temperature.log_tau.data.copy_(load_file(directory / TEMPERATURE_FILE)["log_tau"])
+        self.temperature.load_state(load_file(directory / TEMPERATURE_FILE))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter)."""
+    def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter).
+
+        Collective under ZeRO-3, like `write_adapter`.
+        """
         if not self.has_adapter:
-            return self.merge_and_save(directory)
-        with atomic_dir(directory) as tmp:
-            self.write_adapter(tmp)
-        return Path(directory)
+            return self.merge_and_save(directory, write=write)
+        return self.write_adapter(directory, write=write, atomic=True)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Backbone weights with every LoRA delta folded in, under the plain model's key names."""
+        return dict(self._merged_tensors())
+
+    def _merged_tensors(self):
+        """(key, tensor) of the merged backbone; under ZeRO-3 one layer is gathered at a time
+        (collective) and the tensors are CPU copies."""
         from peft.tuners.lora import LoraLayer
 
-        if not self.has_adapter:
-            return self.backbone.state_dict()
-        base = self.backbone.get_base_model()
-        state = {}
+        base = self.backbone.get_base_model() if self.has_adapter else self.backbone
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
-                weight = module.base_layer.weight
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                state[f"{name}.weight"] = (weight + delta.to(weight.dtype)).detach()
-                if module.base_layer.bias is not None:
-                    state[f"{name}.bias"] = module.base_layer.bias.detach()
-        for key, value in base.state_dict().items():
+                with gathered(list(module.parameters())):
+                    weight = module.base_layer.weight
+                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                    yield f"{name}.weight", _kept(weight + delta.to(weight.dtype), like=weight)
+                    if module.base_layer.bias is not None:
+                        yield f"{name}.bias", _kept(module.base_layer.bias, like=weight)
+        for key, value in base.state_dict(keep_vars=True).items():
             if "lora_" in key or ".base_layer." in key:
                 continue
-            state.setdefault(key, value)
-        return state
+            with gathered([value]):
+                yield key, _kept(value, like=value)
 
-    def merge_and_save(self, directory: str | os.PathLike) -> Path:
-        """A plain merged checkpoint that loads with from_pretrained and embeds identically."""
+    def merge_and_save(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """A plain merged checkpoint that loads with from_pretrained and embeds identically.
+
+        Collective under ZeRO-3 (every rank gathers, only the one with `write` keeps and writes).
+        """
         base = self.backbone.get_base_model() if self.has_adapter else self.backbone
-        with atomic_dir(directory) as tmp, quiet_transformers():
-            base.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in self.merged_state_dict().items()})
-            self._write_common(tmp, merged=True)
+        state = {key: value.contiguous() for key, value in self._merged_tensors() if write}
+        with gathered(self.temperature.parameters()):
+            if write:
+                with atomic_dir(directory) as tmp, quiet_transformers():
+                    base.save_pretrained(tmp, state_dict=state)
+                    self._write_common(tmp, merged=True)
         return Path(directory)
 
     # ----- optimisation -------------------------------------------------------------------
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: decay on LoRA matrices; none on biases, norms and the temperature."""
+    def parameter_groups(self, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: decay on LoRA matrices; none on biases and norms; the temperature
+        in a group of its own, without decay, at `temperature_lr` (None: the optimizer's rate)."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = name.startswith("temperature.") or param.ndim < 2
-            (no_decay if skip else decay).append(param)
+            if param.requires_grad and not name.startswith("temperature."):
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        temperature = {"params": [p for p in self.temperature.parameters() if p.requires_grad], "weight_decay": 0.0}
+        if temperature_lr is not None:
+            temperature["lr"] = temperature_lr
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
+            temperature,
         ]
+
+
+def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached; a CPU copy when `like` is a ZeRO-3 parameter, whose gathered
+    storage is freed when its gather ends."""
+    return tensor.detach().to("cpu", copy=True) if hasattr(like, "ds_id") else tensor.detach()
 
 
 RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
-from umarvel.backbone import quiet_transformers
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
-from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.io import atomic_write_json
 from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
@@ -116,10 +115,11 @@ class Reranker(AdaptedBackbone):
             predicting = answer_at - 1
         model = self.backbone.get_base_model() if self.has_adapter else self.backbone
         multimodal = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "mm_token_type_ids": mm_token_type_ids}
-        hidden = model.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-            **{k: v for k, v in multimodal.items() if v is not None},
-        ).last_hidden_state
+        with self.vision_on_every_rank(pixel_values is not None):
+            hidden = model.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                **{k: v for k, v in multimodal.items() if v is not None},
+            ).last_hidden_state
         logits = model.lm_head(hidden[rows, predicting]).float()
         loss = None if labels is None else F.cross_entropy(logits, labels[rows, answer_at])
         return RerankOutput(logits=logits, loss=loss)
@@ -148,21 +148,7 @@ class Reranker(AdaptedBackbone):
         return scores
 
     # ----- saving -------------------------------------------------------------------------
-    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write adapter + reranker config + processor into a directory (a Trainer checkpoint).
-
-        `state_dict` is this module's state as gathered by DeepSpeed; without it the live
-        parameters are saved.
-        """
-        if not self.has_adapter:
-            raise UmarvelError("this reranker has no adapter to save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        backbone_state = None
-        if state_dict:
-            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        with quiet_transformers():
-            self.backbone.save_pretrained(directory, state_dict=backbone_state)
+    def _write_files(self, directory: Path) -> None:
         atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)})
         self.processor.save_pretrained(directory)
 
@@ -173,10 +159,9 @@ class Reranker(AdaptedBackbone):
 
         set_peft_model_state_dict(self.backbone, load_file(Path(directory) / "adapter_model.safetensors"))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        with atomic_dir(directory) as tmp:
-            self.write_adapter(tmp)
-        return Path(directory)
+    def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """Collective under ZeRO-3, like `write_adapter`."""
+        return self.write_adapter(directory, write=write, atomic=True)
 
 
 def _pair_length(pair: tuple[dict, dict]) -> tuple[int, int]:

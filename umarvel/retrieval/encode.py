@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from umarvel.config import EvalConfig, to_dict
 from umarvel.io import atomic_path, atomic_write_json
+from umarvel import process
 
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
@@ -109,17 +109,6 @@ class EncodedSet:
         return np.concatenate(self.shards) if len(self.shards) > 1 else self.shards[0]
 
 
-def rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def load_encoded(directory: str | os.PathLike) -> EncodedSet | None:
     """The finished set in `directory`, or None when its manifest is not written yet."""
     directory = Path(directory)
@@ -166,7 +155,7 @@ def encode_set(
     finished = load_encoded(directory)
     if finished is not None:
         return finished
-    rank, world = rank_and_world()
+    rank, world = process.rank(), process.world_size()
     bounds = [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
     mine = [i for i in range(len(bounds)) if i % world == rank]
     todo = [i for i in mine if not _finished_shard(directory, i, *bounds[i], items, id_key)]
@@ -191,18 +180,17 @@ def encode_set(
         with atomic_path(ids_file) as tmp:
             tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
     bar.close()
-    _barrier()
+    process.barrier()
     if rank == 0:
         shards = [{"file": f"shard-{i:05d}.npy", "ids": f"shard-{i:05d}.ids.txt", "rows": stop - start}
                   for i, (start, stop) in enumerate(bounds)]
         atomic_write_json(directory / MANIFEST, {"fingerprint": fingerprint, "rows": count, "shards": shards})
-    _barrier()
+    process.barrier()
     return load_encoded(directory)
 
 
 def default_embedding_cache() -> Path:
-    base = os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel"
-    return Path(base) / "embeddings"
+    return process.cache_root() / "embeddings"
 
 
 class EmbeddingCache:

@@ -15,11 +15,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from umarvel.errors import UmarvelError
+
+try:
+    import faiss
+except ImportError as err:  # FAISS is an extra: faiss-cpu and faiss-gpu cannot both be installed
+    raise UmarvelError(
+        "FAISS is not installed; it comes with an extra: pip install 'umarvel[cpu]' (faiss-cpu) "
+        "or 'umarvel[gpu]' (faiss-gpu), or in a clone: pip install -e '.[cpu]'"
+    ) from err
 
 # Default fp32 size of one candidate chunk on CPU: small beside the pool, large enough for BLAS.
 CHUNK_BYTES = 256 << 20

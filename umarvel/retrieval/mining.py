@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from umarvel import process
 from umarvel.config import EvalConfig, MineConfig
 from umarvel.data.mbeir import MBEIR, open_pool, open_queries
 from umarvel.data.sources import write_hard_negatives
 from umarvel.data.tasks import GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
-from umarvel.retrieval.encode import EmbeddingCache, EncodedSet, rank_and_world
+from umarvel.retrieval.encode import EmbeddingCache, EncodedSet
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -108,7 +109,7 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
     cache = EmbeddingCache(embedder, eval_config, progress=progress)
     encoded_queries = cache.queries(f"mine_{query_file.stem}", queries, [query_file, root / QUERY_INSTRUCTIONS])
     encoded_pool = cache.pool(f"mine_{pool_file.stem}", pool_table, pool_file)
-    if rank_and_world()[0] != 0:
+    if process.rank() != 0:
         return {}
 
     records, first_row = [], {}

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from umarvel import process
 from umarvel.config import EvalConfig, RerankConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.rerank import RerankPair
-from umarvel.retrieval.encode import EmbeddingCache, rank_and_world
+from umarvel.retrieval.encode import EmbeddingCache
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -68,7 +69,7 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     )
     # The set name mining gives the pool, so a pool encoded for mining is re-used here.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
-    if rank_and_world()[0] != 0:
+    if process.rank() != 0:
         return [], {}
     _, ranked = search_ids(encoded_queries.vectors(), encoded_pool.shards, encoded_pool.ids, config.top_n,
                            use_gpu=gpu_choice(eval_config.use_gpu))

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from umarvel import process
 from umarvel.config import Config, ConfigError, DistillConfig, EvalConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.sources import read_teacher_scores, write_teacher_scores
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_path, atomic_write_json
-from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint, rank_and_world
+from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint
 from umarvel.retrieval.index import gpu_choice, search_ids
 from umarvel.retrieval.rerank import first_rows, fuse, rerank_candidates
 
@@ -86,13 +87,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], settings: DistillConfig,
              eval_config: EvalConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
     """(records {"qid", "candidates", "recall"}, skipped qids) for the sampled `rows`.
@@ -113,7 +107,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
     )
     # The set name mining gives the pool, so a pool encoded for mining or reranker pairs is re-used.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
-    if rank_and_world()[0] != 0:
+    if process.rank() != 0:
         return [], []
     query_vectors = encoded_queries.vectors().astype(np.float32)
     scores, ranked = search_ids(query_vectors, encoded_pool.shards, encoded_pool.ids, settings.top_k + 1,
@@ -140,7 +134,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
 def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: list[dict], work: Path, *,
                  shard_size: int, batch_size: int, progress: bool = True) -> int:
     """Add P(YES) to this rank's missing shards of `retrieved`; return the pairs scored."""
-    rank, world = rank_and_world()
+    rank, world = process.rank(), process.world_size()
     use_instruction = reranker.settings.prompt.use_instruction
     scored = 0
     for index in tqdm(missing_shards(work, len(retrieved), shard_size, rank, world), desc="teacher shards",
@@ -206,7 +200,7 @@ class TeacherScoring:
             return self.path
         self._claim_work()
         retrieved, skipped = self._retrieved()
-        rank, world = rank_and_world()
+        rank, world = process.rank(), process.world_size()
         shard_size = self.config.distill.shard_size
         if missing_shards(self.work, len(retrieved), shard_size, rank, world):
             from umarvel.modeling.reranker import Reranker
@@ -219,14 +213,14 @@ class TeacherScoring:
             logger.info("teacher scores: rank %d reranked %d pairs in %.1f s (%.1f pairs/s)",
                         rank, scored, seconds, scored / max(seconds, 1e-9))
             del reranker
-        _barrier()
+        process.barrier()
         if rank == 0:
             params = {**self.params, "queries": len(retrieved), "skipped_queries": len(skipped)}
             merge_shards(self.work, len(retrieved), shard_size, self.path, alpha=self.config.distill.alpha,
                          model=self.model, params=params)
             logger.info("teacher scores: %d queries x %d candidates -> %s",
                         len(retrieved), self.config.distill.top_k + 1, self.path)
-        _barrier()
+        process.barrier()
         return self.path
 
     def _check_made_by_these_settings(self) -> None:
@@ -240,9 +234,9 @@ class TeacherScoring:
     def _claim_work(self) -> None:
         """Record the work's settings (rank 0, once); refuse work done for other settings."""
         file = self.work / PARAMS
-        if rank_and_world()[0] == 0 and not file.is_file():
+        if process.rank() == 0 and not file.is_file():
             atomic_write_json(file, self.work_params)
-        _barrier()
+        process.barrier()
         recorded = json.loads(file.read_text())
         if recorded != self.work_params:
             differing = sorted(k for k in self.work_params if recorded.get(k) != self.work_params[k])
@@ -261,11 +255,11 @@ class TeacherScoring:
             records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.eval,
                                         seed=self.config.run.seed, progress=self.progress)
             del embedder
-            if rank_and_world()[0] == 0:
+            if process.rank() == 0:
                 if skipped:
                     logger.warning("%d sampled queries have no positive in %s and are left out (e.g. %s)",
                                    len(skipped), self.pool.file, skipped[:3])
                 _write_jsonl(file, [{"skipped": skipped}] + records)
-            _barrier()
+            process.barrier()
         head, *records = _read_jsonl(file)
         return records, head["skipped"]

@@ -26,7 +26,7 @@ from umarvel.data.sources import read_teacher_scores
 from umarvel.retrieval.teacher import TeacherScoring, teacher_path
 from umarvel.training.losses import distillation_kl
 from umarvel.training.rerank import training_data
-from umarvel.training.stages import image_start_id, is_done, train_contrastive, training_arguments
+from umarvel.training.stages import image_start_id, train_contrastive
 from umarvel.training.trainer import ContrastiveTrainer, EpochResampling
 
 logger = logging.getLogger("umarvel")
@@ -68,6 +68,7 @@ def distillation_trainer(config: Config, embedder, args, callbacks: list, *, que
         loss_config=config.train.loss,
         image_start_id=image_start_id(embedder),
         teacher_temperature=config.distill.teacher_temperature,
+        temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(samples), *callbacks],
     )
 
@@ -88,20 +89,18 @@ def check_distill_config(config: Config) -> None:
         raise ConfigError(f"distill.teacher_temperature must be >= 0 (0 = the student's), got {settings.teacher_temperature}")
 
 
-def distill(config: Config, *, resume: bool = False) -> Path:
-    """Score the teacher (once, resumable), then train the student; a finished run is left as it is."""
+def distill(config: Config, *, resume: bool = False, force: bool = False) -> Path:
+    """Score the teacher (once, resumable, the ranks sharing the work), then train the student."""
     from umarvel.modeling.embedder import resolve_model_dir
     from umarvel.modeling.reranker import resolve_reranker_dir
 
     check_distill_config(config)
-    run_dir = Path(config.run.output_dir)
-    if is_done(run_dir):
-        logger.info("%s is finished (DONE); skipping", run_dir)
-        return run_dir
-    args = training_arguments(config, run_dir)  # joins a launcher's process group: the ranks share the scoring
     queries, pool = training_data(config)
-    recall_dir = resolve_model_dir(config.distill.recall_model or config.model.backbone)
-    TeacherScoring(config, queries, pool, recall_dir, resolve_reranker_dir(config.distill.reranker),
-                   device=str(args.device)).run()
-    return train_contrastive(config, resume=resume,
+
+    def score_teacher(args) -> None:
+        recall_dir = resolve_model_dir(config.distill.recall_model or config.model.backbone)
+        TeacherScoring(config, queries, pool, recall_dir, resolve_reranker_dir(config.distill.reranker),
+                       device=str(args.device)).run()
+
+    return train_contrastive(config, resume=resume, force=force, prepare=score_teacher,
                              build_trainer=partial(distillation_trainer, queries=queries, pool=pool))

@@ -81,13 +81,16 @@ def info_nce(
     """InfoNCE of local queries against the global batch (see the module docstring).
 
     query, positive: [B, D]; negatives: [B, K, D] or query-major [B*K, D]. With
-    `in_batch_negatives` False a query sees only its own positive and the extra negatives (paper Table 5, "top-k
-    hard negatives only"); the other queries' positives are left out of its softmax.
+    `in_batch_negatives` False a query sees only its own positive and its own K negatives (paper
+    Table 5, "top-k hard negatives only"): the other queries' positives are masked out of its
+    softmax and, whatever `negatives_scope`, their negatives are not in it.
     """
     if negatives_scope not in ("own", "global"):
         raise ValueError(f"negatives_scope must be 'own' or 'global', got {negatives_scope!r}")
     if not in_batch_negatives and (negatives is None or bidirectional):
         raise ValueError("in_batch_negatives=False needs extra negatives and a one-directional loss")
+    if not in_batch_negatives:
+        negatives_scope = "own"  # top-k only: nothing of another query, its negatives included
     batch, dim = query.shape
     if positive.shape != query.shape:
         raise ValueError(f"positive has shape {tuple(positive.shape)}, expected {tuple(query.shape)}")

@@ -13,29 +13,31 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
 
 from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
-from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.training.stages import DONE, is_done, is_main_process, start_run, training_arguments, world_size
+from umarvel import process
+from umarvel.training import runs
+from umarvel.training.telemetry import TelemetryTrainer
+from umarvel.training.stages import training_arguments
 
 logger = logging.getLogger("umarvel")
 PAIRS_FILE = "pairs.jsonl"
 
 
-class RerankTrainer(Trainer):
-    """The stock Trainer; its checkpoints are loadable reranker directories (adapter only)."""
+class RerankTrainer(TelemetryTrainer):
+    """The stock Trainer's loss and loop; its checkpoints are loadable reranker directories (adapter only)."""
 
     @property
     def reranker(self):
         return self.accelerator.unwrap_model(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.reranker.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+        """As ContrastiveTrainer._save: every rank gathers the live adapter, the saving process writes."""
+        self.reranker.write_adapter(output_dir or self.args.output_dir, write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume without DeepSpeed (under DeepSpeed the engine's own checkpoint is loaded)."""
         self.reranker.load_adapter_weights(resume_from_checkpoint)
 
 
@@ -71,61 +73,49 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
         embedder = Embedder.from_pretrained(resolve_model_dir(config.rerank.recall_model), device=str(device))
         pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.eval, seed=config.run.seed)
         del embedder
-        if is_main_process():
+        if process.is_main_process():
             params = {**to_dict(config.rerank), "query_file": queries.file, "pool_file": pool.file,
                       "seed": config.run.seed, **stats}
             write_pairs(pairs_file, pairs, params)
             logger.info("reranker pairs: %d queries, %d YES, %d NO -> %s",
                         stats["queries"], stats["yes"], stats["no"], pairs_file)
-        _barrier()
+        process.barrier()
     return read_pairs(pairs_file)
 
 
-def train_reranker(config: Config, *, resume: bool = False) -> Path:
+def train_reranker(config: Config, *, resume: bool = False, force: bool = False) -> Path:
     """Run the reranker stage to completion; a finished run directory is left as it is."""
-    from transformers.trainer_callback import PrinterCallback
-
     from umarvel.data.rerank import RerankTrainSet
     from umarvel.modeling.reranker import Reranker
-    from umarvel.training.trainer import EpochResampling, SamplesPerSecondProgress
+    from umarvel.training.trainer import EpochResampling
 
     _check(config)
-    run_dir = Path(config.run.output_dir)
-    if is_done(run_dir):
-        logger.info("%s is finished (DONE); skipping", run_dir)
-        return run_dir
-    latest = start_run(config, run_dir, resume)
-    args = training_arguments(config, run_dir)  # joins a launcher's process group
+    args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    run = runs.start(config, resume=resume, force=force)
+    if run.finished:
+        return run.directory
+    run_dir = run.directory
     queries, pool = training_data(config)
     pairs = _pairs(config, queries, pool, run_dir / PAIRS_FILE, args.device)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     reranker = Reranker.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     dataset = RerankTrainSet(pairs, queries, pool, seed=config.run.seed,
                              use_instruction=config.model.prompt.use_instruction)
-    global_batch = config.train.per_device_batch_size * world_size()
+    global_batch = config.train.per_device_batch_size * process.world_size()
     trainer = RerankTrainer(
         model=reranker, args=args, train_dataset=dataset, data_collator=reranker.collator,
-        callbacks=[EpochResampling(dataset), SamplesPerSecondProgress(global_batch)],
+        callbacks=[EpochResampling(dataset)],
     )
-    trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
-    if trainer.args.should_save:
-        trainer.reranker.save_pretrained(run_dir / "model")
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-        yes = sum(pair.answer == "YES" for pair in pairs)
-        metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
-                   "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
-        atomic_write_json(run_dir / "metrics.json", metrics)
+    trainer.reranker.save_pretrained(run_dir / "model", write=trainer.args.should_save)  # collective under ZeRO-3
+    yes = sum(pair.answer == "YES" for pair in pairs)
+    metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
+               "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
+    if process.is_main_process():
         logger.info("stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f",
                     run_dir.name, trainer.state.global_step, global_batch,
                     metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")))
-        atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    _barrier()
+    runs.finish(run, metrics, trainer.state.log_history)
     return run_dir
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -7,39 +7,25 @@ stage starts from), log_history.json, metrics.json and, written last, DONE.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, save_config, to_dict
+from umarvel import process
+from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, to_dict
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
-from umarvel.io import atomic_write_json, atomic_write_text
+from umarvel.training import runs
 
 logger = logging.getLogger("umarvel")
 
-DONE = "DONE"
-PROGRESSIVE = ("nli", "cc3m", "mbeir")
-
-
-def is_done(run_dir: str | os.PathLike) -> bool:
-    return (Path(run_dir) / DONE).is_file()
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def build_pairs(config: Config):
     """The training pairs of a stage's data section."""
     from umarvel.data import sources
-    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
     data = config.data
@@ -64,9 +50,12 @@ def build_pairs(config: Config):
             seed=config.run.seed,
             use_instruction=config.model.prompt.use_instruction,
             hard_negatives=mined,
-            num_negatives=data.num_negatives,
+            negatives=NegativeSelection(data.num_negatives, data.negative_selection, data.negative_sample_depth,
+                                        data.negative_top_up),
             on_error=data.on_error,
         )
+    if getattr(pairs, "negative_stats", None):
+        logger.info("mined negatives: %s", ", ".join(f"{k} {v}" for k, v in pairs.negative_stats.items()))
     if data.max_samples and data.max_samples < len(pairs):
         pairs = torch.utils.data.Subset(pairs, range(data.max_samples))
     return pairs
@@ -128,80 +117,66 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
         data_collator=PairCollator(embedder.collator, num_negatives=config.data.num_negatives),
         loss_config=config.train.loss,
         image_start_id=image_start_id(embedder),
+        temperature_lr=config.train.temperature_learning_rate or None,
         callbacks=[EpochResampling(pairs), *callbacks],
     )
 
 
-def start_run(config: Config, run_dir: Path, resume: bool) -> Path | None:
-    """Record the config, seed everything; return the checkpoint to resume from, if any.
-
-    An unfinished run is never silently restarted over its checkpoints: it needs --resume.
-    """
-    from transformers import set_seed
-
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if checkpoints and not resume:
-        raise UmarvelError(f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or remove it")
-    if is_main_process():
-        save_config(config, run_dir)
-    set_seed(config.run.seed)
-    return checkpoints[-1] if checkpoints else None
-
-
-def train_contrastive(config: Config, *, resume: bool = False, build_trainer=contrastive_trainer) -> Path:
-    """Run one embedder stage to completion; a finished run directory is left as it is.
+def train_contrastive(config: Config, *, resume: bool = False, force: bool = False,
+                      build_trainer=contrastive_trainer, prepare=None) -> Path:
+    """Run one embedder stage to completion (see `umarvel.training.runs` for re-runs).
 
     `build_trainer(config, embedder, args, callbacks)` makes the stage's Trainer (its data and
-    loss); stage 3 passes the distillation one.
+    loss); `prepare(args)` runs once the run has started, before the model loads (stage 3
+    scores its teacher there).
     """
-    from transformers.trainer_callback import PrinterCallback
-
+    from umarvel.modeling.adapters import gathered
     from umarvel.modeling.embedder import Embedder
-    from umarvel.training.trainer import SamplesPerSecondProgress
 
-    run_dir = Path(config.run.output_dir)
-    if is_done(run_dir):
-        logger.info("%s is finished (DONE); skipping", run_dir)
-        return run_dir
-    latest = start_run(config, run_dir, resume)
+    args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    run = runs.start(config, resume=resume, force=force)
+    if run.finished:
+        return run.directory
+    if prepare is not None:
+        prepare(args)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
-    args = training_arguments(config, run_dir)
-    global_batch = config.train.per_device_batch_size * world_size()
-    trainer = build_trainer(config, embedder, args, [SamplesPerSecondProgress(global_batch)])
-    trainer.remove_callback(PrinterCallback)
+    global_batch = config.train.per_device_batch_size * process.world_size()
+    trainer = build_trainer(config, embedder, args, [])
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
-    if trainer.args.should_save:
-        trainer.embedder.save_pretrained(run_dir / "model")
-        trainer.embedder.merge_and_save(run_dir / "merged")
-        atomic_write_json(run_dir / "log_history.json", trainer.state.log_history)
-        metrics = dict(result.metrics)
-        metrics.update(
-            {
-                "global_batch": global_batch,
-                "steps": trainer.state.global_step,
-                "pairs": len(trainer.train_dataset),
-                "temperature": trainer.embedder.temperature.value,
-                "wall_seconds": seconds,
-            }
-        )
-        atomic_write_json(run_dir / "metrics.json", metrics)
+    # Every rank takes part: under ZeRO-3 the weights are gathered from their partitions.
+    embedder = trainer.embedder
+    embedder.save_pretrained(run.directory / "model", write=trainer.args.should_save)
+    embedder.merge_and_save(run.directory / "merged", write=trainer.args.should_save)
+    with gathered(embedder.temperature.parameters()):
+        temperature = embedder.temperature.value
+    metrics = {
+        **result.metrics,
+        "global_batch": global_batch,
+        "steps": trainer.state.global_step,
+        "pairs": len(trainer.train_dataset),
+        "temperature": temperature,
+        "wall_seconds": seconds,
+        **_negative_stats(trainer.train_dataset),
+    }
+    if process.is_main_process():
         logger.info(
             "stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f, temperature %.4f",
-            run_dir.name, trainer.state.global_step, global_batch,
+            run.directory.name, trainer.state.global_step, global_batch,
             metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")),
             metrics["temperature"],
         )
-        atomic_write_text(run_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    _barrier()
-    return run_dir
+    runs.finish(run, metrics, trainer.state.log_history)
+    return run.directory
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _negative_stats(pairs) -> dict:
+    """What the mined-negative selection did (stage 2), for metrics.json."""
+    pairs = getattr(pairs, "dataset", pairs)  # through a max_samples Subset
+    stats = getattr(pairs, "negative_stats", None)
+    return {"negatives": stats} if stats else {}
 
 
 def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
@@ -212,6 +187,7 @@ def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
     and CC3M: merge, then attach a fresh adapter).
     """
     raw = read_raw(path, overrides)
+    build_config(raw, str(path))  # every sub-stage name and key, checked before any work
     stages = raw.pop("stages", None) or {}
     if not stages:
         raise ConfigError(f"{path}: no `stages:` section; a progressive config lists nli, cc3m and mbeir")
@@ -229,7 +205,8 @@ def stage_configs(path: str | None, overrides: list[str]) -> dict[str, Config]:
     return configs
 
 
-def run_progressive(path: str | None, overrides: list[str], *, only: str | None = None, resume: bool = False) -> list[Path]:
+def run_progressive(path: str | None, overrides: list[str], *, only: str | None = None, resume: bool = False,
+                    force: bool = False) -> list[Path]:
     """NLI -> CC3M -> M-BEIR, each from the previous one's weights; finished sub-stages are skipped."""
     configs = stage_configs(path, overrides)
     names = list(configs)
@@ -239,19 +216,19 @@ def run_progressive(path: str | None, overrides: list[str], *, only: str | None 
     for index, name in enumerate(names):
         if only is not None and name != only:
             continue
-        if index > 0 and not is_done(configs[names[index - 1]].run.output_dir):
+        if index > 0 and not runs.is_done(configs[names[index - 1]].run.output_dir):
             raise UmarvelError(
                 f"sub-stage {name} starts from {names[index - 1]}, which is not finished "
                 f"({configs[names[index - 1]].run.output_dir} has no DONE)"
             )
-        done.append(train_contrastive(configs[name], resume=resume))
+        done.append(train_contrastive(configs[name], resume=resume, force=force))
     return done
 
 
 def describe_global_batch(config: Config) -> str:
-    per_step = config.train.per_device_batch_size * world_size()
+    per_step = config.train.per_device_batch_size * process.world_size()
     return (
-        f"contrastive batch {per_step} = {config.train.per_device_batch_size} per device x {world_size()} devices; "
+        f"contrastive batch {per_step} = {config.train.per_device_batch_size} per device x {process.world_size()} devices; "
         f"gradient accumulation x{config.train.gradient_accumulation_steps} averages "
         f"{config.train.gradient_accumulation_steps} such batches per update (it adds no negatives)"
         + (f"; GradCache chunks of {config.train.loss.gradcache_chunk_size}" if config.train.loss.gradcache_chunk_size else "")

@@ -2,23 +2,22 @@
 
 The Trainer keeps its own loop, DDP/DeepSpeed wrapping, accumulation, scheduling, checkpoints
 and resume; we supply the loss (InfoNCE, optionally through GradCache), optimizer groups that
-keep the temperature out of weight decay, checkpoints that are loadable embedder directories,
-and logs that carry the temperature, in-batch accuracy and samples/s.
+give the temperature its own group (no decay, its own rate), checkpoints that are loadable
+embedder directories, and logs that carry the temperature and in-batch accuracy
+(`umarvel.training.telemetry` adds samples/s, the log lines and log_history.json).
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers import TrainerCallback
 
 from umarvel.config import LossConfig
 from umarvel.data.collator import split_batch
 from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
+from umarvel.training.telemetry import TelemetryTrainer
 
 EMBEDDED = ("query", "positive", "negative")
 
@@ -34,46 +33,14 @@ class EpochResampling(TrainerCallback):
             self.dataset.set_epoch(int(state.epoch or 0))
 
 
-class SamplesPerSecondProgress(ProgressCallback):
-    """The rank-0 progress bar: samples/s, loss, temperature and accuracy in its postfix.
-
-    Step logs go to the loggers (tensorboard, log_history.json), not one printed line each.
-    """
-
-    SHOWN = ("loss", "temperature", "accuracy")
-
-    def __init__(self, global_batch: int):
-        super().__init__()
-        self.global_batch = global_batch
-        self.started = None
-        self.postfix: dict[str, str] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        self.started, self.start_step = time.perf_counter(), state.global_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        if self.training_bar is not None and state.global_step > self.start_step:
-            rate = (state.global_step - self.start_step) * self.global_batch / (time.perf_counter() - self.started)
-            self.postfix["samples/s"] = f"{rate:.1f}"
-            self.training_bar.set_postfix(self.postfix, refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.training_bar is None or not logs:
-            return
-        if "train_runtime" in logs:
-            super().on_log(args, state, control, logs=logs, **kwargs)
-            return
-        self.postfix.update({key: f"{logs[key]:.4g}" for key in self.SHOWN if key in logs})
-
-
-class ContrastiveTrainer(Trainer):
+class ContrastiveTrainer(TelemetryTrainer):
     """Trainer whose model is an `Embedder` and whose batches come from `PairCollator`."""
 
-    def __init__(self, *args, loss_config: LossConfig, image_start_id: int, **kwargs):
+    def __init__(self, *args, loss_config: LossConfig, image_start_id: int, temperature_lr: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
+        self.temperature_lr = temperature_lr
         self.image_start_id = image_start_id
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer divides by accumulation
         self._stats: dict[str, list[float]] = defaultdict(list)
@@ -85,7 +52,7 @@ class ContrastiveTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args)
-            groups = self.embedder.parameter_groups(self.args.weight_decay)
+            groups = self.embedder.parameter_groups(self.args.weight_decay, self.temperature_lr)
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
@@ -131,10 +98,14 @@ class ContrastiveTrainer(Trainer):
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.embedder.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+        """Every rank comes here (`save_model`); the adapter is gathered from the live parameters
+        (ZeRO-3 partitions them, and the Trainer's `state_dict` is empty when
+        stage3_gather_16bit_weights_on_model_save is false); the saving process writes."""
+        self.embedder.write_adapter(output_dir or self.args.output_dir, write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume without DeepSpeed; under DeepSpeed the Trainer loads the engine's own checkpoint
+        (global_stepN/ in checkpoint-N), which restores the partitioned adapter and optimizer."""
         self.embedder.load_adapter_weights(resume_from_checkpoint)
 
 

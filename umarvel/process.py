@@ -1,0 +1,39 @@
+"""This process's place in a launched job: rank, world size, barrier, cache root.
+
+Before the process group exists (the Trainer or `launcher.launched_job` creates it), the
+launcher's environment (RANK, WORLD_SIZE) says what this process will be; afterwards the
+group does. Every module asks here, so "rank" means one thing everywhere.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def _group_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if _group_ready() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _group_ready() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if _group_ready():
+        dist.barrier()
+
+
+def cache_root() -> Path:
+    """$UMARVEL_CACHE, or ~/.cache/umarvel: where embedding and table caches live by default."""
+    return Path(os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel")

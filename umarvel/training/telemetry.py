@@ -1,0 +1,109 @@
+"""What a long run shows while it trains: one plain log line per `logging_steps`, the same
+scalars in TensorBoard (or wandb), and a `log_history.json` that grows during the run.
+
+Cluster log files are not terminals: a tqdm bar there is one endless `\\r` line, so the bar
+appears only when stderr is a TTY, and the log line is what a user tails. Samples/s is added
+to the step logs themselves, so every logger the Trainer reports to records it.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from umarvel.io import atomic_write_json
+
+logger = logging.getLogger("umarvel")
+
+# (step-log key, its label in the line, format)
+SHOWN = (
+    ("loss", "loss", "{:.4f}"),
+    ("learning_rate", "lr", "{:.2e}"),
+    ("temperature", "temperature", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("kl", "kl", "{:.4f}"),
+    ("samples_per_second", "samples/s", "{:.1f}"),
+)
+
+
+class TelemetryTrainer(Trainer):
+    """A Trainer whose step logs carry samples/s and whose progress is logged as lines."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock: tuple[float, int] | None = None
+        self.remove_callback(PrinterCallback)
+        self.add_callback(_StartClock(self))
+        self.add_callback(LogLines(Path(self.args.output_dir)))
+        if sys.stderr.isatty():
+            self.add_callback(_QuietProgressBar())
+
+    @property
+    def samples_per_update(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.clock is not None:
+            started, first_step = self.clock
+            steps = self.state.global_step - first_step
+            if steps > 0:
+                logs["samples_per_second"] = steps * self.samples_per_update / (time.perf_counter() - started)
+        super().log(logs, start_time)
+
+
+class _StartClock(TrainerCallback):
+    """Starts the trainer's samples/s clock when training (or its resumed part) begins."""
+
+    def __init__(self, trainer: TelemetryTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.clock = (time.perf_counter(), state.global_step)
+
+
+class LogLines(TrainerCallback):
+    """Rank 0: one line per step log (step/total, loss, lr, temperature, accuracy, samples/s,
+    ETA) and log_history.json rewritten (atomically) after each."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.clock: tuple[float, int] = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock = (time.perf_counter(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        atomic_write_json(self.run_dir / "log_history.json", state.log_history)
+        if "loss" in logs:
+            started, first_step = self.clock
+            done = state.global_step - first_step
+            eta = (time.perf_counter() - started) / done * (state.max_steps - state.global_step) if done > 0 else None
+            logger.info(format_line(logs, state.global_step, state.max_steps, eta))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            atomic_write_json(self.run_dir / "log_history.json", state.log_history)
+
+
+def format_line(logs: dict, step: int, total: int, eta_seconds: float | None) -> str:
+    """`step 12/350 (3%) | loss 1.2345 | lr 4.00e-04 | ... | ETA 0:12:34`."""
+    parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    parts += [f"{label} {fmt.format(logs[key])}" for key, label, fmt in SHOWN if key in logs]
+    if eta_seconds is not None:
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta_seconds))}")
+    return " | ".join(parts)
+
+
+class _QuietProgressBar(ProgressCallback):
+    """The stock step bar without its printed dict per log (the log line says it)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
