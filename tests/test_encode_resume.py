@@ -23,6 +23,12 @@ class IdEmbedder:
         return torch.nn.functional.normalize(torch.stack([torch.ones_like(numbers), numbers], dim=1), dim=1)
 
 
+def as_rank_1_of_2(patch) -> None:
+    """What a launched job's second process sees (umarvel.process reads the launcher's env)."""
+    patch.setenv("RANK", "1")
+    patch.setenv("WORLD_SIZE", "2")
+
+
 def run(embedder, directory, shard_size):
     return encode_set(embedder, lambda start, stop: ITEMS[start:stop], len(ITEMS), "did", directory,
                       fingerprint="f", shard_size=shard_size, progress=False)
@@ -33,7 +39,7 @@ def test_a_leftover_shard_with_the_same_row_count_but_another_start_is_re_encode
     # A 2-rank run with shard_size 4 over 6 items: rank 1 finished shard 1 (items 4, 5),
     # rank 0 was killed inside shard 0, so no manifest was written.
     with monkeypatch.context() as patch:
-        patch.setattr(encode_module, "rank_and_world", lambda: (1, 2))
+        as_rank_1_of_2(patch)
         assert run(IdEmbedder(), tmp_path / "resumed", shard_size=4) is None
     assert (tmp_path / "resumed" / "shard-00001.ids.txt").read_text().split() == ["0:4", "0:5"]
     # Resumed in one process with shard_size 2: shard 1 now means items 2, 3 (also 2 rows).
@@ -51,7 +57,7 @@ def test_a_shard_interrupted_between_its_two_files_is_re_encoded(tmp_path, monke
     straight = run(IdEmbedder(), tmp_path / "straight", shard_size=2)
     directory = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        patch.setattr(encode_module, "rank_and_world", lambda: (1, 2))
+        as_rank_1_of_2(patch)
         run(IdEmbedder(), directory, shard_size=4)  # shard 1 = items 4, 5, both files
         writes = []
         original = encode_module.atomic_path
