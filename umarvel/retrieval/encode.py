@@ -172,11 +172,15 @@ def encode_set(
             chunk = batch[offset : offset + block]
             vectors.append(embedder.encode(chunk, batch_size=batch_size).numpy().astype(np.float16))
             bar.update(len(chunk))
-        with atomic_path(directory / f"shard-{index:05d}.ids.txt") as tmp:
-            tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
+        # Ids last, after removing a leftover ids file: an ids file that passes the resume check
+        # then always sits beside the vectors written with it.
+        ids_file = directory / f"shard-{index:05d}.ids.txt"
+        ids_file.unlink(missing_ok=True)
         with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16))
+        with atomic_path(ids_file) as tmp:
+            tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
     bar.close()
     process.barrier()
     if rank == 0:
