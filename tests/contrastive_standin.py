@@ -13,6 +13,7 @@ from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
 
 FEATURES, DIM = 12, 6
+TEMPERATURE = "temperature.log_temperature"  # the temperature's parameter name
 GLOBAL_BATCH, NEGATIVES_PER_QUERY = 8, 2
 # Positive document ids: queries 0 and 4 share document 10 (they sit on different ranks when
 # the batch is split 4 + 4), queries 2 and 3 share document 12 (same rank).
@@ -20,6 +21,21 @@ POSITIVE_IDS = [10, 11, 12, 12, 10, 15, 16, 17]
 # The second negative of query 5 is document 11, query 1's positive: a false negative for
 # query 1 when negatives are shared across the batch.
 NEGATIVE_IDS = [[20, 21], [22, 23], [24, 25], [26, 27], [28, 29], [30, 11], [32, 33], [34, 35]]
+
+
+class LogTemperature(nn.Module):
+    """exp(log t) with t = 0.1 at start: a module, as the embedder's temperature is (ZeRO-3
+    gathers a partitioned parameter only inside its module's forward), learned in log space so
+    its gradient has the scale of the others' and one absolute tolerance fits all."""
+
+    def __init__(self):
+        super().__init__()
+        # Shape [1], not 0-dim: DeepSpeed 0.19.8's initial parameter broadcast views every
+        # parameter as bytes, which fails for 0-dim tensors.
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(0.1)]))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_temperature.exp().squeeze(0)
 
 
 class StandInEmbedder(nn.Module):
@@ -32,15 +48,10 @@ class StandInEmbedder(nn.Module):
         with torch.no_grad():
             for parameter in self.encoder.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        # Shape [1], not 0-dim: DeepSpeed 0.19.8's initial parameter broadcast views every
-        # parameter as bytes, which fails for 0-dim tensors.
-        self.log_temperature = nn.Parameter(torch.tensor([math.log(0.1)]))
+        self.temperature = LogTemperature()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.encoder(features), dim=-1)
-
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().squeeze(0)
 
 
 def global_batch(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys, family):
             results = json.loads((runs / "eval" / name / pool / "results.json").read_text())
             assert len(results["rows"]) == 16
             averages[name, pool] = results["average"]
-    plus = json.loads((runs / "eval" / "distill+rerank" / "results.json").read_text())
+    plus = json.loads((runs / "eval" / "distill+rerank" / "local" / "results.json").read_text())
     assert plus["pool"] == "local" and "rerank" in plus and len(plus["rows"]) == 16
     for pool in ("local", "global"):
         assert averages["mbeir", pool] > averages["untrained", pool]

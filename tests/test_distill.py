@@ -321,6 +321,6 @@ def test_tiny_recipe_reranker_then_distill_then_eval_with_rerank_through_the_cli
                      "--alpha", "auto", "--config", str(tiny / "base.yaml"), *cache,
                      "--set", "eval.rows=[mscoco_task0,webqa_task1,cirr_task7]"])
     assert code == 0, stdout.getvalue()
-    results = json.loads((tiny_workdir / "eval" / "results.json").read_text())
+    results = json.loads((tiny_workdir / "eval" / "local" / "results.json").read_text())
     assert list(results["rows"]) == ["mscoco_task0", "webqa_task1", "cirr_task7"]
     assert results["rerank"]["chosen_on"] == "val"

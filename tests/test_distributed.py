@@ -9,6 +9,7 @@ import torch
 
 from contrastive_standin import (
     SCENARIOS,
+    TEMPERATURE,
     StandInEmbedder,
     contrastive_loss,
     global_batch,
@@ -57,7 +58,7 @@ def test_two_ranks_match_single_process_full_batch(two_rank_results, name):
     scenario = SCENARIOS[result["scenario"]]
     difference = max_difference(result["gradients"], reference_gradients(scenario))
     assert difference < TOLERANCE, f"{name}: max gradient difference {difference:.2e}"
-    assert result["gradients"]["log_temperature"].abs().item() > 1e-3
+    assert result["gradients"][TEMPERATURE].abs().item() > 1e-3
     full_batch_loss = contrastive_loss(StandInEmbedder(), global_batch(), scenario).loss.item()
     assert result["loss"] == pytest.approx(full_batch_loss, rel=1e-6)
 

@@ -3,11 +3,16 @@
 The property tests run on a tiny model of every backbone family (`family_model_dir`)."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from umarvel import Embedder
+from umarvel.cli import main
 from umarvel.config import ConfigError
+from umarvel.errors import UmarvelError
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +93,48 @@ def test_adapter_save_load_gives_identical_embeddings(trained_like, mixed_items,
     assert torch.equal(loaded.encode(mixed_items), before)
     assert loaded.temperature.value == pytest.approx(trained_like.temperature.value)
     assert loaded.settings.lora.r == 4
+
+
+def test_a_run_directory_loads_its_final_adapter(trained_like, mixed_items, tmp_path):
+    """The README's promise: from_pretrained takes a run directory (it means run/model/)."""
+    trained_like.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    loaded = Embedder.from_pretrained(tmp_path / "run")
+    assert torch.equal(loaded.encode(mixed_items), trained_like.encode(mixed_items))
+    with pytest.raises(UmarvelError, match=r"empty is not a run directory.*holds embedder_config.json or config.json"):
+        Embedder.from_pretrained(tmp_path / "empty")
+
+
+def test_a_moved_run_tree_finds_its_backbone_relative_to_the_adapter(tiny_model_dir, mixed_items, tmp_path, capsys):
+    """An adapter records its backbone relative to itself too: copy the project elsewhere and it
+    still loads; without its backbone, the error names both ways to point to one."""
+    shutil.copytree(tiny_model_dir, tmp_path / "project" / "checkpoints" / "tiny")
+    emb = Embedder.from_pretrained(tmp_path / "project" / "checkpoints" / "tiny", trainable=True)
+    for name, param in emb.backbone.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    before = emb.encode(mixed_items)
+    emb.save_pretrained(tmp_path / "project" / "runs" / "stage" / "model")
+    saved = json.loads((tmp_path / "project" / "runs" / "stage" / "model" / "embedder_config.json").read_text())
+    assert saved["backbone_relative"] == "../../../checkpoints/tiny"
+    (tmp_path / "project").rename(tmp_path / "moved")
+    assert torch.equal(Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage").encode(mixed_items), before)
+
+    (tmp_path / "moved" / "checkpoints" / "tiny").rename(tmp_path / "elsewhere")
+    with pytest.raises(UmarvelError, match=r"--set model.backbone=PATH.*backbone=PATH in from_pretrained"):
+        Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage")
+    given = Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage", backbone=str(tmp_path / "elsewhere"))
+    assert torch.equal(given.encode(mixed_items), before)
+    with pytest.raises(UmarvelError, match="given for the adapter .* is not a model directory"):
+        Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage", backbone=str(tmp_path / "nowhere"))
+
+    # On the command line, --set model.backbone=PATH points the evaluated adapter to it.
+    argv = ["eval", "mbeir", "--model", str(tmp_path / "moved" / "runs" / "stage"), "--data", str(tmp_path / "none"),
+            "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "--set model.backbone=PATH" in capsys.readouterr().err
+    assert main([*argv, "--set", f"model.backbone={tmp_path / 'elsewhere'}"]) == 2
+    assert "M-BEIR directory not found" in capsys.readouterr().err  # the model loaded; the data is missing
 
 
 def test_merged_checkpoint_matches_unmerged(trained_like, mixed_items, tmp_path):

@@ -125,14 +125,15 @@ def test_cross_dataset_positive_is_a_hit_only_in_the_global_pool(mini, keyword_e
     assert json.loads((out / "local" / RESULTS_JSON).read_text())["rows"][INFOSEEK]["headline"] == 50.0
 
 
-def test_one_pool_is_written_into_the_output_dir_and_re_uses_the_encodings(mini, keyword_embedder, tmp_path):
+def test_one_pool_is_written_into_its_pool_folder_and_re_uses_the_encodings(mini, keyword_embedder, tmp_path):
     cache = tmp_path / "cache"
     both = evaluate(keyword_embedder, mini, cache, tmp_path / "both")
     encoded = len(keyword_embedder.encoded)
     for pool in POOLS:
         alone = evaluate(keyword_embedder, mini, cache, tmp_path / pool, pools=(pool,))
         assert alone[pool] == both[pool]
-        assert (tmp_path / pool / RESULTS_JSON).read_text() == (tmp_path / "both" / pool / RESULTS_JSON).read_text()
+        assert not (tmp_path / pool / RESULTS_JSON).exists()
+        assert (tmp_path / pool / pool / RESULTS_JSON).read_text() == (tmp_path / "both" / pool / RESULTS_JSON).read_text()
     assert len(keyword_embedder.encoded) == encoded
 
 
@@ -334,6 +335,7 @@ def test_cli_eval_of_both_pools_writes_results_and_run_files_per_pool(cli_eval, 
         run_files = sorted(p.name for p in (out / pool).glob("*_run.txt"))
         assert run_files == sorted(run_file_name(row, pool) for row in EVAL_ROWS)
         assert "| **Avg.** |" in (out / pool / RESULTS_MD).read_text()
+        assert "The paper's numbers are not shown" in (out / pool / RESULTS_MD).read_text()  # synthetic pools
         assert len((out / pool / RESULTS_CSV).read_text().splitlines()) == 1 + 16 + 1
         assert (out / pool / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -417,3 +419,26 @@ def test_two_process_encoding_splits_the_shards_and_matches_one_process(tiny_mod
     for one_set in (tmp_path / "one" / "cache").glob("*/*"):
         two_set = load_encoded(tmp_path / "two" / "cache" / one_set.parent.name / one_set.name)
         np.testing.assert_array_equal(two_set.vectors(), load_encoded(one_set).vectors())
+
+
+def test_validate_eval_and_mining_take_the_same_data_directory(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    """One rule for --data: the M-BEIR root, or the data directory holding M-BEIR/ (as synth writes it)."""
+    parent = str(synthetic_dir)
+    assert main(["data", "validate", "--data", parent, "--images", "skip"]) == 0
+    cache = ["--set", f"eval.cache_dir={tmp_path / 'cache'}"]
+    assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", parent, "--output-dir", str(tmp_path / "eval"),
+                 "--set", "eval.rows=[mscoco_task0]", *cache]) == 0
+    assert "local: average" in capsys.readouterr().out
+    assert main(["mine-negatives", "--model", str(tiny_model_dir), "--data", parent, "--out", str(tmp_path / "neg.jsonl"),
+                 *cache]) == 0
+    assert (tmp_path / "neg.jsonl").is_file()
+
+
+def test_cache_dir_flag_places_the_embeddings_and_the_log_says_where(tiny_model_dir, synthetic_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="umarvel"):
+        assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", str(synthetic_dir), "--output-dir",
+                     str(tmp_path / "eval"), "--set", "eval.rows=[nights_task4]", "--cache-dir", str(tmp_path / "vectors")]) == 0
+    (model_dir,) = (tmp_path / "vectors").iterdir()
+    assert sorted(p.name.split("-")[0] for p in model_dir.iterdir()) == ["nights_task4_pool", "nights_task4_test_queries"]
+    assert f"embedding cache: {model_dir} (re-used by later runs of this model; safe to delete)" in caplog.text
+    assert not (tmp_path / "umarvel-cache" / "embeddings").exists()  # nothing in the default place

@@ -1,5 +1,5 @@
 """GradCache gradients against plain autograd: single process with dropout, and a 2-rank
-DeepSpeed ZeRO-2 step."""
+DeepSpeed ZeRO-2 and ZeRO-3 step."""
 import contextlib
 import os
 import socket
@@ -12,6 +12,7 @@ import torch
 
 from contrastive_standin import (
     SCENARIOS,
+    TEMPERATURE,
     StandInEmbedder,
     contrastive_loss,
     global_batch,
@@ -19,6 +20,7 @@ from contrastive_standin import (
     max_difference,
     reference_gradients,
 )
+from umarvel.errors import UmarvelError
 from umarvel.training import gradcache
 from umarvel.training.gradcache import split_rows
 
@@ -54,7 +56,7 @@ def test_gradcache_matches_plain_gradients_with_dropout_active():
     cached = dropout_gradients(cached=True)
     difference = max_difference(cached, dropout_gradients(cached=False))
     assert difference < TOLERANCE, f"max gradient difference {difference:.2e}"
-    assert cached["log_temperature"].abs().item() > 1e-3
+    assert cached[TEMPERATURE].abs().item() > 1e-3
 
 
 def test_without_rng_replay_the_dropout_comparison_fails(monkeypatch):
@@ -89,8 +91,8 @@ def test_frozen_encoder_still_trains_the_temperature():
     model.encoder.requires_grad_(False)
     contrastive_loss(model, global_batch(), CACHED).loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
-    expected = reference_gradients(CACHED)["log_temperature"]
-    assert model.log_temperature.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = reference_gradients(CACHED)[TEMPERATURE]
+    assert model.temperature.log_temperature.grad.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_without_grad_the_cached_path_only_computes_the_loss():
@@ -100,6 +102,38 @@ def test_without_grad_the_cached_path_only_computes_the_loss():
         plain = contrastive_loss(model, global_batch(), PLAIN)
     assert not cached.loss.requires_grad
     assert cached.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+
+
+def mark_as_zero3(model: torch.nn.Module) -> None:
+    """Give the parameters the attribute DeepSpeed ZeRO-3 puts on its own: GradCache then takes
+    its ZeRO-3 path (a backward per chunk), which plain autograd can check in one process."""
+    for index, parameter in enumerate(model.parameters()):
+        parameter.ds_id = index
+
+
+def test_zero3_path_matches_plain_gradients_with_dropout_active():
+    model = StandInEmbedder(dropout=0.3).train()
+    mark_as_zero3(model)
+    torch.manual_seed(7)
+    contrastive_loss(model, global_batch(), CACHED).loss.backward()
+    difference = max_difference(gradients(model), dropout_gradients(cached=False))
+    assert difference < TOLERANCE, f"max gradient difference {difference:.2e}"
+    assert not any(hasattr(p, "ds_grad_is_ready") for p in model.parameters())
+
+
+def test_zero3_path_refuses_a_parameter_the_last_chunk_does_not_use():
+    """DeepSpeed reduces a gradient when the last chunk accumulates it: one it skips is lost."""
+    model = StandInEmbedder()
+    model.gate = torch.nn.Parameter(torch.ones(()))
+    mark_as_zero3(model)
+
+    def encode(batch):  # the last chunk of the last batch (negatives) holds one row
+        features = batch["features"]
+        return model(features * model.gate if len(features) > 1 else features)
+
+    output = contrastive_loss(model, global_batch(), CACHED, encode=encode)
+    with pytest.raises(UmarvelError, match="not from the last one"):
+        output.loss.backward()
 
 
 def test_split_rows_refuses_a_batch_whose_tensors_disagree_on_rows():
@@ -115,13 +149,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# ZeRO-3 refuses uneven per-rank chunk counts (every forward gathers collectively).
+REFUSED = {(3, "gradcache_uneven_bare_module")}
+
+
 @pytest.mark.slow
-def test_deepspeed_zero2_step_matches_single_process(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_step_matches_single_process(tmp_path, stage):
     """Two CPU ranks under `deepspeed --num_gpus 2`; the first run JIT-compiles an op (~1 min)."""
-    out = tmp_path / "zero2.pt"
+    out = tmp_path / f"zero{stage}.pt"
     command = [
         "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-        str(TESTS / "deepspeed_gradcache_worker.py"), "--out", str(out),
+        str(TESTS / "deepspeed_gradcache_worker.py"), "--stage", str(stage), "--out", str(out),
     ]
     env = {
         **os.environ,
@@ -134,6 +173,10 @@ def test_deepspeed_zero2_step_matches_single_process(tmp_path):
     results = torch.load(out, weights_only=True)
     learning_rate = results["learning_rate"]
     for name, variant in results["variants"].items():
+        if (stage, name) in REFUSED:
+            assert "same number of chunks on every rank" in variant.get("error", ""), name
+            continue
+        assert "error" not in variant, f"{name}: {variant.get('error')}"
         reference = reference_gradients(SCENARIOS[variant["scenario"]])
         difference = max_difference(variant["gradients"], reference)
         assert difference < TOLERANCE, f"{name}: max gradient difference {difference:.2e}"

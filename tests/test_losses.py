@@ -248,3 +248,18 @@ def test_top_k_only_softmax_is_one_positive_plus_own_k_negatives_in_either_scope
     assert torch.allclose(out.loss, torch.stack(expected).mean(), atol=1e-12)
     wider = info_nce(query, positive, tau, negatives=negatives, negatives_scope=scope)
     assert not torch.allclose(out.loss, wider.loss)
+
+
+def test_top_k_only_still_drops_an_own_negative_that_is_a_positive_of_the_query():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positive = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    negatives = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.6, 0.8]]])
+    ids = CandidateIds(positive=torch.tensor([10, 11]), negatives=torch.tensor([[20, 10], [21, 22]]))
+    tau = 0.5
+    out = info_nce(query, positive, tau, negatives=negatives, ids=ids, in_batch_negatives=False)
+    kept = [[negatives[0, 0]], [negatives[1, 0], negatives[1, 1]]]  # query 0's second negative is its positive
+    expected = []
+    for i in range(2):
+        logits = torch.stack([query[i] @ positive[i], *[query[i] @ n for n in kept[i]]]) / tau
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(out.loss, torch.stack(expected).mean(), atol=1e-6)

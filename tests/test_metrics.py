@@ -66,3 +66,14 @@ def test_average_is_the_plain_mean_of_headlines_not_weighted_by_queries():
         RowResult(EVAL_ROWS[2], {10: 40.0, 20: 0.0, 50: 0.0}, queries=1),
     ]
     assert headline_average(results) == pytest.approx(25.0)
+
+
+def test_meaningless_inputs_are_errors_not_numbers():
+    with pytest.raises(ValueError, match="cut-offs must be positive"):
+        hit_rates(RANKED, QRELS, [0, 1])
+    with pytest.raises(ValueError, match="cut-offs must be positive"):
+        hit_rates(RANKED, QRELS, [])
+    with pytest.raises(DataError, match="no queries to evaluate"):
+        hit_rates({}, QRELS, [1])
+    with pytest.raises(ValueError, match="no row results"):
+        headline_average([])

@@ -97,4 +97,7 @@ def test_mine_negatives_cli_writes_file_and_stats(tiny_model_dir, synthetic_dir,
     negatives = read_hard_negatives(out)
     for qid, dids, _ in negatives:
         assert all(d.split(":")[0] == qid.split(":")[0] for d in dids), "task scope stays in the query's dataset"
-    assert "queries" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "mscoco task0" in table and "9:task0" not in table  # dataset names, not ids
+    assert "short: queries left with fewer than mine.top_k = 3 negatives" in table
+    assert "cosine above mine.threshold = 1.0)" in table

@@ -1,6 +1,6 @@
 """Every shipped paper config (configs/umarvel/**.yaml) runs as a GPU user runs it: the DeepSpeed
-launcher with 2 ranks and the config's own ZeRO JSON, the tiny Qwen2-VL laid out at the
-backbone path the configs name and the synthetic benchmark at their data paths.
+launcher with 2 ranks and the config's own ZeRO JSON (stage 1a, stage 2 and the reranker once more
+with configs/deepspeed/zero3.json), the tiny Qwen2-VL laid out at the backbone path the configs name and the synthetic benchmark at their data paths.
 
 Overridden, only what a CPU or a tiny random model cannot do:
   model.attn_implementation=sdpa (no flash-attention on CPU), train.max_steps=2 (run length);
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from umarvel.tiny import build_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--set", "model.attn_implementation=sdpa"]
 SHORT = [*CPU, "--set", "train.max_steps=2"]
+ZERO3 = ["--set", "train.deepspeed=configs/deepspeed/zero3.json"]
+
+
 def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
     """The paper recipe of configs/<folder>/ in dependency order: (name, umarvel arguments, run
     directories under runs/<folder>/ it must finish)."""
@@ -53,6 +57,14 @@ STEPS = chain("umarvel") + [
      ["table5/id0-topk-only"]),
     ("table5-id1", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id1-inbatch-topk.yaml", *SHORT],
      ["table5/id1-inbatch-topk"]),
+    # the same configs under configs/deepspeed/zero3.json (GradCache included: the paper configs set chunks of 16)
+    ("zero3-nli", ["train", "--stage", "nli", "--config", "configs/umarvel/progressive.yaml", *SHORT, *ZERO3,
+                   "--set", "run.output_dir=runs/umarvel/zero3/progressive"], ["zero3/progressive/nli"]),
+    ("zero3-hardneg", ["train", "--stage", "hardneg", "--config", "configs/umarvel/hardneg.yaml", *SHORT, *ZERO3,
+                       "--set", "data.negative_top_up=true", "--set", "run.output_dir=runs/umarvel/zero3/hardneg"],
+     ["zero3/hardneg"]),
+    ("zero3-reranker", ["train", "--stage", "reranker", "--config", "configs/umarvel/reranker.yaml", *SHORT, *ZERO3,
+                        "--set", "run.output_dir=runs/umarvel/zero3/reranker"], ["zero3/reranker"]),
 ]
 # Other families: the whole chain on Qwen3-VL-8B (the new family); the other folders differ from
 # it or from configs/umarvel only in backbone, pixel limits and run paths, which
@@ -61,9 +73,15 @@ FAMILY_FOLDERS = {"qwen3vl-8b": ("qwen3-vl", "Qwen3-VL-8B-Instruct")}
 FAMILY_STEPS = [(folder, *step) for folder in FAMILY_FOLDERS for step in chain(folder)]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _deepspeed(workdir: Path, arguments: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = ["deepspeed", "--num_gpus", "2", "--module", "umarvel", *arguments]
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "umarvel", *arguments]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -102,7 +120,7 @@ def family_runs(paper_layout):
 
 def _scalars_of(run_dir: str) -> list[str]:
     """The reranker has no temperature; only InfoNCE stages report in-batch accuracy."""
-    skip = {"reranker": ("train/temperature", "train/accuracy"), "distill": ("train/accuracy",)}.get(run_dir, ())
+    skip = {"reranker": ("train/temperature", "train/accuracy"), "distill": ("train/accuracy",)}.get(run_dir.split("/")[-1], ())
     return [tag for tag in SCALARS if tag not in skip]
 
 
@@ -133,7 +151,7 @@ def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> No
         assert (run / "DONE").is_file()
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 2
-        model = "model/reranker_config.json" if run_dir == "reranker" else "merged/model.safetensors"
+        model = "model/reranker_config.json" if run_dir.endswith("reranker") else "merged/model.safetensors"
         assert (run / model).is_file()
         scalars = tensorboard_scalars(run)
         for tag in _scalars_of(run_dir):

@@ -1,4 +1,5 @@
-"""The README starts with install + demo and the tests; CI runs exactly its install and test commands."""
+"""The README starts with install + demo and the tests; CI runs exactly its install and test commands;
+its Python example runs and does what its comments say."""
 from __future__ import annotations
 
 import re
@@ -14,3 +15,19 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert demo.startswith("umarvel demo")
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci_lines == [install, test]
+
+
+def test_the_python_api_example_runs_and_saves_what_it_says(tiny_workdir):
+    from conftest import draw_image
+    from umarvel import Embedder
+
+    Embedder.from_pretrained("checkpoints/tiny-qwen2vl", trainable=True).save_pretrained("runs/tiny/distill/model")
+    draw_image("red").save("photo.jpg")
+    (example,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    scope: dict = {}
+    exec(example, scope)
+    assert tuple(scope["vectors"].shape) == (3, 64)
+    assert (tiny_workdir / "runs/my-adapter/adapter_model.safetensors").is_file()
+    for whole in ("runs/my-merged", "runs/my-copy"):  # the plain backbone is saved whole, not as an adapter
+        assert (tiny_workdir / whole / "model.safetensors").is_file()
+        assert not (tiny_workdir / whole / "adapter_model.safetensors").exists()

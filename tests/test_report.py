@@ -5,10 +5,13 @@ import statistics
 
 import pytest
 
-from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME
+from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, PUBLISHED_POOL_SIZES
 from umarvel.evaluation.metrics import RowResult
 from umarvel.evaluation.reference import PAPER_AVERAGES, PAPER_HEADLINES
 from umarvel.evaluation.report import run_file_name, write_report, write_run_file
+
+
+MBEIR = PUBLISHED_POOL_SIZES  # the pools of M-BEIR itself: the paper's numbers compare
 
 
 def all_rows():
@@ -20,7 +23,7 @@ def all_rows():
 
 
 def test_results_json_shape_and_values(tmp_path):
-    write_report(tmp_path, "global", reversed(all_rows()))
+    write_report(tmp_path, "global", reversed(all_rows()), pool_sizes=MBEIR)
     data = json.loads((tmp_path / "results.json").read_text())
     assert list(data) == ["pool", "rows", "average"]
     assert data["pool"] == "global"
@@ -38,7 +41,7 @@ def test_results_json_shape_and_values(tmp_path):
 
 def test_partial_evaluation_averages_present_rows_and_says_so(tmp_path):
     rows = all_rows()[:3]
-    write_report(tmp_path, "local", rows)
+    write_report(tmp_path, "local", rows, pool_sizes=MBEIR)
     data = json.loads((tmp_path / "results.json").read_text())
     assert list(data["rows"]) == ["visualnews_task0", "mscoco_task0", "fashion200k_task0"]
     assert data["average"] == 41.12
@@ -50,7 +53,7 @@ def test_partial_evaluation_averages_present_rows_and_says_so(tmp_path):
 
 
 def test_markdown_and_csv_carry_the_papers_numbers(tmp_path):
-    write_report(tmp_path, "local", all_rows())
+    write_report(tmp_path, "local", all_rows(), pool_sizes=MBEIR)
     markdown = (tmp_path / "results.md").read_text()
     assert "paper U-MARVEL | paper U-MARVEL+" in markdown
     assert "| mscoco_task0 | R@5 | 101 | 41.12 | 84.4 | 85.6 | -43.28 |" in markdown
@@ -64,14 +67,33 @@ def test_markdown_and_csv_carry_the_papers_numbers(tmp_path):
     assert table[1]["R@1"] == "37.12" and table[1]["R@50"] == ""
     assert float(table[-1]["paper_U-MARVEL"]) == PAPER_AVERAGES["local"]["U-MARVEL"] == 63.2
 
-    write_report(tmp_path / "global", "global", all_rows())
+    write_report(tmp_path / "global", "global", all_rows(), pool_sizes=MBEIR)
     markdown = (tmp_path / "global" / "results.md").read_text()
     assert "| mscoco_task0 | R@5 | 101 | 41.12 | 72.8 | -31.68 |" in markdown
     assert "U-MARVEL+" not in markdown
 
 
+def test_the_papers_numbers_appear_only_beside_m_beir_itself(tmp_path):
+    """The synthetic benchmark (or any subset) has other pools: no paper column, and the reason."""
+    synthetic = {**MBEIR, "mscoco_task0": 14}
+    write_report(tmp_path / "synthetic", "local", all_rows(), pool_sizes=synthetic)
+    markdown = (tmp_path / "synthetic" / "results.md").read_text()
+    assert "paper" not in markdown.split("\n\n")[1]  # the table
+    assert "| mscoco_task0 | R@5 | 101 | 41.12 | R@1 37.12, R@5 41.12, R@10 46.12 |" in markdown
+    assert "not M-BEIR's published ones (mscoco_task0: 14 candidates (M-BEIR: 5,000))" in markdown
+    assert "shared/" not in markdown and "84.4" not in markdown
+    header = (tmp_path / "synthetic" / "results.csv").read_text().splitlines()[0]
+    assert header == "row,metric,queries,ours,R@1,R@5,R@10,R@20,R@50"
+
+    write_report(tmp_path / "mbeir", "local", all_rows(), pool_sizes=MBEIR)
+    markdown = (tmp_path / "mbeir" / "results.md").read_text()
+    assert "arXiv:2507.14902, Tables 7 and 13" in markdown and "shared/" not in markdown
+    chart = (tmp_path / "mbeir" / "results.png").stat().st_size
+    assert chart > (tmp_path / "synthetic" / "results.png").stat().st_size  # two more bar series
+
+
 def test_chart_is_a_valid_png(tmp_path):
-    paths = write_report(tmp_path, "local", all_rows()[:5])
+    paths = write_report(tmp_path, "local", all_rows()[:5], pool_sizes=MBEIR)
     data = paths["results.png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -89,11 +111,11 @@ def test_paper_columns_match_the_papers_averages():
 def test_bad_inputs_are_rejected(tmp_path):
     rows = all_rows()
     with pytest.raises(ValueError, match="twice"):
-        write_report(tmp_path, "local", [rows[0], rows[0]])
+        write_report(tmp_path, "local", [rows[0], rows[0]], pool_sizes=MBEIR)
     with pytest.raises(ValueError, match="pool"):
-        write_report(tmp_path, "union", rows)
+        write_report(tmp_path, "union", rows, pool_sizes=MBEIR)
     with pytest.raises(ValueError, match="no paper column"):
-        write_report(tmp_path, "global", rows, paper_columns=["U-MARVEL+"])
+        write_report(tmp_path, "global", rows, paper_columns=["U-MARVEL+"], pool_sizes=MBEIR)
     assert not list(tmp_path.iterdir())
 
 

@@ -132,6 +132,8 @@ def test_save_and_load_give_identical_scores(family_reranker, tmp_path):
         loaded = Reranker.from_pretrained(path)
         assert torch.equal(loaded.score(PAIRS), before)
         assert loaded.source == tmp_path / "run" / "model"
+    record = json.loads((tmp_path / "run" / "model" / "reranker_config.json").read_text())
+    assert Path(tmp_path / "run" / "model" / record["backbone_relative"]).resolve() == Path(record["model"]["backbone"])
 
 
 def test_an_embedder_directory_is_not_a_reranker(tiny_model_dir, tmp_path):
@@ -189,11 +191,23 @@ def test_auto_alpha_is_chosen_on_val_before_any_test_qrels_are_read(reranker, ti
                                    config, top_k=10, alpha="auto", progress=False)
     evaluator.evaluate(rows, ("local",), tmp_path / "out")
     assert reads == ["val"] * len(rows) + ["test"] * len(rows)
-    block = json.loads((tmp_path / "out" / "results.json").read_text())["rerank"]
+    block = json.loads((tmp_path / "out" / "local" / "results.json").read_text())["rerank"]
     assert block["chosen_on"] == "val" and block["top_k"] == 10
     averages = {float(a): v for a, v in block["val_average_by_alpha"].items()}
     assert sorted(averages) == list(ALPHA_GRID)
     assert block["alpha"] == max(a for a, v in averages.items() if v == max(averages.values()))
+
+
+def test_cli_prints_the_chosen_alpha_and_writes_the_pool_folder_as_plain_eval(reranker, tiny_model_dir,
+                                                                               synthetic_dir, tmp_path, capsys):
+    reranker.save_pretrained(tmp_path / "reranker" / "model")
+    code = main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", str(synthetic_dir), "--output-dir",
+                 str(tmp_path / "out"), "--rerank", str(tmp_path / "reranker"), "--rerank-top-k", "5",
+                 "--set", "eval.rows=[mscoco_task0]", "--set", f"eval.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    alpha = json.loads((tmp_path / "out" / "local" / "results.json").read_text())["rerank"]["alpha"]
+    assert f"local: U-MARVEL+ top 5 re-scored, S = a*S_recall + (1-a)*S_rerank with a = {alpha:.2f} " \
+           "(chosen on the val queries)" in capsys.readouterr().out
 
 
 def test_paper_reranker_config_has_the_published_settings():
@@ -231,7 +245,7 @@ def test_tiny_reranker_recipe_through_the_cli(tiny_workdir):
                      "--rerank-top-k", "10", "--alpha", "auto", "--config", config,
                      "--set", "eval.rows=[mscoco_task0,webqa_task1,cirr_task7]", "--set", "eval.cache_dir=cache"])
     assert code == 0
-    results = json.loads((tiny_workdir / "eval" / "results.json").read_text())
+    results = json.loads((tiny_workdir / "eval" / "local" / "results.json").read_text())
     assert list(results["rows"]) == ["mscoco_task0", "webqa_task1", "cirr_task7"]
     assert results["rerank"]["chosen_on"] == "val" and results["rerank"]["alpha"] in ALPHA_GRID
     assert results["rerank"]["model"] == str(run / "model")

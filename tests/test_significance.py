@@ -9,7 +9,7 @@ import pytest
 from umarvel.data.tasks import EVAL_ROWS
 from umarvel.evaluation.metrics import evaluate_row
 from umarvel.evaluation.report import run_file_name, write_run_file
-from umarvel.evaluation.significance import average_interval, headline_hits, load_hits, paired_difference, read_run, verdict
+from umarvel.evaluation.significance import average_interval, load_hits, paired_difference, read_run, verdict
 from umarvel.evaluation.stage_report import StageResult, summary_table
 
 ROW = EVAL_ROWS[0]  # visualnews_task0, R@5

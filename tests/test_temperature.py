@@ -86,5 +86,6 @@ def test_saved_log_tau_of_earlier_versions_loads(tmp_path):
     temperature = Temperature(0.05, learnable=True)
     temperature.load_state(load_file(path))
     assert temperature.value == pytest.approx(0.0206)
-    temperature.load_state(temperature.state(torch.tensor([0.0188])))
+    other = Temperature(0.0188, learnable=True)
+    temperature.load_state(other.state())
     assert temperature.value == pytest.approx(0.0188)

@@ -70,10 +70,28 @@ def load_backbone(
 ):
     """Load the bare multimodal model (or, with_lm_head, the generative one) in `attention` mode."""
     loader = check_backbone_dir(path).model_loader(with_lm_head)
-    with quiet_transformers():
+    with quiet_transformers(), _whole_weights():
         model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     set_attention_mode(model, attention)
     return model
+
+
+@contextlib.contextmanager
+def _whole_weights():
+    """Load whole weights even after a ZeRO-3 TrainingArguments was made in this process.
+
+    transformers then loads under `deepspeed.zero.Init` (partitioned, with no engine to gather
+    them for a forward): the reranker stage builds its arguments, hence its process group,
+    before loading the recall model. DeepSpeed partitions a trained model at initialize.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored below
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
 
 
 def language_model(model) -> torch.nn.Module:

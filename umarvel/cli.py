@@ -14,6 +14,45 @@ import sys
 from umarvel.errors import UmarvelError
 
 
+DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
+SYNTH_SIZES = ("tiny (4 test queries per row, 14 candidates per pool), small (24 and 80; the default), "
+               "medium (60 and 300; clearer differences between stages, slower)")
+# Shown under each command's --help; tests parse every line, so they cannot go stale.
+EXAMPLES = {
+    "umarvel make-tiny-model": ["umarvel make-tiny-model --out checkpoints/tiny-qwen2vl",
+                                "umarvel make-tiny-model --out checkpoints/tiny-qwen3vl --family qwen3-vl"],
+    "umarvel train": [
+        "umarvel train --stage progressive --config configs/tiny/progressive.yaml",
+        "umarvel train --stage hardneg --config configs/umarvel/hardneg.yaml --set train.per_device_batch_size=32",
+    ],
+    "umarvel distill": ["umarvel distill --config configs/tiny/distill.yaml"],
+    "umarvel mine-negatives": [
+        "umarvel mine-negatives --model runs/tiny/progressive/mbeir --data data/synthetic --out runs/tiny/hardneg.jsonl "
+        "--config configs/tiny/mine.yaml",
+    ],
+    "umarvel eval": ["umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval"],
+    "umarvel eval mbeir": [
+        "umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval",
+        "umarvel eval mbeir --model runs/umarvel/distill --data data/M-BEIR --output-dir runs/umarvel/eval-plus "
+        "--rerank runs/umarvel/reranker --cache-dir /scratch/umarvel-embeddings",
+    ],
+    "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
+                     "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
+    "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
+    "umarvel data": ["umarvel data synth --out data/synthetic", "umarvel data validate --data data/synthetic"],
+    "umarvel data synth": ["umarvel data synth --out data/synthetic --size medium --seed 1"],
+    "umarvel data validate": ["umarvel data validate --data data/M-BEIR", "umarvel data validate --data data --images exists"],
+}
+
+
+def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="embedding cache (fp16 vectors, re-used across runs; ~40 GB for the 7B global pool); "
+        "default eval.cache_dir, else $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings",
+    )
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (may `inherit:` others)")
     parser.add_argument(
@@ -98,14 +137,25 @@ def _launched_embedder(args: argparse.Namespace):
     from umarvel.modeling.embedder import load_for_inference
 
     config = load_config(args.config, args.overrides)
+    if args.cache_dir:
+        config.eval.cache_dir = args.cache_dir
     with launched_job() as device:
         if device:
             config.model.device = device
-        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config))
+        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config),
+                                         backbone=_given_backbone(args.overrides))
+
+
+def _given_backbone(overrides: list[str]) -> str | None:
+    """`--set model.backbone=PATH`: where a saved adapter's backbone is now (a config file's
+    backbone is the start of training, not the backbone of an adapter under evaluation)."""
+    from umarvel.config import read_raw
+
+    return (read_raw(None, overrides).get("model") or {}).get("backbone") or None
 
 
 def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
-    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
+    from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, report_dir, selected_rows
 
     _setup_logging()
     with _launched_embedder(args) as (config, embedder):
@@ -117,7 +167,11 @@ def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
         results = evaluator.evaluate(selected_rows(config.eval.rows), pools, args.output_dir)
     for pool, rows in results.items():
         average = sum(r.headline for r in rows) / len(rows)
-        print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {args.output_dir}")
+        print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {report_dir(args.output_dir, pool)}")
+        if args.rerank:
+            how = "chosen on the val queries" if args.alpha == "auto" else "given"
+            print(f"{pool}: U-MARVEL+ top {args.rerank_top_k} re-scored, S = a*S_recall + (1-a)*S_rerank "
+                  f"with a = {evaluator.alphas[pool]:.2f} ({how})")
     return 0
 
 
@@ -185,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("make-tiny-model", help="build a tiny random backbone for tests and the demo")
     p.add_argument("--out", required=True, help="directory to write the model, tokenizer and processor")
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
-    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT, help="backbone family")
+    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT,
+                   help=f"the backbone family the tiny model has the architecture of (default {backbones.DEFAULT})")
     p.set_defaults(func=_cmd_make_tiny_model)
 
     p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
@@ -203,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("mine-negatives", help="mine filtered hard negatives with a stage-1 model")
     p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
-    p.add_argument("--data", required=True, help="the M-BEIR root directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="the hard-negative file to write (jsonl with a header line)")
+    _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
 
@@ -212,23 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benchmarks.required = True
     p = benchmarks.add_parser("mbeir", help="M-BEIR recall on the local and/or global (union) pool")
-    p.add_argument("--pool", choices=["local", "global", "both"], default="local")
+    p.add_argument("--pool", choices=["local", "global", "both"], default="local",
+                   help="local (default): each row searches its own candidate pool; global: every row searches "
+                   "the union of all 16 pools (5.6M candidates on M-BEIR); both")
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
-    p.add_argument("--data", required=True, help="the M-BEIR root directory")
-    p.add_argument("--output-dir", required=True, help="where results.json/md/csv/png and run files go")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
     p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
                    "(a reranker run or model directory)")
     p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")
     p.add_argument("--alpha", type=_fusion_weight, default="auto", metavar="A|auto",
                    help="fusion weight a of S = a*S_recall + (1-a)*S_rerank; auto (default) picks it on the val queries")
+    _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mbeir)
 
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
-    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="synthetic benchmark size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT, help="backbone family")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
+                   help=f"synthetic benchmark size: {SYNTH_SIZES}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of the synthetic data (runs keep their configs' run.seed)")
+    p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT,
+                   help=f"the backbone family of the demo's tiny model (default {backbones.DEFAULT})")
     p.set_defaults(func=_cmd_demo)
 
     p = verbs.add_parser("config", help="print the config reference, or the resolved config of --config/--set")
@@ -241,13 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_verbs.add_parser("synth", help="write a small learnable M-BEIR-shaped benchmark (+ NLI, CC3M)")
     p.add_argument("--out", required=True, help="directory to write M-BEIR/, nli_for_simcse.csv and cc3m/ into")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
-    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help=SYNTH_SIZES)
     p.set_defaults(func=_cmd_data_synth)
     p = data_verbs.add_parser("validate", help="check an M-BEIR root (or a data dir holding M-BEIR/); report every problem")
-    p.add_argument("--data", required=True, help="M-BEIR root, or a directory with M-BEIR/, nli_for_simcse.csv, cc3m/")
+    p.add_argument("--data", required=True, help=DATA_HELP + "; nli_for_simcse.csv and cc3m/ beside M-BEIR/ are checked too")
     p.add_argument("--images", choices=["open", "exists", "skip"], default="open",
                    help="image check: open with PIL (default), only check they exist, or only check paths")
     p.set_defaults(func=_cmd_data_validate)
+    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
+        for command in choices.values():
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command.prog])
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -266,9 +331,35 @@ def _leave_process_group(code: int) -> int:
     os._exit(code)
 
 
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning. We import DeepSpeed nowhere, but
+    transformers does whenever it is installed (Trainer.__init__ and save_pretrained unwrap the
+    model through accelerate, which imports it to know its engine class), and on a machine
+    without CUDA every command then warned about a choice that is already ours: the CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
+
+
+def _require_config(args: argparse.Namespace) -> None:
+    """Training verbs take their model, data and run directory from a config: without one the
+    defaults (empty paths) fail later with a message about the symptom, not the cause."""
+    if args.verb in ("train", "distill") and not args.config:
+        raise UmarvelError(
+            f"`umarvel {args.verb}` needs --config FILE: a run's model, data and output directory come from it. "
+            "Start from configs/tiny/ (the CPU recipe, e.g. configs/tiny/progressive.yaml) or configs/umarvel/ "
+            "(the paper's 7B recipe); `umarvel config` lists every key"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
     try:
+        _require_config(args)
         code = args.func(args) or 0
     except UmarvelError as err:
         print(f"umarvel: error: {err}", file=sys.stderr)

@@ -35,5 +35,6 @@ def barrier() -> None:
 
 
 def cache_root() -> Path:
-    """$UMARVEL_CACHE, or ~/.cache/umarvel: where embedding and table caches live by default."""
+    """Where umarvel keeps what it can rebuild (parsed tables, embeddings): $UMARVEL_CACHE, else
+    ~/.cache/umarvel. Safe to delete; everything in it is re-made on the next run."""
     return Path(os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel")

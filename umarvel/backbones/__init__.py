@@ -50,6 +50,7 @@ class Family:
     model_inputs: tuple[str, ...]  # processor outputs the model's forward takes
     split_batch: Callable  # (batch, chunk_size, vision_start_id) -> chunks, for GradCache
     set_causal: Callable  # (language model, causal: bool): switch bidirectional attention
+    dummy_vision: Callable  # (vision tower): run it on a minimal image (ZeRO-3 ranks without images)
     tiny_config: Callable  # (tokenizer) -> a tiny transformers config of this family
     tiny_processor: Callable  # (tokenizer) -> this family's processor with tiny pixel limits
     build_tokenizer: Callable  # () -> a small locally trained tokenizer with the family's tokens

@@ -189,6 +189,19 @@ def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id:
     return chunks
 
 
+def dummy_vision(visual: torch.nn.Module) -> None:
+    """The vision tower on the smallest image it takes (one merged patch), output discarded."""
+    import torch
+
+    config = visual.config
+    merge = config.spatial_merge_size
+    weight = next(visual.parameters())
+    pixels = torch.zeros(merge * merge, config.in_channels * config.temporal_patch_size * config.patch_size**2,
+                         dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        visual(pixels, grid_thw=torch.tensor([[1, merge, merge]], device=weight.device))
+
+
 def set_causal(decoder: torch.nn.Module, causal: bool) -> None:
     """Make the text decoder causal or bidirectional, for every kernel and batch shape.
 

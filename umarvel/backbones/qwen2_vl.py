@@ -43,6 +43,7 @@ FAMILY = Family(
     model_inputs=qwen.MODEL_INPUTS,
     split_batch=qwen.split_batch,
     set_causal=qwen.set_causal,
+    dummy_vision=qwen.dummy_vision,
     tiny_config=tiny_config,
     tiny_processor=tiny_processor,
     build_tokenizer=qwen.build_tokenizer,

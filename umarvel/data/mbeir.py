@@ -443,8 +443,15 @@ def train_query_file(dataset: str) -> str:
     return f"query/train/mbeir_{dataset}_train.jsonl"
 
 
+def mbeir_root(path: str | os.PathLike) -> Path:
+    """The M-BEIR root a path means: the directory itself, or the `M-BEIR/` it holds (the data/
+    layout that `umarvel data synth` writes, with nli_for_simcse.csv and cc3m/ beside it)."""
+    path = Path(path)
+    return path / "M-BEIR" if (path / "M-BEIR").is_dir() else path
+
+
 class MBEIR:
-    """An M-BEIR directory. Tables are cached under `cache_dir` (default: ~/.cache/umarvel).
+    """An M-BEIR directory (or a directory holding `M-BEIR/`). Tables are cached under `cache_dir` (default: ~/.cache/umarvel).
 
     on_error='raise' stops at the first bad record with a DataError (file, line, field);
     'skip' leaves bad records out and lists them in the returned table's `.table.errors`.
@@ -452,7 +459,7 @@ class MBEIR:
 
     def __init__(self, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                  on_error: OnError = "raise", progress: bool | None = None):
-        self.root = Path(root)
+        self.root = mbeir_root(root)
         if not self.root.is_dir():
             raise DataError("M-BEIR directory not found", str(self.root))
         self.cache_dir, self.on_error, self.progress = cache_dir, on_error, progress

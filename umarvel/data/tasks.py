@@ -90,6 +90,15 @@ EVAL_ROWS = tuple(
 )
 EVAL_ROWS_BY_NAME = {row.name: row for row in EVAL_ROWS}
 
+# Candidates in each row's local pool as published: how an evaluation tells M-BEIR itself from
+# a benchmark in its format (the synthetic one, a subset), whose numbers the paper's do not match.
+PUBLISHED_POOL_SIZES = {
+    "visualnews_task0": 542_246, "mscoco_task0": 5_000, "fashion200k_task0": 201_824, "webqa_task1": 544_457,
+    "edis_task2": 1_047_067, "webqa_task2": 403_196, "visualnews_task3": 537_568, "mscoco_task3": 24_809,
+    "fashion200k_task3": 61_707, "nights_task4": 40_038, "oven_task6": 676_667, "infoseek_task6": 611_651,
+    "fashioniq_task7": 74_381, "cirr_task7": 21_551, "oven_task8": 335_135, "infoseek_task8": 481_782,
+}
+
 UNION_TRAIN_QUERIES = "query/union_train/mbeir_union_up_train.jsonl"
 GLOBAL_POOL = "cand_pool/global/mbeir_union_{split}_cand_pool.jsonl"
 QUERY_INSTRUCTIONS = "instructions/query_instructions.tsv"

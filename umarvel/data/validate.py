@@ -25,7 +25,8 @@ from PIL import Image
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
 from umarvel.data.mbeir import (
-    SPLITS, parse_candidate, parse_qrels_line, parse_query, read_instruction_rows, resolve_under, train_query_file,
+    SPLITS, mbeir_root, parse_candidate, parse_qrels_line, parse_query, read_instruction_rows, resolve_under,
+    train_query_file,
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
 from umarvel.data.tasks import DATASETS, EVAL_ROWS, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow
@@ -316,8 +317,8 @@ def validate(path: str | Path, *, images: ImageCheck = "open", progress: bool | 
     if not path.is_dir():
         report.add(DataError("directory not found", str(path)))
         return report
-    data_dir = path if (path / "M-BEIR").is_dir() else None
-    MBEIRValidator(path / "M-BEIR" if data_dir else path, images, report, progress).run()
-    if data_dir:
-        _check_sources(data_dir, report, images)
+    root = mbeir_root(path)
+    MBEIRValidator(root, images, report, progress).run()
+    if root != path:
+        _check_sources(path, report, images)
     return report

@@ -57,15 +57,16 @@ class MBEIREvaluator:
         if process.rank() != 0:
             return {}
         output_dir = Path(output_dir)
+        pool_sizes = {name: len(encoded) for name, encoded in pool_sets.items()}
         results = {}
         for pool in pools:
             candidates = pool_sets if pool == "local" else {"global": _concatenate(list(pool_sets.values()))}
-            out = report_dir(output_dir, pool, pools)
+            out = report_dir(output_dir, pool)
             results[pool] = [
                 self._score_row(row, query_sets[row.name], candidates[row.name if pool == "local" else "global"], pool, out)
                 for row in rows
             ]
-            write_report(out, pool, results[pool])
+            write_report(out, pool, results[pool], pool_sizes=pool_sizes)
         return results
 
     def _score_row(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, out: Path) -> RowResult:
@@ -83,9 +84,9 @@ class MBEIREvaluator:
         return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu)
 
 
-def report_dir(output_dir: str | os.PathLike, pool: str, pools: tuple[str, ...]) -> Path:
-    """Where a pool's report goes: the output dir itself, or a folder per pool when there are two."""
-    return Path(output_dir) / pool if len(pools) > 1 else Path(output_dir)
+def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:
+    """Where a pool's report goes: `<output dir>/<pool>/`, however many pools are evaluated."""
+    return Path(output_dir) / pool
 
 
 def _concatenate(sets: list[EncodedSet]) -> EncodedSet:

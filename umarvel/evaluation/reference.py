@@ -1,11 +1,17 @@
 """The paper's M-BEIR test numbers (headline metric per row, percent), to print beside ours.
 
-Transcribed from shared/reference/recipe.md ("Results to compare against"). Columns are keyed
-by pool, then by name; averages are the paper's own "Avg." (the plain mean of its 16 rows).
+Transcribed from the paper (PAPER): Table 7 (local pool: U-MARVEL, U-MARVEL+, LamRA-Ret),
+Table 13 (local pool, per stage) and Table 14 (global pool). Columns are keyed by pool, then
+by name; averages are the paper's own "Avg." (the plain mean of its 16 rows). They are shown
+only beside an evaluation on M-BEIR itself (`is_published_mbeir`).
 """
 from __future__ import annotations
 
-from umarvel.data.tasks import EVAL_ROWS
+from umarvel.data.tasks import EVAL_ROWS, PUBLISHED_POOL_SIZES
+
+PAPER = ("Li et al., U-MARVEL: Unveiling Key Factors for Universal Multimodal Retrieval via Embedding Learning "
+         "with MLLMs, arXiv:2507.14902")
+PAPER_TABLES = {"local": "Tables 7 and 13", "global": "Table 14"}
 
 # Row -> (progressive local, +hardneg local, U-MARVEL local, U-MARVEL global, U-MARVEL+ local,
 #         LamRA-Ret local). mscoco_task0 U-MARVEL local is 84.4 in the main table (84.8 in Table 13).
@@ -56,3 +62,17 @@ PAPER_AVERAGES: dict[str, dict[str, float]] = {
 
 # The columns a report shows by default: the final model, and with reranking where published.
 DEFAULT_COLUMNS = {"local": ("U-MARVEL", "U-MARVEL+"), "global": ("U-MARVEL",)}
+
+
+def pool_size_mismatches(pool_sizes: dict[str, int]) -> list[str]:
+    """Rows whose local pool is not the published one, as "row: N candidates (M-BEIR: M)"."""
+    return [
+        f"{name}: {size:,} candidates (M-BEIR: {PUBLISHED_POOL_SIZES[name]:,})"
+        for name, size in pool_sizes.items()
+        if PUBLISHED_POOL_SIZES.get(name) != size
+    ]
+
+
+def is_published_mbeir(pool_sizes: dict[str, int]) -> bool:
+    """Whether the evaluated pools are M-BEIR's own, so that the paper's numbers compare."""
+    return bool(pool_sizes) and not pool_size_mismatches(pool_sizes)

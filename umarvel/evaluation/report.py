@@ -1,8 +1,10 @@
-"""Evaluation artifacts: results.json, results.md/.csv beside the paper's numbers, a bar chart,
-and run files in the reference format. Everything is written atomically (umarvel.io).
+"""Evaluation artifacts: results.json, results.md/.csv (beside the paper's numbers when the
+data is M-BEIR itself), a bar chart, and run files in the reference format. Everything is
+written atomically (umarvel.io).
 
 A partial evaluation (fewer than the 16 rows) is reported over the rows present; its average
-is labelled as such, because it is not comparable to the paper's 16-row "Avg.".
+is labelled as such, because it is not comparable to the paper's 16-row "Avg.". On data that
+is not M-BEIR (other pool sizes: the synthetic benchmark, a subset) no paper number is shown.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.evaluation.metrics import RowResult, headline_average
-from umarvel.evaluation.reference import DEFAULT_COLUMNS, PAPER_AVERAGES, PAPER_HEADLINES, POOLS
+from umarvel.evaluation.reference import (
+    DEFAULT_COLUMNS, PAPER, PAPER_AVERAGES, PAPER_HEADLINES, PAPER_TABLES, POOLS, pool_size_mismatches,
+)
 from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
 
 RESULTS_JSON = "results.json"
@@ -28,14 +32,17 @@ def write_report(
     pool: str,
     results: Iterable[RowResult],
     *,
+    pool_sizes: dict[str, int],
     paper_columns: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write results.json, results.md, results.csv and results.png into `out_dir`.
 
-    `paper_columns` picks the paper's columns for this pool (default: DEFAULT_COLUMNS[pool]).
+    `pool_sizes` (row -> candidates in its local pool) tell M-BEIR from other data; only on
+    M-BEIR are the paper's columns shown, `paper_columns` of them (default: DEFAULT_COLUMNS[pool]).
     Returns the written paths keyed by file name.
     """
-    table = _Table(pool, results, paper_columns)
+    mismatches = pool_size_mismatches(pool_sizes) if pool_sizes else ["no pool sizes given"]
+    table = _Table(pool, results, paper_columns, mismatches)
     out_dir = Path(out_dir)
     paths = {name: out_dir / name for name in (RESULTS_JSON, RESULTS_MD, RESULTS_CSV, RESULTS_PNG)}
     atomic_write_json(paths[RESULTS_JSON], results_dict(pool, table.results))
@@ -99,15 +106,18 @@ def write_run_file(
 
 
 class _Table:
-    """Our headline numbers beside the chosen paper columns, for the md, csv and png outputs."""
+    """Our headline numbers beside the chosen paper columns (none when `mismatches` says the
+    pools are not M-BEIR's), for the md, csv and png outputs."""
 
-    def __init__(self, pool: str, results: Iterable[RowResult], paper_columns: Sequence[str] | None):
+    def __init__(self, pool: str, results: Iterable[RowResult], paper_columns: Sequence[str] | None,
+                 mismatches: list[str]):
         _check_pool(pool)
         columns = tuple(DEFAULT_COLUMNS[pool] if paper_columns is None else paper_columns)
         unknown = [c for c in columns if c not in PAPER_HEADLINES[pool]]
         if unknown:
             raise ValueError(f"no paper column {unknown} for the {pool} pool; known: {sorted(PAPER_HEADLINES[pool])}")
-        self.pool, self.columns, self.results = pool, columns, _ordered(results)
+        self.mismatches = mismatches
+        self.pool, self.columns, self.results = pool, () if mismatches else columns, _ordered(results)
         self.complete = len(self.results) == len(EVAL_ROWS)
         self.average = headline_average(self.results)
 
@@ -124,35 +134,40 @@ class _Table:
         return "Avg." if self.complete else f"Avg. ({len(self.results)} of {len(EVAL_ROWS)} rows)"
 
     def markdown(self) -> str:
-        first = self.columns[0]
-        header = ["row", "metric", "queries", "ours", *(f"paper {c}" for c in self.columns), f"ours - {first}", "recall"]
+        first = self.columns[0] if self.columns else None
+        compared = [*(f"paper {c}" for c in self.columns), *([f"ours - {first}"] if first else [])]
+        header = ["row", "metric", "queries", "ours", *compared, "recall"]
         lines = [
             f"# M-BEIR test, {self.pool} pool",
             "",
             "| " + " | ".join(header) + " |",
-            "|---|---|---:|---:|" + "---:|" * len(self.columns) + "---:|---|",
+            "|---|---|---:|---:|" + "---:|" * len(compared) + "---|",
         ]
         for r in self.results:
-            paper = [f"{self.paper(c, r.row):.1f}" for c in self.columns]
+            cells = [f"{self.paper(c, r.row):.1f}" for c in self.columns]
+            if first:
+                cells.append(f"{r.headline - self.paper(first, r.row):+.2f}")
             recall = ", ".join(f"R@{k} {v:.2f}" for k, v in sorted(r.recall.items()))
-            delta = r.headline - self.paper(first, r.row)
-            lines.append(
-                f"| {r.row.name} | {r.row.headline} | {r.queries} | {r.headline:.2f} | "
-                + " | ".join(paper) + f" | {delta:+.2f} | {recall} |"
-            )
-        paper = [f"{self.paper_average(c):.2f}" for c in self.columns]
-        delta = self.average - self.paper_average(first)
-        lines.append(
-            f"| **{self.average_label()}** | | | **{self.average:.2f}** | " + " | ".join(paper) + f" | {delta:+.2f} | |"
-        )
+            lines.append(f"| {r.row.name} | {r.row.headline} | {r.queries} | {r.headline:.2f} | "
+                         + "".join(f"{cell} | " for cell in cells) + f"{recall} |")
+        cells = [f"{self.paper_average(c):.2f}" for c in self.columns]
+        if first:
+            cells.append(f"{self.average - self.paper_average(first):+.2f}")
+        lines.append(f"| **{self.average_label()}** | | | **{self.average:.2f}** | " + "".join(f"{c} | " for c in cells) + " |")
         lines.append("")
-        lines.append(
-            "Recall@k is the percentage of queries with a relevant candidate in the top k; the paper's numbers "
-            "are its headline metric per row (shared/reference/recipe.md)."
-        )
+        lines.append("Recall@k is the percentage of queries with a relevant candidate in the top k.")
+        if self.mismatches:
+            lines.append(
+                "The paper's numbers are not shown: these pools are not M-BEIR's published ones "
+                f"({'; '.join(self.mismatches[:3])}{'; ...' if len(self.mismatches) > 3 else ''}), "
+                "so no number here compares to the paper's."
+            )
+        else:
+            lines.append(f"The paper's numbers are its headline metric per row ({PAPER}, {PAPER_TABLES[self.pool]}).")
         if not self.complete:
             lines.append("")
-            lines.append(f"Note: {_partial_note(len(self.results))} The paper columns are averaged over the same rows.")
+            same_rows = " The paper columns are averaged over the same rows." if self.columns else ""
+            lines.append(f"Note: {_partial_note(len(self.results))}{same_rows}")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:

@@ -71,7 +71,7 @@ class RerankingEvaluator(MBEIREvaluator):
             }
             if validation:
                 block["val_average_by_alpha"] = validation[pool][1]
-            _record_rerank(report_dir(output_dir, pool, pools), block)
+            _record_rerank(report_dir(output_dir, pool), block)
         return results
 
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):

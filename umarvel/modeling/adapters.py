@@ -1,6 +1,10 @@
-"""Backbone + LoRA adapter loading shared by the embedder and the reranker."""
+"""Backbone + LoRA adapter loading shared by the embedder and the reranker: the saved-model
+protocol (which directory a path means, the saved settings vs overrides, finding the backbone)."""
 from __future__ import annotations
 
+import json
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -8,7 +12,9 @@ from torch import nn
 
 from umarvel import backbones
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
-from umarvel.config import ConfigError, ModelConfig
+from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
+from umarvel.errors import UmarvelError
+from umarvel.io import atomic_dir
 
 
 def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
@@ -39,6 +45,67 @@ def attach_lora(backbone, config: ModelConfig):
     return get_peft_model(backbone, peft_config)
 
 
+def resolve_saved_dir(path: str | os.PathLike, record: str, kind: str) -> Path:
+    """A run directory means its final model, `model/`; a saved model (holding `record`) or a
+    plain model directory (holding config.json) means itself."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / record).is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise UmarvelError(
+        f"{path} is not a run directory, saved {kind} or model directory: "
+        f"neither it nor {path / 'model'} holds {record} or config.json"
+    )
+
+
+def read_saved(path: Path, name: str, version: int) -> dict | None:
+    """The saved-model record `name` in `path` (None when absent), checked for its format version."""
+    saved_file = path / name
+    if not saved_file.is_file():
+        return None
+    saved = json.loads(saved_file.read_text())
+    if saved.get("format_version") != version:
+        raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
+    return saved
+
+
+def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
+    """Saved (or default) model settings with `overrides` on top; errors name `where`."""
+    try:
+        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def backbone_record(backbone: str, adapter_dir: Path) -> dict:
+    """The backbone relative to the adapter as well as absolute: a run tree copied or moved
+    together with its backbone (or the earlier runs it continued from) still loads."""
+    try:
+        return {"backbone_relative": os.path.relpath(Path(backbone).resolve(), Path(adapter_dir).resolve())}
+    except ValueError:  # another drive (Windows): no relative form
+        return {}
+
+
+def find_backbone(adapter_dir: Path, saved: dict, given: str | None = None) -> Path:
+    """The backbone directory an adapter was trained on: `given` when the user names one, else
+    as recorded (absolute), else relative to the adapter."""
+    if given:
+        candidates = [Path(given)]
+    else:
+        recorded, relative = saved["model"]["backbone"], saved.get("backbone_relative")
+        candidates = [Path(recorded), adapter_dir / recorded] + ([adapter_dir / relative] if relative else [])
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    if given:
+        raise UmarvelError(f"backbone {given}, given for the adapter {adapter_dir}, is not a model directory (no config.json)")
+    tried = " nor at ".join(dict.fromkeys(str(c) for c in candidates))
+    raise UmarvelError(
+        f"{adapter_dir}: its backbone is found neither at {tried}; point to it with "
+        "`--set model.backbone=PATH` on the command line or backbone=PATH in from_pretrained"
+    )
+
+
 def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,
                  attention: str, with_lm_head: bool = False) -> tuple[nn.Module, object, torch.device]:
     """(backbone with its saved or a fresh adapter, processor, device), frozen but for the adapter.
@@ -65,6 +132,20 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     return backbone, processor, device
 
 
+def gathered(parameters):
+    """The block sees `parameters` whole; a no-op unless DeepSpeed ZeRO-3 partitions them.
+
+    Collective under ZeRO-3 (every rank must enter with the same parameters); the gathered
+    storage is freed on exit, so keep copies, not views.
+    """
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 class AdaptedBackbone(nn.Module):
     """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter.
 
@@ -89,3 +170,54 @@ class AdaptedBackbone(nn.Module):
         from peft import PeftModel
 
         return isinstance(self.backbone, PeftModel)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def write_adapter(self, directory: str | os.PathLike, *, write: bool = True, atomic: bool = False) -> Path:
+        """Write the adapter and this model's own files into `directory` (a Trainer checkpoint;
+        with `atomic`, built beside it and renamed in when complete).
+
+        Under DeepSpeed ZeRO-3 the adapter is gathered first: every rank must call this, and
+        only the one with `write` writes.
+        """
+        if not self.has_adapter:
+            raise UmarvelError(f"this {type(self).__name__.lower()} has no adapter to save")
+        with gathered(self.trainable_parameters()):
+            if write:
+                with atomic_dir(directory) if atomic else nullcontext(Path(directory)) as target:
+                    target.mkdir(parents=True, exist_ok=True)
+                    with quiet_transformers():
+                        self.backbone.save_pretrained(target)
+                    self._write_files(target)
+        return Path(directory)
+
+    def _write_files(self, directory: Path) -> None:
+        """This model's files beside the adapter (settings, processor, ...)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def vision_on_every_rank(self, has_images: bool):
+        """Run the backbone's forward in the block with the vision tower on every rank.
+
+        Under ZeRO-3 each module's forward gathers its weights collectively, the frozen vision
+        tower's too, so a batch without images on one rank while another has some hangs or
+        aborts. Then the image-less ranks run the tower on a minimal dummy image (discarded)
+        where the model runs it for real: after the token embeddings, before the language
+        model. Costs one flag all-reduce per forward under ZeRO-3; nothing otherwise.
+        """
+        family = self.family
+        visual = next(m for name, m in self.backbone.named_modules() if name.split(".")[-1] == family.vision_tower)
+        if not any(hasattr(p, "ds_id") for p in visual.parameters()) or not torch.distributed.is_initialized():
+            yield
+            return
+        anywhere = torch.tensor([int(has_images)], device=self.device)
+        torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+        if has_images or not anywhere.item():
+            yield
+            return
+        hook = language_model(self.backbone).register_forward_pre_hook(lambda *_: family.dummy_vision(visual), prepend=True)
+        try:
+            yield
+        finally:
+            hook.remove()

@@ -1,12 +1,12 @@
 """The U-MARVEL embedder: a backbone of a supported family + LoRA + pooling + L2 normalisation + temperature.
 
 A saved embedder directory holds `embedder_config.json` (the model section of the config),
-`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone
-is the directory named in the config) or, after `merge_and_save`, the merged backbone itself.
+`temperature.safetensors`, the processor files, and either a PEFT adapter (whose backbone is
+the directory named in the config, absolute and relative to the adapter) or, after
+`merge_and_save`, the merged backbone itself.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from umarvel.backbone import quiet_transformers
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
-from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
+from umarvel.modeling.adapters import (
+    AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
+)
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -54,43 +55,27 @@ class Embedder(AdaptedBackbone):
         """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win.
+        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win, and
+        backbone=PATH names the backbone of an adapter moved away from it. A run directory
+        means its final adapter, `model/`.
         """
-        path = Path(path)
-        saved_file = path / EMBEDDER_CONFIG
-        if not saved_file.is_file():
-            config = cls._config({"backbone": str(path)}, overrides, str(path))
+        path = resolve_model_dir(path)
+        saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
+        if saved is None:
+            config = model_config({"backbone": str(path)}, overrides, str(path))
             return cls._build(config, path, adapter_dir=None, trainable=trainable)
-        saved = json.loads(saved_file.read_text())
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise UmarvelError(f"{saved_file}: unsupported embedder format {saved.get('format_version')!r}")
+        where = str(path / EMBEDDER_CONFIG)
         overrides = dict(overrides)
         if saved["merged"]:
-            config = cls._config(saved["model"], {**overrides, "backbone": str(path)}, str(saved_file))
+            config = model_config(saved["model"], {**overrides, "backbone": str(path)}, where)
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
             overrides.pop("lora", None)
-            config = cls._config(saved["model"], overrides, str(saved_file))
-            backbone_dir = cls._find_backbone(config.backbone, path)
+            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
+            config = model_config(saved["model"], overrides, where)
             embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
         embedder.temperature.load_state(load_file(path / TEMPERATURE_FILE))
         return embedder
-
-    @staticmethod
-    def _config(base: dict, overrides: dict, where: str) -> ModelConfig:
-        try:
-            return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
-
-    @staticmethod
-    def _find_backbone(recorded: str, embedder_dir: Path) -> Path:
-        for candidate in (Path(recorded), embedder_dir / recorded):
-            if (candidate / "config.json").is_file():
-                return candidate
-        raise UmarvelError(
-            f"{embedder_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained"
-        )
 
     @classmethod
     def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
@@ -102,7 +87,8 @@ class Embedder(AdaptedBackbone):
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
         """Unit-norm float32 embeddings of a collated batch."""
         inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
+        with self.vision_on_every_rank("pixel_values" in inputs):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
 
@@ -131,30 +117,16 @@ class Embedder(AdaptedBackbone):
         return torch.stack(out)
 
     # ----- saving -------------------------------------------------------------------------
-    def _write_common(self, directory: Path, merged: bool, tau: torch.Tensor | None = None) -> None:
-        atomic_write_json(
-            directory / EMBEDDER_CONFIG,
-            {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)},
-        )
-        save_file(self.temperature.state(tau), str(directory / TEMPERATURE_FILE))
+    def _write_common(self, directory: Path, merged: bool) -> None:
+        record = {"format_version": FORMAT_VERSION, "merged": merged, "model": to_dict(self.settings)}
+        if not merged:
+            record.update(backbone_record(self.settings.backbone, directory))
+        atomic_write_json(directory / EMBEDDER_CONFIG, record)
+        save_file(self.temperature.state(), str(directory / TEMPERATURE_FILE))
         self.processor.save_pretrained(directory)
 
-    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write adapter + config + temperature into an existing directory (a Trainer checkpoint).
-
-        `state_dict` is this module's state as gathered by DeepSpeed (ZeRO-3 partitions the
-        live parameters); without it the live parameters are saved.
-        """
-        if not self.has_adapter:
-            raise UmarvelError("this embedder has no adapter to save; use merge_and_save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        backbone_state = None
-        if state_dict:
-            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        with quiet_transformers():
-            self.backbone.save_pretrained(directory, state_dict=backbone_state)
-        self._write_common(directory, merged=False, tau=(state_dict or {}).get("temperature.tau"))
+    def _write_files(self, directory: Path) -> None:
+        self._write_common(directory, merged=False)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load a saved adapter's weights and temperature into this embedder (resume)."""
@@ -164,41 +136,51 @@ class Embedder(AdaptedBackbone):
         set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors"))
         self.temperature.load_state(load_file(directory / TEMPERATURE_FILE))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter)."""
+    def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter).
+
+        Collective under ZeRO-3, like `write_adapter`.
+        """
         if not self.has_adapter:
-            return self.merge_and_save(directory)
-        with atomic_dir(directory) as tmp:
-            self.write_adapter(tmp)
-        return Path(directory)
+            return self.merge_and_save(directory, write=write)
+        return self.write_adapter(directory, write=write, atomic=True)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Backbone weights with every LoRA delta folded in, under the plain model's key names."""
+        return dict(self._merged_tensors())
+
+    def _merged_tensors(self):
+        """(key, tensor) of the merged backbone; under ZeRO-3 one layer is gathered at a time
+        (collective) and the tensors are CPU copies."""
         from peft.tuners.lora import LoraLayer
 
-        if not self.has_adapter:
-            return self.backbone.state_dict()
-        base = self.backbone.get_base_model()
-        state = {}
+        base = self.backbone.get_base_model() if self.has_adapter else self.backbone
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
-                weight = module.base_layer.weight
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                state[f"{name}.weight"] = (weight + delta.to(weight.dtype)).detach()
-                if module.base_layer.bias is not None:
-                    state[f"{name}.bias"] = module.base_layer.bias.detach()
-        for key, value in base.state_dict().items():
+                with gathered(list(module.parameters())):
+                    weight = module.base_layer.weight
+                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                    yield f"{name}.weight", _kept(weight + delta.to(weight.dtype), like=weight)
+                    if module.base_layer.bias is not None:
+                        yield f"{name}.bias", _kept(module.base_layer.bias, like=weight)
+        for key, value in base.state_dict(keep_vars=True).items():
             if "lora_" in key or ".base_layer." in key:
                 continue
-            state.setdefault(key, value)
-        return state
+            with gathered([value]):
+                yield key, _kept(value, like=value)
 
-    def merge_and_save(self, directory: str | os.PathLike) -> Path:
-        """A plain merged checkpoint that loads with from_pretrained and embeds identically."""
+    def merge_and_save(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """A plain merged checkpoint that loads with from_pretrained and embeds identically.
+
+        Collective under ZeRO-3 (every rank gathers, only the one with `write` keeps and writes).
+        """
         base = self.backbone.get_base_model() if self.has_adapter else self.backbone
-        with atomic_dir(directory) as tmp, quiet_transformers():
-            base.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in self.merged_state_dict().items()})
-            self._write_common(tmp, merged=True)
+        state = {key: value.contiguous() for key, value in self._merged_tensors() if write}
+        with gathered(self.temperature.parameters()):
+            if write:
+                with atomic_dir(directory) as tmp, quiet_transformers():
+                    base.save_pretrained(tmp, state_dict=state)
+                    self._write_common(tmp, merged=True)
         return Path(directory)
 
     # ----- optimisation -------------------------------------------------------------------
@@ -219,24 +201,31 @@ class Embedder(AdaptedBackbone):
         ]
 
 
+def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached; a CPU copy when `like` is a ZeRO-3 parameter, whose gathered
+    storage is freed when its gather ends."""
+    return tensor.detach().to("cpu", copy=True) if hasattr(like, "ds_id") else tensor.detach()
+
+
 RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter; otherwise the directory itself."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / EMBEDDER_CONFIG).is_file() or (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(f"{path} is not a run directory, embedder directory or model directory")
+    return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
-def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool) -> "Embedder":
+def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
+                       backbone: str | None = None) -> "Embedder":
     """Load for encoding: a saved embedder keeps its own settings but for device (always taken
     from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
-    file was given); a plain backbone takes the whole model section of a given config."""
+    file was given); a plain backbone takes the whole model section of a given config.
+    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now."""
     directory = resolve_model_dir(path)
     settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
-    if (directory / EMBEDDER_CONFIG).is_file() or not from_config:
+    saved = (directory / EMBEDDER_CONFIG).is_file()
+    if saved or not from_config:
         settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
+    if saved and backbone:
+        settings["backbone"] = backbone
     return Embedder.from_pretrained(directory, **settings)

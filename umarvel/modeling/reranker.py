@@ -6,11 +6,11 @@ answer's first token, at the position after the assistant prompt. The vocabulary
 are computed at that one position per row, never for the whole sequence.
 
 A saved reranker directory holds `reranker_config.json` (the model section it was trained
-with), the processor files and a PEFT adapter whose backbone is the directory named there.
+with), the processor files and a PEFT adapter whose backbone is the directory named there
+(absolute, and relative to the adapter).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
-from umarvel.backbone import quiet_transformers
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from umarvel.config import ConfigError, ModelConfig, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
-from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling.adapters import AdaptedBackbone, load_adapted
+from umarvel.io import atomic_write_json
+from umarvel.modeling.adapters import (
+    AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+)
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
 RERANKER_CONFIG = "reranker_config.json"
@@ -43,13 +44,9 @@ class RerankOutput(ModelOutput):
 def resolve_reranker_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter (`model/`); otherwise the directory itself."""
     path = Path(path)
-    if (path / "model" / RERANKER_CONFIG).is_file():
-        return path / "model"
-    if (path / EMBEDDER_CONFIG).is_file():
+    if (path / EMBEDDER_CONFIG).is_file() or (path / "model" / EMBEDDER_CONFIG).is_file():
         raise UmarvelError(f"{path} is an embedder, not a reranker (train one with `umarvel train --stage reranker`)")
-    if not ((path / RERANKER_CONFIG).is_file() or (path / "config.json").is_file()):
-        raise UmarvelError(f"{path} is not a reranker run directory, reranker directory or model directory")
-    return path
+    return resolve_saved_dir(path, RERANKER_CONFIG, "reranker")
 
 
 class Reranker(AdaptedBackbone):
@@ -77,20 +74,18 @@ class Reranker(AdaptedBackbone):
         """Load a saved reranker, or wrap a plain backbone directory (a new adapter if trainable).
 
         `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
-        its own LoRA settings win.
+        its own LoRA settings win, and backbone=PATH names the backbone of an adapter moved away
+        from it.
         """
         path = resolve_reranker_dir(path)
-        saved_file = path / RERANKER_CONFIG
-        if not saved_file.is_file():
-            config = _model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
+        saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
+        if saved is None:
+            config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
         else:
-            saved = json.loads(saved_file.read_text())
-            if saved.get("format_version") != FORMAT_VERSION:
-                raise UmarvelError(f"{saved_file}: unsupported reranker format {saved.get('format_version')!r}")
             overrides = {k: v for k, v in overrides.items() if k != "lora"}
-            config = _model_config(saved["model"], overrides, str(saved_file))
-            backbone_dir = _find_backbone(config.backbone, path)
+            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
+            config = model_config(saved["model"], overrides, str(path / RERANKER_CONFIG))
             reranker = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
         reranker.source = path
         return reranker
@@ -115,7 +110,9 @@ class Reranker(AdaptedBackbone):
             predicting = answer_at - 1
         model = self.backbone.get_base_model() if self.has_adapter else self.backbone
         inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).last_hidden_state
+        with self.vision_on_every_rank("pixel_values" in inputs):
+            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **inputs).last_hidden_state
         logits = model.lm_head(hidden[rows, predicting]).float()
         loss = None if labels is None else F.cross_entropy(logits, labels[rows, answer_at])
         return RerankOutput(logits=logits, loss=loss)
@@ -144,22 +141,9 @@ class Reranker(AdaptedBackbone):
         return scores
 
     # ----- saving -------------------------------------------------------------------------
-    def write_adapter(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write adapter + reranker config + processor into a directory (a Trainer checkpoint).
-
-        `state_dict` is this module's state as gathered by DeepSpeed; without it the live
-        parameters are saved.
-        """
-        if not self.has_adapter:
-            raise UmarvelError("this reranker has no adapter to save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        backbone_state = None
-        if state_dict:
-            backbone_state = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        with quiet_transformers():
-            self.backbone.save_pretrained(directory, state_dict=backbone_state)
-        atomic_write_json(directory / RERANKER_CONFIG, {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)})
+    def _write_files(self, directory: Path) -> None:
+        record = {"format_version": FORMAT_VERSION, "model": to_dict(self.settings)}
+        atomic_write_json(directory / RERANKER_CONFIG, {**record, **backbone_record(self.settings.backbone, directory)})
         self.processor.save_pretrained(directory)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
@@ -169,26 +153,11 @@ class Reranker(AdaptedBackbone):
 
         set_peft_model_state_dict(self.backbone, load_file(Path(directory) / "adapter_model.safetensors"))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        with atomic_dir(directory) as tmp:
-            self.write_adapter(tmp)
-        return Path(directory)
+    def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
+        """Collective under ZeRO-3, like `write_adapter`."""
+        return self.write_adapter(directory, write=write, atomic=True)
 
 
 def _pair_length(pair: tuple[dict, dict]) -> tuple[int, int]:
     images = sum(item.get("image") is not None for item in pair)
     return images, sum(len(item.get("text") or "") + len(item.get("instruction") or "") for item in pair)
-
-
-def _model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
-    try:
-        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _find_backbone(recorded: str, reranker_dir: Path) -> Path:
-    for candidate in (Path(recorded), reranker_dir / recorded):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(f"{reranker_dir}: its backbone {recorded} is not found; pass backbone=PATH to from_pretrained")

@@ -44,9 +44,9 @@ class Temperature(nn.Module):
     def value(self) -> float:
         return float(self.forward().detach())
 
-    def state(self, tau: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """What `temperature.safetensors` holds (`tau`: a gathered copy under ZeRO-3)."""
-        return {"tau": (self.tau if tau is None else tau).detach().cpu().float().reshape(1).contiguous()}
+    def state(self) -> dict[str, torch.Tensor]:
+        """What `temperature.safetensors` holds (under ZeRO-3, call it with tau gathered)."""
+        return {"tau": self.tau.detach().cpu().float().reshape(1).contiguous()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a saved temperature; files of umarvel 0.1 stored log tau."""

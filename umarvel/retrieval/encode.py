@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from umarvel import process
 from umarvel.config import EvalConfig, to_dict
 from umarvel.io import atomic_path, atomic_write_json
-from umarvel import process
 
+logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
 WHOLE_FILE_LIMIT = 64 << 20
@@ -170,11 +172,15 @@ def encode_set(
             chunk = batch[offset : offset + block]
             vectors.append(embedder.encode(chunk, batch_size=batch_size).numpy().astype(np.float16))
             bar.update(len(chunk))
-        with atomic_path(directory / f"shard-{index:05d}.ids.txt") as tmp:
-            tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
+        # Ids last, after removing a leftover ids file: an ids file that passes the resume check
+        # then always sits beside the vectors written with it.
+        ids_file = directory / f"shard-{index:05d}.ids.txt"
+        ids_file.unlink(missing_ok=True)
         with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16))
+        with atomic_path(ids_file) as tmp:
+            tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
     bar.close()
     process.barrier()
     if rank == 0:
@@ -196,6 +202,8 @@ class EmbeddingCache:
         self.embedder, self.config, self.progress = embedder, config, progress
         self.model = model_fingerprint(embedder)
         self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
+        if process.is_main_process():  # it can grow large (40 GB for the 7B global pool): say where
+            logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root.absolute())
 
     def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str) -> EncodedSet:
         """`items(start, stop)` -> item dicts; `sources` are the files the items come from."""

@@ -18,9 +18,9 @@ import numpy as np
 
 from umarvel import process
 from umarvel.config import EvalConfig, MineConfig
-from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+from umarvel.data.mbeir import MBEIR, mbeir_root, open_pool, open_queries
 from umarvel.data.sources import write_hard_negatives
-from umarvel.data.tasks import GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
+from umarvel.data.tasks import DATASETS, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
 from umarvel.retrieval.encode import EmbeddingCache, EncodedSet
@@ -100,7 +100,7 @@ def _candidate_rows(pool: EncodedSet, modality_of: list[str], key: tuple) -> np.
 def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_config: MineConfig,
          eval_config: EvalConfig, *, progress: bool = True) -> dict:
     """Mine, write the hard-negative file (+ `<out>.stats.json`) atomically; return the stats."""
-    root = Path(data_root)
+    root = mbeir_root(data_root)
     instructions = MBEIR(root).instructions
     query_file = root / (mine_config.queries or UNION_TRAIN_QUERIES)
     pool_file = root / (mine_config.pool or GLOBAL_POOL.format(split="train"))
@@ -157,12 +157,23 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
 
 
 def format_stats(summary: dict) -> str:
-    """A table of the filter's effect per task, for the terminal."""
-    lines = [f"{'task':14s} {'queries':>8s} {'<k kept':>8s} {'filtered':>9s} {'kept mean':>10s} {'filtered mean':>14s}"]
-    for task, s in summary["tasks"].items():
-        kept, filtered = s["kept_scores"], s["filtered_scores"]
+    """A table of the filter's effect per (dataset, task), with a legend, for the terminal."""
+    params = summary["params"]
+    lines = [f"{'dataset task':20s} {'queries':>8s} {'short':>6s} {'filtered':>9s} {'kept mean':>10s} {'filtered mean':>14s}"]
+    for key, s in summary["tasks"].items():
+        dataset_id, task = key.split(":")
+        kept, filtered = (f"{s[name]['mean']:.3f}" if s[name]["count"] else "-" for name in ("kept_scores", "filtered_scores"))
         lines.append(
-            f"{task:14s} {s['queries']:8d} {s['short_queries']:8d} {s['filtered']:9d} "
-            f"{kept.get('mean', float('nan')):10.3f} {filtered.get('mean', float('nan')):14.3f}"
+            f"{DATASETS[int(dataset_id)] + ' ' + task:20s} {s['queries']:8d} {s['short_queries']:6d} {s['filtered']:9d} "
+            f"{kept:>10s} {filtered:>14s}"
         )
+    lines += [
+        "",
+        "queries: training queries mined; "
+        f"short: queries left with fewer than mine.top_k = {params['top_k']} negatives;",
+        f"filtered: candidates dropped as likely false negatives (cosine above mine.threshold = {params['threshold']}"
+        + (f" or above {params['max_fraction_of_positive']} of the query's best positive" if params["max_fraction_of_positive"] else "")
+        + ");",
+        "kept mean / filtered mean: mean cosine of the kept negatives / of the dropped candidates.",
+    ]
     return "\n".join(lines)

@@ -67,13 +67,22 @@ def rank_layout(local_size: int, device: torch.device | str = "cpu") -> RankLayo
         rank = 0
     else:
         size = torch.tensor([local_size], dtype=torch.int64, device=device)
-        gathered = funcol.wait_tensor(funcol.all_gather_single(size, 0, dist.group.WORLD))
-        sizes = tuple(int(s) for s in gathered.tolist())
-        rank = dist.get_rank()
+        sizes = tuple(int(s) for s in _all_gather(size).tolist())
+        rank = _rank()
     empty = [r for r, size in enumerate(sizes) if size == 0]
     if empty:
         raise ValueError(f"contrastive batch is empty on rank(s) {empty}; every rank needs at least one query")
     return RankLayout(sizes=sizes, rank=rank)
+
+
+def _rank() -> int:
+    return dist.get_rank()
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on all) concatenated along dim 0 in rank order; its
+    backward sums the gradients of all ranks. The one collective here (tests emulate it)."""
+    return funcol.wait_tensor(funcol.all_gather_single(tensor, 0, dist.group.WORLD))
 
 
 def gather(tensor: torch.Tensor, layout: RankLayout) -> torch.Tensor:
@@ -93,7 +102,7 @@ def gather(tensor: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     if tensor.shape[0] < longest:
         padding = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
         tensor = torch.cat([tensor, padding])
-    gathered = funcol.wait_tensor(funcol.all_gather_single(tensor.contiguous(), 0, dist.group.WORLD))
+    gathered = _all_gather(tensor.contiguous())
     if any(size != longest for size in layout.sizes):
         rows = torch.cat(
             [torch.arange(size, device=gathered.device) + r * longest for r, size in enumerate(layout.sizes)]

@@ -22,11 +22,24 @@ partition", and `engine.backward` refuses a loss without a grad_fn (a detached l
 hook). Costs: one float32 gradient-sized buffer of the trainable parameters; one extra
 forward per chunk.
 
+Under DeepSpeed ZeRO-3 (parameters carry `ds_id`) that cannot work: a partitioned parameter
+has shape [0] outside its module's forward, autograd fixes a leaf's gradient shape when a
+graph first uses it, and accumulating a full-shaped gradient into it fails ("returned an
+invalid gradient ... expected shape compatible with [0]"). There, backward runs
+`torch.autograd.backward` through each re-embedded chunk, so ZeRO-3's own module hooks
+gather the parameters around every chunk's backward, with `ds_grad_is_ready` False for all
+chunks but the last: DeepSpeed's switch for gradients built over a loop of chunks (its
+TiledMLP), which lets them accumulate in `.grad` (in the parameters' dtype) and be reduced
+once. The loss node's inputs are then the cached embeddings, not the parameters. Measured
+with deepspeed 0.19.8 over 2 ranks: the gradients of the plain step. Since every forward
+gathers collectively, every rank must embed the same number of chunks (checked; the
+Trainer's even batches ensure it).
+
 Requirements on `encode`:
-  * Under ZeRO-2 it may call the DeepSpeed engine or the bare module (weights are whole on
-    every rank). Under plain DDP it must call the DDP wrapper: a wrapper forward arms DDP's
-    gradient reduction; with the bare module the gradients are never all-reduced (silently
-    wrong).
+  * Under ZeRO-2 and ZeRO-3 it may call the DeepSpeed engine or the bare module (ZeRO-3's
+    hooks sit on the submodules). Under plain DDP it must call the DDP wrapper: a wrapper
+    forward arms DDP's gradient reduction; with the bare module the gradients are never
+    all-reduced (silently wrong).
   * No reentrant activation checkpointing (`use_reentrant=True` refuses `autograd.grad`);
     non-reentrant checkpointing works.
 """
@@ -37,7 +50,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
+from umarvel.errors import UmarvelError
+from umarvel.training.distributed import is_distributed
 from umarvel.training.losses import LossOutput
 
 Batch = Mapping[str, torch.Tensor]
@@ -82,6 +99,10 @@ def embed_and_compute_loss(
         return loss_fn({name: encode(batch) for name, batch in batches.items()}, temperature)
 
     chunks = {name: [_Chunk(batch=part) for part in split(batch, chunk_size)] for name, batch in batches.items()}
+    trainable = [p for p in parameters if p.requires_grad]
+    partitioned = any(hasattr(p, "ds_id") for p in trainable)
+    if partitioned:
+        _check_same_chunk_counts([len(group) for group in chunks.values()])
     with torch.no_grad():
         for group in chunks.values():
             for chunk in group:
@@ -89,7 +110,6 @@ def embed_and_compute_loss(
                 chunk.embedding = encode(chunk.batch)
     cached = {name: torch.cat([chunk.embedding for chunk in group]) for name, group in chunks.items()}
 
-    trainable = [p for p in parameters if p.requires_grad]
     if not torch.is_grad_enabled() or not (trainable or temperature.requires_grad):
         return loss_fn(cached, temperature)
 
@@ -108,9 +128,26 @@ def embed_and_compute_loss(
         chunks=[chunk for group in chunks.values() for chunk in group if chunk.gradient is not None],
         parameters=trainable,
         temperature_gradient=gradients[-1] if temperature.requires_grad else None,
+        partitioned=partitioned,
     )
-    loss = _CachedLoss.apply(replay, output.loss.detach(), temperature, *trainable)
+    inputs = list(leaves.values()) if replay.partitioned else trainable
+    loss = _CachedLoss.apply(replay, output.loss.detach(), temperature, *inputs)
     return LossOutput(loss=loss, stats=output.stats)
+
+
+def _check_same_chunk_counts(counts: list[int]) -> None:
+    """Under ZeRO-3 every forward and backward gathers parameters collectively, so every rank
+    must embed the same number of chunks; uneven ones would hang, so they are refused."""
+    if not is_distributed():
+        return
+    local = torch.tensor(counts, dtype=torch.int64)
+    every = funcol.wait_tensor(funcol.all_gather_single(local, 0, dist.group.WORLD)).view(-1, len(counts))
+    if not bool((every == local).all()):
+        raise UmarvelError(
+            f"GradCache under DeepSpeed ZeRO-3 needs the same number of chunks on every rank (each forward gathers "
+            f"the partitioned parameters collectively); chunks per batch and rank: {every.tolist()}. "
+            "Give every rank the same batch size"
+        )
 
 
 class _RngState:
@@ -157,6 +194,7 @@ class _Replay:
     chunks: list[_Chunk]
     parameters: list[torch.Tensor]
     temperature_gradient: torch.Tensor | None
+    partitioned: bool  # DeepSpeed ZeRO-3 parameters
 
     def parameter_gradients(self, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
         totals: list[torch.Tensor | None] = [None] * len(self.parameters)
@@ -176,13 +214,52 @@ class _Replay:
                     totals[index] = grad.float() if totals[index] is None else totals[index].add_(grad)
         return [None if total is None else total.to(p.dtype) for total, p in zip(totals, self.parameters)]
 
+    def accumulate_under_zero3(self, grad_output: torch.Tensor) -> None:
+        """Backward through each re-embedded chunk; ZeRO-3 reduces each gradient once, after the last.
+
+        `ds_grad_is_ready = False` is DeepSpeed's own switch for gradients built over a loop of
+        chunks (its TiledMLP): the reduce hook then leaves the gradient accumulating in `.grad`.
+        A parameter the last chunk does not use would never be reduced: that is refused.
+        """
+        if not self.chunks:
+            return
+        *earlier, last = self.chunks
+        for chunk in earlier:
+            self._backward(chunk, grad_output, ready=False)
+        pending = {id(p) for p in self.parameters if p.grad is not None}
+        reduced: set[int] = set()
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: reduced.add(id(p))) for p in self.parameters]
+        try:
+            self._backward(last, grad_output, ready=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if pending - reduced:
+            raise UmarvelError(
+                f"GradCache under ZeRO-3: {len(pending - reduced)} trainable parameter(s) got gradients from earlier "
+                "chunks but not from the last one, so DeepSpeed would never reduce them; every chunk must use the "
+                "same trainable parameters"
+            )
+
+    def _backward(self, chunk: _Chunk, grad_output: torch.Tensor, ready: bool) -> None:
+        for p in self.parameters:
+            p.ds_grad_is_ready = ready
+        try:
+            with torch.enable_grad(), chunk.rng.restored():
+                embedding = self.encode(chunk.batch)
+            if embedding.requires_grad:
+                torch.autograd.backward(embedding, (chunk.gradient * grad_output).to(embedding.dtype))
+        finally:
+            for p in self.parameters:
+                del p.ds_grad_is_ready
+
 
 class _CachedLoss(torch.autograd.Function):
     """Forward: the loss value from step (b). Backward: step (c), gradients for the inputs."""
 
     @staticmethod
-    def forward(ctx, replay: _Replay, loss_value: torch.Tensor, temperature: torch.Tensor, *parameters):
-        ctx.replay = replay
+    def forward(ctx, replay: _Replay, loss_value: torch.Tensor, temperature: torch.Tensor, *inputs):
+        ctx.replay, ctx.inputs = replay, len(inputs)
         return loss_value.clone()
 
     @staticmethod
@@ -191,6 +268,9 @@ class _CachedLoss(torch.autograd.Function):
         temperature_grad = None
         if replay.temperature_gradient is not None:
             temperature_grad = replay.temperature_gradient * grad_output
+        if replay.partitioned:
+            replay.accumulate_under_zero3(grad_output)
+            return (None, None, temperature_grad, *[None] * ctx.inputs)
         return (None, None, temperature_grad, *replay.parameter_gradients(grad_output))
 
 

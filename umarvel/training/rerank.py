@@ -33,10 +33,11 @@ class RerankTrainer(TelemetryTrainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.reranker.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+        """As ContrastiveTrainer._save: every rank gathers the live adapter, the saving process writes."""
+        self.reranker.write_adapter(output_dir or self.args.output_dir, write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume without DeepSpeed (under DeepSpeed the engine's own checkpoint is loaded)."""
         self.reranker.load_adapter_weights(resume_from_checkpoint)
 
 
@@ -52,10 +53,10 @@ def _check(config: Config) -> None:
 
 def training_data(config: Config):
     """(queries, pool) of the data section: M-BEIR train queries and the pool they search."""
-    from umarvel.data.mbeir import MBEIR, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, mbeir_root, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
-    data, root = config.data, Path(config.data.path)
+    data, root = config.data, mbeir_root(config.data.path)
     query_file = data.train_queries or UNION_TRAIN_QUERIES
     queries = open_queries(root / query_file, root, MBEIR(root, on_error=data.on_error).instructions,
                            upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error)
@@ -108,8 +109,7 @@ def train_reranker(config: Config, *, resume: bool = False, force: bool = False)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
-    if trainer.args.should_save:
-        trainer.reranker.save_pretrained(run_dir / "model")
+    trainer.reranker.save_pretrained(run_dir / "model", write=trainer.args.should_save)  # collective under ZeRO-3
     yes = sum(pair.answer == "YES" for pair in pairs)
     metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
                "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}

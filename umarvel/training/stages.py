@@ -25,7 +25,7 @@ logger = logging.getLogger("umarvel")
 def build_pairs(config: Config):
     """The training pairs of a stage's data section."""
     from umarvel.data import sources
-    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, open_pool, open_queries
+    from umarvel.data.mbeir import MBEIR, MBEIRTrainPairs, NegativeSelection, mbeir_root, open_pool, open_queries
     from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 
     data = config.data
@@ -36,7 +36,7 @@ def build_pairs(config: Config):
     elif data.source == "cc3m":
         pairs = sources.CC3MPairs(data.path, data.image_root or Path(data.path).parent, on_error=data.on_error)
     else:
-        root = Path(data.path)
+        root = mbeir_root(data.path)
         instructions = MBEIR(root, on_error=data.on_error).instructions
         query_file = data.train_queries or UNION_TRAIN_QUERIES
         queries = open_queries(
@@ -124,6 +124,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
     loss); `prepare(args)` runs once the run has started, before the model loads (stage 3
     scores its teacher there).
     """
+    from umarvel.modeling.adapters import gathered
     from umarvel.modeling.embedder import Embedder
 
     args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
@@ -139,15 +140,18 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
-    if trainer.args.should_save:
-        trainer.embedder.save_pretrained(run.directory / "model")
-        trainer.embedder.merge_and_save(run.directory / "merged")
+    # Every rank takes part: under ZeRO-3 the weights are gathered from their partitions.
+    embedder = trainer.embedder
+    embedder.save_pretrained(run.directory / "model", write=trainer.args.should_save)
+    embedder.merge_and_save(run.directory / "merged", write=trainer.args.should_save)
+    with gathered(embedder.temperature.parameters()):
+        temperature = embedder.temperature.value
     metrics = {
         **result.metrics,
         "global_batch": global_batch,
         "steps": trainer.state.global_step,
         "pairs": len(trainer.train_dataset),
-        "temperature": trainer.embedder.temperature.value,
+        "temperature": temperature,
         "wall_seconds": seconds,
         **_negative_stats(trainer.train_dataset),
     }

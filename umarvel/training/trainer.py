@@ -9,7 +9,6 @@ embedder directories, and logs that carry the temperature and in-batch accuracy
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -101,10 +100,14 @@ class ContrastiveTrainer(TelemetryTrainer):
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.args.should_save:
-            self.embedder.write_adapter(Path(output_dir or self.args.output_dir), state_dict=state_dict)
+        """Every rank comes here (`save_model`); the adapter is gathered from the live parameters
+        (ZeRO-3 partitions them, and the Trainer's `state_dict` is empty when
+        stage3_gather_16bit_weights_on_model_save is false); the saving process writes."""
+        self.embedder.write_adapter(output_dir or self.args.output_dir, write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume without DeepSpeed; under DeepSpeed the Trainer loads the engine's own checkpoint
+        (global_stepN/ in checkpoint-N), which restores the partitioned adapter and optimizer."""
         self.embedder.load_adapter_weights(resume_from_checkpoint)
 
 
