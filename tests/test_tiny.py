@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from umarvel import backbones
