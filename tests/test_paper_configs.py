@@ -66,10 +66,14 @@ STEPS = chain("umarvel") + [
     ("zero3-reranker", ["train", "--stage", "reranker", "--config", "configs/umarvel/reranker.yaml", *SHORT, *ZERO3,
                         "--set", "run.output_dir=runs/umarvel/zero3/reranker"], ["zero3/reranker"]),
 ]
-# Other families: the whole chain on Qwen3-VL-8B (the new family); the other folders differ from
-# it or from configs/umarvel only in backbone, pixel limits and run paths, which
-# test_family_configs_change_only_backbone_pixels_and_paths checks without a run.
-FAMILY_FOLDERS = {"qwen3vl-8b": ("qwen3-vl", "Qwen3-VL-8B-Instruct")}
+# Other families: the whole chain of every family folder, each on a tiny model of its family laid
+# out at the checkpoint path it names (test_family_configs_change_only_backbone_pixels_and_paths
+# checks, besides, that they differ from configs/umarvel only in backbone, pixel limits and paths).
+FAMILY_FOLDERS = {
+    "qwen2_5vl-7b": ("qwen2.5-vl", "Qwen2.5-VL-7B-Instruct"),
+    "qwen3vl-4b": ("qwen3-vl", "Qwen3-VL-4B-Instruct"),
+    "qwen3vl-8b": ("qwen3-vl", "Qwen3-VL-8B-Instruct"),
+}
 FAMILY_STEPS = [(folder, *step) for folder in FAMILY_FOLDERS for step in chain(folder)]
 
 
