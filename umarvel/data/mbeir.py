@@ -591,7 +591,8 @@ class MBEIRTrainPairs:
         mined = self.hard_negatives.get(record["qid"])
         ranked = _by_score([(did, score) for did, score in zip(*mined) if did not in positives] if mined else [])
         if selection.mode == "sample":
-            picked = rng.sample(ranked[: selection.depth], min(selection.k, len(ranked[: selection.depth])))
+            top = ranked[: selection.depth]
+            picked = rng.sample(top, min(selection.k, len(top)))
         else:
             picked = ranked[: selection.k]
         if len(picked) < selection.k and selection.top_up:

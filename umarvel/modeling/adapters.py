@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def gathered(parameters):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-class AdaptedBackbone(nn.Module):
+class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
     """Base of the embedder and the reranker: a `backbone` that may carry a PEFT adapter.
 
     Our model section lives in `settings`; `config` is the backbone's transformers config,
@@ -192,9 +193,9 @@ class AdaptedBackbone(nn.Module):
                     self._write_files(target)
         return Path(directory)
 
+    @abstractmethod
     def _write_files(self, directory: Path) -> None:
         """This model's files beside the adapter (settings, processor, ...)."""
-        raise NotImplementedError
 
     @contextmanager
     def vision_on_every_rank(self, has_images: bool):

@@ -36,10 +36,9 @@ class TelemetryTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.clock: tuple[float, int] | None = None
         self.remove_callback(PrinterCallback)
-        self.add_callback(_StartClock(self))
-        self.add_callback(LogLines(Path(self.args.output_dir)))
+        self.lines = LogLines(Path(self.args.output_dir))
+        self.add_callback(self.lines)
         if sys.stderr.isatty():
             self.add_callback(_QuietProgressBar())
 
@@ -49,27 +48,18 @@ class TelemetryTrainer(Trainer):
         return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.clock is not None:
-            started, first_step = self.clock
+        if "loss" in logs:
+            started, first_step = self.lines.clock
             steps = self.state.global_step - first_step
             if steps > 0:
                 logs["samples_per_second"] = steps * self.samples_per_update / (time.perf_counter() - started)
         super().log(logs, start_time)
 
 
-class _StartClock(TrainerCallback):
-    """Starts the trainer's samples/s clock when training (or its resumed part) begins."""
-
-    def __init__(self, trainer: TelemetryTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.clock = (time.perf_counter(), state.global_step)
-
-
 class LogLines(TrainerCallback):
     """Rank 0: one line per step log (step/total, loss, lr, temperature, accuracy, samples/s,
-    ETA) and log_history.json rewritten (atomically) after each."""
+    ETA) and log_history.json rewritten (atomically) after each. Its clock, started when training
+    (or its resumed part) begins on every rank, also times the trainer's samples/s."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
