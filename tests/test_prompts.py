@@ -29,8 +29,8 @@ def test_default_layout_is_the_qwen2vl_chat_turn():
         "<|vision_start|><|image_pad|><|vision_end|>Retrieve the modified image. same but red<|im_end|>"
     )
     assert out.images == ["img.png"]
-    start, end = out.instruction_from_end
-    assert out.text[len(out.text) - start : len(out.text) - end] == ITEM["instruction"]
+    start, end = out.instruction_span
+    assert out.text[start:end] == ITEM["instruction"]
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_compression_prompt_variant(item, phrase):
 
 def test_instructions_can_be_switched_off():
     out = render(ITEM, PromptConfig(use_instruction=False), CHAT)
-    assert "Retrieve" not in out.text and out.instruction_from_end is None
+    assert "Retrieve" not in out.text and out.instruction_span is None
 
 
 def test_item_without_content_is_rejected():

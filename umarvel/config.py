@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -67,6 +67,31 @@ class PromptConfig:
 
 
 @dataclass
+class ProfileRulesConfig:
+    """Each rule of an embedding profile on its own; None keeps the profile's (umarvel/profiles.py)."""
+
+    template: Optional[Literal["umarvel", "release"]] = doc(
+        "Prompt layout: umarvel's, or the released checkpoint's (<emb> turn, instruction markers, 'Summarize above' "
+        "suffixes); null = the profile's.", None)
+    release_quirks: Optional[bool] = doc(
+        "With the release template: image-only candidates get the 'image and sentence' suffix and image-only queries "
+        "end in '<instruction_end>.', as the official inference renders them; null = the profile's.", None)
+    marker_rows: Optional[str] = doc(
+        "Embedding rows of <instruction_start>/<instruction_end>: 'seed:N' (normal(0, 0.02) from seed N) or a "
+        ".safetensors/.npy file of shape (2, hidden); null = the profile's.", None)
+    positions: Optional[Literal["mrope", "1d"]] = doc(
+        "Rotary positions: M-RoPE (2-D for image tokens) or 1-D arange on all three axes; null = the profile's.", None)
+    unpadded_causal: Optional[bool] = doc(
+        "Run batches without padding causally even with model.attention=bidirectional (the release's mask quirk); "
+        "null = the profile's.", None)
+    truncation: Optional[Literal["text", "candidates"]] = doc(
+        "Cut each item's text to prompt.max_text_tokens, or cut only candidates' whole token sequence to "
+        "candidate_max_tokens (queries never cut); null = the profile's.", None)
+    candidate_max_tokens: Optional[int] = doc("Token limit of a candidate with truncation=candidates; null = the "
+                                              "profile's.", None)
+
+
+@dataclass
 class ModelConfig:
     backbone: str = doc("Path to a model directory of a supported family, umarvel/backbones (never a hub id).", "")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
@@ -83,6 +108,9 @@ class ModelConfig:
     lora: LoraConfig = doc("LoRA adapter on the language model.", factory=LoraConfig)
     temperature: TemperatureConfig = doc("InfoNCE temperature kept with the embedder.", factory=TemperatureConfig)
     prompt: PromptConfig = doc("How an item becomes model input.", factory=PromptConfig)
+    profile: str = doc("Embedding profile (umarvel/profiles.py): umarvel, or umarvel-release to embed as the released "
+                       "checkpoint's official inference does.", "umarvel")
+    rules: ProfileRulesConfig = doc("Override single rules of the profile.", factory=ProfileRulesConfig)
 
 
 @dataclass

@@ -9,11 +9,14 @@ umarvel/backbones); for the Qwen-VL families:
     [\\nSummarize above image and sentence in one word:]<|im_end|>
     [\\n<|im_start|>assistant\\n]          (only with the compression prompt)
 
-Images always come first, so the instruction's character span, counted from the END of the
-text, survives the processor's expansion of <|image_pad|> into one token per image patch:
-the collator uses it to find the instruction's tokens without adding tokens to the vocabulary.
-Training, mining, distillation and evaluation all render through `render`, so they can never
-disagree on the prompt (a known defect of the reference code).
+The rendered item records the character spans of the user's text (item text, instruction):
+the collator tokenises those as plain text, so a caption containing "<|im_end|>" or
+"<|image_pad|>" stays words, and finds the instruction's tokens by its span without adding
+tokens to the vocabulary. Training, mining, distillation and evaluation all render through
+`render`, so they can never disagree on the prompt (a known defect of the reference code).
+
+The `umarvel-release` profile (umarvel/profiles.py) renders the official U-MARVEL inference's
+layout instead (`_render_release`).
 The reranker's (query, candidate) pairs have their own layout, `render_pair`, below.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from umarvel import profiles
 from umarvel.backbones import Chat
 from umarvel.config import PromptConfig
 
@@ -29,19 +33,43 @@ COMPRESSION = {
     "text": "Summarize above sentence in one word:",
     "image,text": "Summarize above image and sentence in one word:",
 }
+# The official inference's suffixes end in a space.
+RELEASE_SUFFIX = {kind: f"\n{phrase} " for kind, phrase in COMPRESSION.items()}
 
 
 @dataclass
 class RenderedItem:
-    """Model text for one item, its images, and where the instruction sits.
+    """Model text for one item, its images, and where the user's text sits in it.
 
-    `instruction_from_end` is (start, end) of the instruction measured backwards from the end of
-    `text` (start > end), or None when the item carries no instruction.
+    `user_spans` are (start, end) character ranges of `text` holding user text (never parsed
+    as special tokens); `instruction_span` is the range left out of the pool with
+    model.mask_instruction (the instruction, or under the release template the marker span
+    around it), None when the item carries no instruction.
     """
 
     text: str
     images: list[Any] = field(default_factory=list)
-    instruction_from_end: tuple[int, int] | None = None
+    instruction_span: tuple[int, int] | None = None
+    user_spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _Builder:
+    """Concatenates template and user pieces, recording the user pieces' spans."""
+
+    def __init__(self):
+        self.text = ""
+        self.user_spans: list[tuple[int, int]] = []
+
+    def template(self, piece: str) -> tuple[int, int]:
+        start = len(self.text)
+        self.text += piece
+        return start, len(self.text)
+
+    def user(self, piece: str) -> tuple[int, int]:
+        span = self.template(piece)
+        if piece:
+            self.user_spans.append(span)
+        return span
 
 
 def modality(item: dict) -> str:
@@ -60,21 +88,22 @@ def truncate_text(text: str, tokenizer, max_tokens: int) -> str:
     """Cut `text` to at most `max_tokens` tokens at a token boundary (images are never cut)."""
     if max_tokens <= 0:
         return ""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=True)["offset_mapping"]
     if len(offsets) <= max_tokens:
         return text
     return text[: offsets[max_tokens - 1][1]]
 
 
 def _count_tokens(text: str, tokenizer) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def _instruction_and_text(item: dict, config: PromptConfig, tokenizer) -> tuple[str, str]:
-    """The item's instruction (if used) and its text, cut so both fit `config.max_text_tokens`."""
+def _instruction_and_text(item: dict, config: PromptConfig, tokenizer, cut: bool = True) -> tuple[str, str]:
+    """The item's instruction (if used) and its text, with `cut` cut so both fit `config.max_text_tokens`."""
     instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
     text = (item.get("text") or "").strip()
-    if tokenizer is not None and text:
+    if tokenizer is not None and text and cut:
         budget = config.max_text_tokens - (_count_tokens(instruction, tokenizer) if instruction else 0)
         text = truncate_text(text, tokenizer, budget)
     return instruction, text
@@ -84,30 +113,74 @@ def _system(config: PromptConfig, chat: Chat) -> str:
     return chat.system.format(system=config.system_prompt) if config.system_prompt else ""
 
 
-def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None) -> RenderedItem:
-    """Lay out `item` as `chat` text; with a tokenizer, keep instruction + text within budget."""
-    kind = modality(item)
-    instruction, text = _instruction_and_text(item, config, tokenizer)
+def is_query(item: dict) -> bool:
+    """Queries carry a qid or an instruction; everything else is a candidate."""
+    return item.get("qid") is not None or bool(item.get("instruction"))
 
-    prefix = _system(config, chat) + chat.user
+
+def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None, rules: profiles.Rules | None = None) -> RenderedItem:
+    """Lay out `item` as `chat` text under the profile `rules` (default: umarvel's); with a
+    tokenizer and truncation=text, keep instruction + text within budget."""
+    rules = rules or profiles.UMARVEL.rules
+    kind = modality(item)
+    instruction, text = _instruction_and_text(item, config, tokenizer, cut=rules.truncation == "text")
+    if rules.release_template:
+        return _render_release(item, instruction, text, chat, rules)
+
+    out = _Builder()
+    out.template(_system(config, chat) + chat.user)
     images = []
     if item.get("image") is not None:
-        prefix += chat.image
+        out.template(chat.image)
         images.append(item["image"])
-    body = " ".join(part for part in (instruction, text) if part)
+    span = out.user(instruction) if instruction else None
+    if instruction and text:
+        out.template(" ")
+    out.user(text)
     suffix = ""
     if config.compression_prompt:
         suffix = f"\n{COMPRESSION[kind]}"
     suffix += chat.end
     if config.compression_prompt:
         suffix += chat.assistant
+    out.template(suffix)
+    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans)
 
-    full = prefix + body + suffix
+
+def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: profiles.Rules) -> RenderedItem:
+    """The official U-MARVEL inference's layout (confirmed in chaxjli/U-MARVEL's eval datasets
+    and collators): system turn, user turn [image]<instruction_start>{instruction}
+    <instruction_end> {text} + suffix, assistant turn "<emb>.", generation prompt.
+
+    Quirks kept with `rules.release_quirks`: an image-only query's text is its marked
+    instruction plus the period its sentence formatter adds ("<instruction_end>."), and an
+    image-only candidate keeps an empty text, so it gets the "image and sentence" suffix.
+    """
+    out = _Builder()
+    out.template(chat.system.format(system=profiles.RELEASE_SYSTEM_PROMPT) + chat.user)
+    images = []
+    has_image = item.get("image") is not None
+    if has_image:
+        out.template(chat.image)
+        images.append(item["image"])
     span = None
-    if instruction:
-        start = len(full) - len(prefix)
-        span = (start, start - len(instruction))
-    return RenderedItem(text=full, images=images, instruction_from_end=span)
+    query = is_query(item)
+    if instruction and query:
+        start = out.template(profiles.INSTRUCTION_START)[0]
+        out.user(instruction)
+        span = (start, out.template(profiles.INSTRUCTION_END)[1])
+        if text:
+            out.template(" ")
+        elif rules.release_quirks:
+            out.template(".")
+    out.user(text)
+    has_text = bool(text) or span is not None
+    if has_image and (has_text or (rules.release_quirks and not query)):
+        kind = "image,text"
+    else:
+        kind = "image" if has_image else "text"
+    out.template(RELEASE_SUFFIX[kind] + chat.end + chat.assistant + profiles.EMB_TOKEN + "." + chat.end + chat.assistant)
+    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans)
 
 
 # ---- reranker pairs -----------------------------------------------------------------------
@@ -127,14 +200,19 @@ def render_pair(query: dict, candidate: dict, config: PromptConfig, chat: Chat, 
     is cut to `config.max_text_tokens` on its own, so a long query never crowds out the
     candidate; image tokens are never cut. Training, scoring and evaluation all render here.
     """
-    images, sides = [], []
+    images = []
+    out = _Builder()
+    out.template(_system(config, chat) + chat.user)
     for label, item in (("Query", query), ("Candidate", candidate)):
         modality(item)  # an item with neither text nor image is an error, not an empty side
         instruction, text = _instruction_and_text(item, config, tokenizer)
-        placeholder = ""
+        out.template(f"\n{label}: " if label == "Candidate" else f"{label}: ")
         if item.get("image") is not None:
-            placeholder = chat.image
+            out.template(chat.image)
             images.append(item["image"])
-        sides.append(f"{label}: {placeholder}" + " ".join(part for part in (instruction, text) if part))
-    text = _system(config, chat) + chat.user + "\n".join(sides) + f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}"
-    return RenderedItem(text=text, images=images)
+        out.user(instruction)
+        if instruction and text:
+            out.template(" ")
+        out.user(text)
+    out.template(f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}")
+    return RenderedItem(text=out.text, images=images, user_spans=out.user_spans)

@@ -16,7 +16,7 @@ import torch
 
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
-from umarvel.data.collator import load_image
+from umarvel.data.collator import encode_batch, load_image
 from umarvel.data.mbeir import CandidatePool, Queries, sample_rng
 from umarvel.data.prompts import render_pair
 from umarvel.errors import DataError, UmarvelError
@@ -119,10 +119,7 @@ class RerankCollator:
         tokenizer = self.processor.tokenizer
         rendered = [render_pair(e["query"], e["candidate"], self.prompt, self.family.chat, tokenizer) for e in examples]
         images = [load_image(image, self.prompt, self.family) for r in rendered for image in r.images]
-        batch = dict(self.processor(
-            text=[r.text for r in rendered], images=images or None, padding=True, return_tensors="pt",
-            return_mm_token_type_ids=True,
-        ))
+        batch, _ = encode_batch(self.processor, rendered, images)
         if "answer" in examples[0]:
             answers = torch.tensor([self.answer_ids[e["answer"]] for e in examples])
             batch = append_answers(batch, answers, tokenizer.pad_token_id)

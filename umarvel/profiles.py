@@ -1,0 +1,104 @@
+"""Embedding profiles: the named rule sets that decide how an item becomes a vector.
+
+A checkpoint embeds well only under the rules it was trained with, so the rules travel with a
+name. `umarvel` is this framework's own recipe. `umarvel-release` reproduces the official
+U-MARVEL inference of the released checkpoints (chaxjli/U-MARVEL, transformers 4.45): its
+prompt with <emb> and instruction-marker tokens, its pooling span, 1-D positions, attention
+that is bidirectional only in padded batches, and candidates cut to 1024 tokens. Every rule
+can be overridden on its own (`model.rules.*`) to measure what each one costs.
+
+A profile belongs to backbone families: the release profile exists for the family its
+checkpoints were trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from umarvel.config import ConfigError, ModelConfig
+
+# The tokens the official inference adds to the base tokenizer at load, in this order.
+EMB_TOKEN = "<emb>"
+INSTRUCTION_START = "<instruction_start>"
+INSTRUCTION_END = "<instruction_end>"
+RELEASE_TOKENS = (EMB_TOKEN, INSTRUCTION_START, INSTRUCTION_END)
+# Its system turn: the base chat template's default.
+RELEASE_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The resolved rules one embedder follows (fields as in config.ProfileRulesConfig)."""
+
+    template: str
+    release_quirks: bool
+    marker_rows: str
+    positions: str
+    unpadded_causal: bool
+    truncation: str
+    candidate_max_tokens: int
+
+    @property
+    def release_template(self) -> bool:
+        return self.template == "release"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    summary: str
+    families: tuple[str, ...] | None  # backbone families it applies to; None = all
+    rules: Rules
+    # config.json architectures of the released checkpoints this profile reads as they are
+    architectures: tuple[str, ...] = ()
+
+
+UMARVEL = Profile(
+    name="umarvel",
+    summary="umarvel's recipe: its prompt, instruction tokens left out of the pool by character span, M-RoPE, "
+            "model.attention in every batch, text cut to prompt.max_text_tokens.",
+    families=None,
+    rules=Rules(template="umarvel", release_quirks=False, marker_rows="seed:0", positions="mrope",
+                unpadded_causal=False, truncation="text", candidate_max_tokens=1024),
+)
+UMARVEL_RELEASE = Profile(
+    name="umarvel-release",
+    summary="the official inference of TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct: system turn, user turn "
+            "[image]<instruction_start>{instruction}<instruction_end> {text} + 'Summarize above ... in one word: ', "
+            "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
+            "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never.",
+    families=("qwen2-vl",),
+    rules=Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
+                unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024),
+    architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration"),
+)
+PROFILES = {profile.name: profile for profile in (UMARVEL, UMARVEL_RELEASE)}
+DEFAULT = UMARVEL.name
+
+
+def get(name: str, family: str | None = None) -> Profile:
+    """The profile `name`; an error naming model.profile when unknown or not made for `family`."""
+    if name not in PROFILES:
+        raise ConfigError(f"model.profile: unknown embedding profile {name!r}; umarvel has {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    if family is not None and profile.families is not None and family not in profile.families:
+        raise ConfigError(f"model.profile: {name!r} is a profile of the {', '.join(profile.families)} family, "
+                          f"the backbone is {family}")
+    return profile
+
+
+def resolve(config: ModelConfig, family: str | None = None) -> Rules:
+    """The profile's rules with the config's `model.rules` overrides on top."""
+    rules = get(config.profile, family).rules
+    overrides = {k: v for k, v in dataclasses.asdict(config.rules).items() if v is not None}
+    if overrides.get("candidate_max_tokens", 1) < 1:
+        raise ConfigError("model.rules.candidate_max_tokens must be positive")
+    return dataclasses.replace(rules, **overrides)
+
+
+def released_profile(architectures: list[str] | None) -> Profile | None:
+    """The profile whose released checkpoints carry one of these config.json architectures."""
+    for profile in PROFILES.values():
+        if set(profile.architectures) & set(architectures or ()):
+            return profile
+    return None
