@@ -71,7 +71,14 @@ def load_backbone(
     """Load the bare multimodal model (or, with_lm_head, the generative one) in `attention` mode."""
     loader = check_backbone_dir(path).model_loader(with_lm_head)
     with quiet_transformers(), _whole_weights():
-        model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model, report = loader.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                               output_loading_info=True)
+    # Unused weights (a released checkpoint's lm_head and sim.temp) are fine; missing ones
+    # would leave random layers in a model that "loads" and embeds garbage.
+    missing = sorted(report["missing_keys"])
+    if missing and not with_lm_head:
+        raise UmarvelError(f"backbone {path}: {len(missing)} weights of {loader.__name__} are not in its files "
+                           f"(e.g. {', '.join(missing[:3])}); is it a complete checkpoint of this family?")
     set_attention_mode(model, attention)
     return model
 

@@ -20,7 +20,8 @@ SYNTH_SIZES = ("tiny (4 test queries per row, 14 candidates per pool), small (24
 # Shown under each command's --help; tests parse every line, so they cannot go stale.
 EXAMPLES = {
     "umarvel make-tiny-model": ["umarvel make-tiny-model --out checkpoints/tiny-qwen2vl",
-                                "umarvel make-tiny-model --out checkpoints/tiny-qwen3vl --family qwen3-vl"],
+                                "umarvel make-tiny-model --out checkpoints/tiny-qwen3vl --family qwen3-vl",
+                                "umarvel make-tiny-model --out checkpoints/tiny-release --layout umarvel-release"],
     "umarvel train": [
         "umarvel train --stage progressive --config configs/tiny/progressive.yaml",
         "umarvel train --stage hardneg --config configs/umarvel/hardneg.yaml --set train.per_device_batch_size=32",
@@ -35,6 +36,8 @@ EXAMPLES = {
         "umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval",
         "umarvel eval mbeir --model runs/umarvel/distill --data data/M-BEIR --output-dir runs/umarvel/eval-plus "
         "--rerank runs/umarvel/reranker --cache-dir /scratch/umarvel-embeddings",
+        "umarvel eval mbeir --pool both --profile umarvel-release --model checkpoints/U-MARVEL-Qwen2VL-7B-Instruct "
+        "--data data/M-BEIR --output-dir runs/release/eval",
     ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
@@ -69,11 +72,19 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                         "skipped, and one of another config refused)")
 
 
+def _add_profile_arg(parser: argparse.ArgumentParser) -> None:
+    from umarvel import profiles
+
+    parser.add_argument("--profile", choices=list(profiles.PROFILES),
+                        help="embedding profile (model.profile; default: the saved one, else umarvel); "
+                        "umarvel-release embeds as the released checkpoints' official inference")
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from umarvel.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed, family=args.family)
-    print(f"tiny {args.family} model written to {out}")
+    out = build_tiny_model(args.out, seed=args.seed, family=args.family, layout=args.layout)
+    print(f"tiny {args.family} model ({args.layout} layout) written to {out}")
     return 0
 
 
@@ -143,7 +154,7 @@ def _launched_embedder(args: argparse.Namespace):
         if device:
             config.model.device = device
         yield config, load_for_inference(args.model, config.model, from_config=bool(args.config),
-                                         backbone=_given_backbone(args.overrides))
+                                         backbone=_given_backbone(args.overrides), profile=args.profile)
 
 
 def _given_backbone(overrides: list[str]) -> str | None:
@@ -224,7 +235,7 @@ def _setup_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from umarvel import backbones
+    from umarvel import backbones, profiles
     from umarvel.training.registry import STAGES
 
     parser = argparse.ArgumentParser(
@@ -241,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
     p.add_argument("--family", choices=backbones.names(), default=backbones.DEFAULT,
                    help=f"the backbone family the tiny model has the architecture of (default {backbones.DEFAULT})")
+    p.add_argument("--layout", choices=list(profiles.LAYOUTS), default=profiles.DEFAULT,
+                   help="umarvel (default), or umarvel-release: laid out as the released U-MARVEL checkpoints "
+                   "(flat transformers-4.45 config, padded vocabulary, sim.temp, unused lm_head)")
     p.set_defaults(func=_cmd_make_tiny_model)
 
     p = verbs.add_parser("train", help="run a training stage (progressive NLI -> CC3M -> M-BEIR, or one stage)")
@@ -260,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="the hard-negative file to write (jsonl with a header line)")
+    _add_profile_arg(p)
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
@@ -274,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
+    _add_profile_arg(p)
     p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
                    "(a reranker run or model directory)")
     p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")

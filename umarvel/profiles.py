@@ -74,6 +74,8 @@ UMARVEL_RELEASE = Profile(
 )
 PROFILES = {profile.name: profile for profile in (UMARVEL, UMARVEL_RELEASE)}
 DEFAULT = UMARVEL.name
+# Checkpoint layouts `umarvel make-tiny-model --layout` writes: umarvel's, and each release's.
+LAYOUTS = (UMARVEL.name, *(profile.name for profile in PROFILES.values() if profile.architectures))
 
 
 def get(name: str, family: str | None = None) -> Profile:

@@ -7,7 +7,9 @@ the directory named in the config, absolute and relative to the adapter) or, aft
 """
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,13 +17,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from umarvel.backbone import quiet_transformers
+from umarvel import profiles
+from umarvel.backbone import quiet_transformers, set_attention_mode
 from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
+from umarvel.modeling import release
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -40,7 +44,11 @@ class Embedder(AdaptedBackbone):
         self.settings = config
         t = config.temperature
         self.temperature = Temperature(t.init, t.learnable, t.min, t.max)
-        self.collator = Collator(processor, config.prompt, self.family, mask_instruction=config.mask_instruction)
+        self.rules = profiles.resolve(config, self.family.name)
+        if self.rules.release_template:
+            release.prepare_backbone(backbone, processor.tokenizer, self.rules.marker_rows)
+        self.collator = Collator(processor, config.prompt, self.family, mask_instruction=config.mask_instruction,
+                                 rules=self.rules)
         if config.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -55,15 +63,20 @@ class Embedder(AdaptedBackbone):
         """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}); on a saved adapter the adapter's own LoRA settings win, and
-        backbone=PATH names the backbone of an adapter moved away from it. A run directory
-        means its final adapter, `model/`.
+        lora={"r": 16}, profile="umarvel-release"); on a saved adapter the adapter's own LoRA
+        settings win, and backbone=PATH names the backbone of an adapter moved away from it. A
+        run directory means its final adapter, `model/`. A released checkpoint's `sim.temp`
+        weight is its temperature.
         """
         path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
         if saved is None:
             config = model_config({"backbone": str(path)}, overrides, str(path))
-            return cls._build(config, path, adapter_dir=None, trainable=trainable)
+            embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
+            tau = release.checkpoint_temperature(path)
+            if tau is not None:
+                embedder.temperature.load_state({"tau": torch.tensor([tau])})
+            return embedder
         where = str(path / EMBEDDER_CONFIG)
         overrides = dict(overrides)
         if saved["merged"]:
@@ -85,12 +98,32 @@ class Embedder(AdaptedBackbone):
 
     # ----- forward and encode -----------------------------------------------------------
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
-        """Unit-norm float32 embeddings of a collated batch."""
+        """Unit-norm float32 embeddings of a collated batch, under the profile's position and
+        attention rules."""
         inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
-        with self.vision_on_every_rank("pixel_values" in inputs):
+        if self.rules.positions == "1d":
+            # what the released model saw: position_ids=None reached its text model, so every
+            # token (image tokens too) got arange positions on all three M-RoPE axes
+            inputs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        with self.vision_on_every_rank("pixel_values" in inputs), self._attention_for(attention_mask):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
+
+    @contextmanager
+    def _attention_for(self, attention_mask: torch.Tensor):
+        """Causal for this batch when the rules say unpadded batches run causally (the released
+        model's mask builder skipped its bidirectional mask when nothing was padded)."""
+        causal_now = (self.rules.unpadded_causal and self.settings.attention == "bidirectional"
+                      and bool(attention_mask.bool().all()))
+        if not causal_now:
+            yield
+            return
+        set_attention_mode(self.backbone, "causal")
+        try:
+            yield
+        finally:
+            set_attention_mode(self.backbone, "bidirectional")
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return self.collator(items)
@@ -216,11 +249,12 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
-                       backbone: str | None = None) -> "Embedder":
+                       backbone: str | None = None, profile: str | None = None) -> "Embedder":
     """Load for encoding: a saved embedder keeps its own settings but for device (always taken
     from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
     file was given); a plain backbone takes the whole model section of a given config.
-    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now."""
+    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now;
+    `profile` (the user's --profile) is the embedding profile, whatever was saved."""
     directory = resolve_model_dir(path)
     settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
     saved = (directory / EMBEDDER_CONFIG).is_file()
@@ -228,4 +262,16 @@ def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, fr
         settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
     if saved and backbone:
         settings["backbone"] = backbone
+    if profile:
+        settings["profile"] = profile
+    elif not saved:
+        _hint_release_profile(directory, settings.get("profile", profiles.DEFAULT))
     return Embedder.from_pretrained(directory, **settings)
+
+
+def _hint_release_profile(directory: Path, profile: str) -> None:
+    """Say which profile a released checkpoint embeds correctly with, when another is used."""
+    released = profiles.released_profile(release.architectures(directory))
+    if released and released.name != profile:
+        logging.getLogger(__name__).info("%s is a released U-MARVEL checkpoint; its official inference is "
+                                         "reproduced with --profile %s", directory, released.name)
