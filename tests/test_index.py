@@ -152,3 +152,21 @@ def test_faiss_block_sizes_are_restored_after_a_search():
     before = (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs)
     search(np.ones((30, 4), np.float16), np.ones((50, 4), np.float16), 3, chunk_size=20, use_gpu=False)
     assert (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs) == before
+
+
+def test_embedding_search_renormalises_fp16_vectors_as_the_reference_scorer():
+    """fp16 rounding leaves unit vectors with norms 1 +- 1e-3: a longer but less aligned
+    candidate can outscore a better aligned one by raw inner product. search_ids ranks by
+    cosine in fp32, as UniIR does after faiss.normalize_L2."""
+    from umarvel.retrieval.index import search_ids
+
+    query = np.array([[1.0, 0.0]], dtype=np.float16)
+    aligned = np.array([0.999, 0.0447], dtype=np.float32)  # cosine 0.999
+    longer = np.array([0.9985, 0.0548], dtype=np.float32) * 1.002  # cosine 0.99849, raw product 1.0005
+    candidates = np.stack([longer, aligned]).astype(np.float16)
+    _, raw = search(query, candidates, 2, use_gpu=False)
+    scores, ids = search_ids(query, candidates, ["longer", "aligned"], 2, use_gpu=False)
+    assert raw.tolist() == [[0, 1]]
+    assert ids == [["aligned", "longer"]]
+    unit = candidates.astype(np.float32) / np.linalg.norm(candidates.astype(np.float32), axis=1, keepdims=True)
+    np.testing.assert_allclose(scores[0], unit[[1, 0], 0], rtol=1e-6)

@@ -5,6 +5,10 @@ M-BEIR's global pool is 5.6M x 3584 fp16 (40 GB): converting it to fp32 wholesal
 searched with faiss, and a running top-k is merged across chunks. On GPUs each GPU holds a
 contiguous slice of the pool in fp16.
 
+Embeddings are stored as fp16 unit vectors, whose norms are 1 only to about 1e-3: like UniIR's
+scorer (faiss.normalize_L2 before searching), `search_ids` re-normalises queries and every
+candidate chunk in fp32 before the inner product, so near-ties rank as in the reference scorer.
+
 Ties: on equal scores the lower candidate index ranks first, whatever the chunking. faiss itself
 does not promise which of several equal-scored candidates it keeps, so every chunk's top-k is
 widened until the k-th place is not tied with the next one (see `_part_top_k`).
@@ -51,6 +55,7 @@ def search(
     query_chunk_size: int = QUERY_CHUNK,
     use_gpu: bool | str = "auto",
     progress: bool = False,
+    normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k candidates by inner product for every query, exactly.
 
@@ -60,7 +65,8 @@ def search(
     "auto" (GPUs when faiss sees any), True or False.
 
     Returns (scores float32, indices int64), both (nq, min(k, n)), best first; on equal scores
-    the lower candidate index comes first.
+    the lower candidate index comes first. With `normalize`, every row is re-scaled to unit
+    length in fp32 first (cosine scores whatever the stored precision; zero rows stay zero).
     """
     queries = np.asarray(queries)
     shards = _as_shards(candidates)
@@ -78,8 +84,8 @@ def search(
     bar = tqdm(total=total, unit="cand", desc="search", disable=not progress)
     with bar:
         if _gpus_wanted(use_gpu):
-            return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar)
-        return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar)
+            return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar, normalize)
+        return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize)
 
 
 def gpu_choice(setting: str) -> bool | str:
@@ -90,21 +96,22 @@ def gpu_choice(setting: str) -> bool | str:
 def search_ids(
     queries: np.ndarray, candidates: np.ndarray | Sequence[np.ndarray], ids: Sequence[str], k: int, *, use_gpu: bool | str = "auto"
 ) -> tuple[np.ndarray, list[list[str]]]:
-    """`search`, with candidate rows translated to their ids: (scores, ranked ids) per query."""
-    scores, indices = search(queries, candidates, k, use_gpu=use_gpu)
+    """`search` of embeddings (re-normalised in fp32), with candidate rows translated to their
+    ids: (scores, ranked ids) per query."""
+    scores, indices = search(queries, candidates, k, use_gpu=use_gpu, normalize=True)
     return scores, [[ids[i] for i in row if i >= 0] for row in indices]
 
 
-def _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar):
+def _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize):
     top = _empty_top(len(queries))
     with _faiss_blocks():
         for offset, chunk in _chunks(shards, chunk_rows):
-            matrix = np.ascontiguousarray(chunk, dtype=np.float32)
+            matrix = _fp32(chunk, normalize)
 
             def knn(block: np.ndarray, width: int):
                 return faiss.knn(block, matrix, width, faiss.METRIC_INNER_PRODUCT)
 
-            scores, ids = _search_part(knn, len(matrix), queries, k, query_chunk_size)
+            scores, ids = _search_part(knn, len(matrix), queries, k, query_chunk_size, normalize)
             top = _merge(top, (scores, ids + offset), k)
             del matrix, knn  # one fp32 chunk alive at a time
             bar.update(len(chunk))
@@ -124,7 +131,7 @@ def _faiss_blocks():
             setattr(faiss.cvar, name, value)
 
 
-def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar):
+def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar, normalize):
     """Each GPU holds a contiguous slice of the pool in fp16; slices are searched in parallel."""
     if k + 1 > GPU_MAX_K:
         raise UmarvelError(f"k={k} is too large for faiss on GPU (k < {GPU_MAX_K}); pass use_gpu=False")
@@ -135,13 +142,13 @@ def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar):
         gpu = offset * gpus // total
         if gpu not in slices:
             slices[gpu] = (offset, *_gpu_flat_index(gpu, dim))
-        slices[gpu][1].add(np.ascontiguousarray(chunk, dtype=np.float32))
+        slices[gpu][1].add(_fp32(chunk, normalize))
         bar.update(len(chunk))
 
     def search_slice(gpu_slice):
         offset, index, _ = gpu_slice
         # Widening stops at the GPU limit: beyond GPU_MAX_K-way ties the lowest-index rule is not kept.
-        scores, ids = _search_part(index.search, min(index.ntotal, GPU_MAX_K), queries, k, query_chunk_size)
+        scores, ids = _search_part(index.search, min(index.ntotal, GPU_MAX_K), queries, k, query_chunk_size, normalize)
         return scores, ids + offset
 
     top = _empty_top(len(queries))
@@ -159,10 +166,10 @@ def _gpu_flat_index(gpu: int, dim: int):
     return faiss.GpuIndexFlatIP(resources, dim, config), resources
 
 
-def _search_part(search_fn: SearchFn, length: int, queries, k: int, query_chunk_size: int):
+def _search_part(search_fn: SearchFn, length: int, queries, k: int, query_chunk_size: int, normalize: bool):
     """Top-k of one slice of the pool for all queries, in blocks of queries; local indices."""
     blocks = [
-        _part_top_k(search_fn, np.ascontiguousarray(queries[start : start + query_chunk_size], np.float32), k, length)
+        _part_top_k(search_fn, _fp32(queries[start : start + query_chunk_size], normalize), k, length)
         for start in range(0, len(queries), query_chunk_size)
     ]
     if not blocks:
@@ -198,6 +205,15 @@ def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     """The k best per row: higher score first, lower candidate index on equal scores."""
     order = np.lexsort((ids, -scores), axis=-1)[:, :k]
     return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
+
+
+def _fp32(rows: np.ndarray, normalize: bool) -> np.ndarray:
+    """`rows` as contiguous fp32; with `normalize` a copy scaled to unit L2 norm by faiss (as UniIR does)."""
+    if not normalize:
+        return np.ascontiguousarray(rows, dtype=np.float32)
+    out = np.array(rows, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(out)
+    return out
 
 
 def _merge(top, part, k: int):
