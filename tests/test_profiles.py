@@ -276,3 +276,15 @@ def test_ordinary_text_tokenises_as_the_processor_does(tiny_model_dir, mixed_ite
                                 padding=True, return_tensors="pt", return_mm_token_type_ids=True)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_a_checkpoint_without_tokenizer_files_says_what_to_copy(release_dir, tmp_path):
+    from umarvel.backbone import load_processor
+    from umarvel.errors import UmarvelError
+
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).symlink_to(release_dir / name)
+    with pytest.raises(UmarvelError, match="no tokenizer files.*Qwen2-VL-7B-Instruct"):
+        load_processor(bare)

@@ -125,6 +125,11 @@ def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: 
     """The checkpoint's own processor, right-padding, with the configured image pixel bounds."""
     from transformers import AutoProcessor
 
+    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise UmarvelError(
+            f"{path} has no tokenizer files; a released checkpoint may come without them: copy the tokenizer, "
+            "preprocessor and chat-template files of its base model (e.g. Qwen2-VL-7B-Instruct) into it"
+        )
     with quiet_transformers():
         processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "right"
