@@ -100,7 +100,7 @@ def _count_tokens(text: str, tokenizer) -> int:
 
 
 def _instruction_and_text(item: dict, config: PromptConfig, tokenizer, cut: bool = True) -> tuple[str, str]:
-    """The item's instruction (if used) and its text, with `cut` cut so both fit `config.max_text_tokens`."""
+    """The item's instruction (if used) and its text, cut (when `cut`) so both fit `config.max_text_tokens`."""
     instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
     text = (item.get("text") or "").strip()
     if tokenizer is not None and text and cut:
