@@ -9,6 +9,7 @@ from PIL import Image
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.prompts import render
+from umarvel.data.video import load_video
 from umarvel.errors import DataError
 
 
@@ -67,9 +68,11 @@ class Collator:
             for r in rendered
             for image in r.images
         ]
+        videos = [load_video(video) for r in rendered for video in r.videos]
         batch = self.processor(
             text=[r.text for r in rendered],
             images=images or None,
+            **({"videos": videos, "do_sample_frames": False} if videos else {}),
             padding=True,
             return_tensors="pt",
             return_offsets_mapping=True,
