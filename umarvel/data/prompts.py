@@ -151,3 +151,42 @@ def render_pair(query: dict, candidate: dict, config: PromptConfig, chat: Chat, 
     text = _system(config, chat) + chat.user + "\n".join(sides) + f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}"
     return RenderedItem(text=text, images=images)
 
+
+# ---- zero-shot suite (paper Tables 8 and 9) -----------------------------------------------
+
+@dataclass(frozen=True)
+class ZeroShotPrompt:
+    """A zero-shot task's prompt choices: the instruction its queries carry, per search (or
+    sub-task), and whether items end in the COMPRESSION suffix ("Summarize above ... in one
+    word:"). The official evaluation uses the suffix on Flickr only; every task's candidates
+    carry no instruction, as in M-BEIR."""
+
+    instructions: dict[str, str]
+    compression: bool = False
+
+
+_CAPTION_TO_IMAGE = "Find me an everyday image that matches the given caption."
+_IMAGE_TO_CAPTION = "Find an image caption describing the following everyday image."
+_COMPOSED_CHANGE = "I'm looking for a similar everyday image with the described changes."
+_TEXT_TO_VIDEO = "Find an everyday video match with caption."
+
+ZEROSHOT: dict[str, ZeroShotPrompt] = {
+    "flickr": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "mscoco": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "sharegpt4v": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "urban1k": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "circo": ZeroShotPrompt({"cir": _COMPOSED_CHANGE}),
+    "genecis": ZeroShotPrompt({
+        "change_object": _COMPOSED_CHANGE,
+        "focus_object": _COMPOSED_CHANGE,
+        "change_attribute": _COMPOSED_CHANGE,
+        "focus_attribute": "I'm looking for an image with the same attributes as described.",
+    }),
+    "visdial": ZeroShotPrompt({"dialog2i": "Find me an everyday image that matches the given dialog."}),
+    "fashioniq_multiturn": ZeroShotPrompt(
+        {"multiturn": "Find me a similar fashion image based on the following multi-round modifications."}),
+    "ccneg": ZeroShotPrompt({"itm": ""}),
+    "sugar_crepe": ZeroShotPrompt({"itm": ""}),
+    "msrvtt": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+    "msvd": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+}
