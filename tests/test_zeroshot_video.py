@@ -41,19 +41,21 @@ def _levels(frames):
 @pytest.mark.parametrize("suffix", ["mp4", "avi"])
 def test_decode_takes_the_sampled_frames(tmp_path, suffix):
     clip = video(tmp_path / f"clip.{suffix}", frames=20, fps=10)  # 2 s; frame i is grey 10 * i
-    frames = decode(clip, Sampling())  # 2 s at 2 fps: 4 frames, indices 0, 6, 13, 19
+    frames, metadata = decode(clip, Sampling())  # 2 s at 2 fps: 4 frames, indices 0, 6, 13, 19
     assert len(frames) == 4
     assert _levels(frames) == pytest.approx([0, 60, 130, 190], abs=6)
-    twelve = decode(clip, Sampling(frames=12))
+    assert metadata == {"total_num_frames": 20, "fps": 10.0, "duration": 2.0, "frames_indices": [0, 6, 13, 19]}
+    twelve, _ = decode(clip, Sampling(frames=12))
     assert _levels(twelve) == pytest.approx([10 * i for i in frame_indices(20, 12)], abs=6)
 
 
 def test_video_item_forms(tmp_path):
     clip = video(tmp_path / "clip.mp4", frames=20, fps=10)
-    assert len(load_video(str(clip))) == 4
-    assert len(load_video({"path": str(clip), "frames": 6})) == 6
-    frames = load_video({"path": str(clip), "frames": 2})
-    assert len(load_video(frames)) == 2  # a list of frames passes through
+    assert len(load_video(str(clip))[0]) == 4
+    assert len(load_video({"path": str(clip), "frames": 6})[0]) == 6
+    frames, _ = load_video({"path": str(clip), "frames": 2})
+    given, metadata = load_video(frames)  # a list of frames passes through, taken as 2 frames a second
+    assert len(given) == 2 and metadata["fps"] == 2.0 and metadata["frames_indices"] == [0, 1]
     with pytest.raises(DataError, match="unknown keys"):
         load_video({"path": str(clip), "nframes": 12})
     with pytest.raises(DataError, match=r"missing.mp4: cannot decode video"):
@@ -77,3 +79,18 @@ def test_video_item_collates_and_embeds(tmp_path, tiny_model_dir):
     assert vectors.shape[0] == 3
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(vectors[0], vectors[1], atol=1e-4)  # the frames reach the model
+
+
+@pytest.mark.parametrize("family_model_dir", ["qwen2.5-vl", "qwen3-vl"], indirect=True)
+def test_frame_timing_reaches_the_processor(tmp_path, family_model_dir):
+    """Qwen2.5-VL's M-RoPE step and Qwen3-VL's timestamps come from the clip's real timing."""
+    from umarvel.modeling.embedder import Embedder
+
+    clip = video(tmp_path / "clip.mp4", frames=20, fps=10)  # 2 s
+    embedder = Embedder.from_pretrained(family_model_dir, device="cpu")
+    batch = embedder.collate([{"video": {"path": str(clip), "frames": 4}}])  # 4 frames in 2 s: 2 per second
+    if embedder.family.name == "qwen2.5-vl":
+        assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.0])  # 2 frames per grid step
+    else:
+        text = embedder.processor.tokenizer.decode(batch["input_ids"][0])
+        assert "<0.3 seconds>" in text and "<1.6 seconds>" in text  # centres of frame pairs (0, 6) and (13, 19)

@@ -1,9 +1,12 @@
 """Video items: which frames a clip is sampled at, and decoding them with PyAV.
 
-An item's `video` is a list of frames (PIL images or image paths), a video path, or a dict
-`{"path": ..., "fps": 2.0, "min_frames": 4}` / `{"path": ..., "frames": 12}` saying how to
-sample it (a bare path samples at the Qwen-VL default, 2 frames a second, at least 4). Items
-stay plain picklable dicts; frames are decoded in the collator, so in DataLoader workers.
+An item's `video` is a list of frames (PIL images or image paths, taken as sampled at 2 frames
+a second), a video path, or a dict `{"path": ..., "fps": 2.0, "min_frames": 4}` /
+`{"path": ..., "frames": 12}` saying how to sample it (a bare path samples at the Qwen-VL
+default, 2 frames a second, at least 4). Items stay plain picklable dicts; frames are decoded
+in the collator, so in DataLoader workers. Each video comes with its metadata (the clip's
+frame count and rate, the sampled indices), from which the processors derive the frames'
+timing (Qwen2.5-VL's `second_per_grid_ts`, Qwen3-VL's timestamps).
 
 The sampling rule (the one qwen-vl-utils applies, which the paper's video numbers use):
 a fixed count, or duration x fps clamped to [min_frames, min(max_frames, total frames)];
@@ -85,8 +88,8 @@ def _open_frame(frame) -> Image.Image:
         raise DataError(f"cannot read video frame: {err}", file=str(frame)) from None
 
 
-def decode(path: Path, sampling: Sampling) -> list[Image.Image]:
-    """The sampled frames of the video at `path`, RGB, in time order."""
+def decode(path: Path, sampling: Sampling) -> tuple[list[Image.Image], dict]:
+    """The sampled frames of the video at `path` (RGB, in time order) and their metadata."""
     import av
 
     try:
@@ -109,14 +112,18 @@ def decode(path: Path, sampling: Sampling) -> list[Image.Image]:
     if len(kept) < len(targets):
         raise DataError(f"video has {len(kept)} readable frames of the {len(targets)} sampled "
                         f"(container says {total})", file=str(path))
-    return [kept[i] for i in wanted]
+    metadata = {"total_num_frames": total, "fps": video_fps, "duration": total / video_fps, "frames_indices": wanted}
+    return [kept[i] for i in wanted], metadata
 
 
-def load_video(value) -> list[Image.Image]:
-    """An item's `video` as the list of RGB frames the processor takes."""
+def load_video(value) -> tuple[list[Image.Image], dict]:
+    """An item's `video` as the RGB frames the processor takes, and their metadata."""
     path, frames, sampling = parse_video(value)
-    if frames is not None:
-        if not frames:
-            raise DataError("video item has an empty frame list", field="video")
-        return [_open_frame(frame) for frame in frames]
-    return decode(path, sampling)
+    if frames is None:
+        return decode(path, sampling)
+    if not frames:
+        raise DataError("video item has an empty frame list", field="video")
+    count = len(frames)
+    metadata = {"total_num_frames": count, "fps": DEFAULT_FPS, "duration": count / DEFAULT_FPS,
+                "frames_indices": list(range(count))}
+    return [_open_frame(frame) for frame in frames], metadata
