@@ -7,8 +7,12 @@ from zeroshot_fixtures import WRITERS
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Ranking
 from umarvel.evaluation.zeroshot import TASKS
-from umarvel.evaluation.zeroshot.metrics import average_precision_at_k, hit_rates, mean_average_precision, \
-    pairwise_accuracy
+from umarvel.evaluation.zeroshot.metrics import (
+    average_precision_at_k,
+    hit_rates,
+    mean_average_precision,
+    pairwise_accuracy,
+)
 
 
 def test_ap_at_k_by_hand():

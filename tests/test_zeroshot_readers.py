@@ -262,3 +262,16 @@ def test_msvd_malicious_pickle_refused(root, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"raw-captions.pkl: refused: the pickle asks for global (posix|os|nt).system"):
         TASKS["msvd"](root, None)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_wrong_type_and_top_level_named(root):
+    fx.circo(root)
+    path = root / "circo" / "annotations" / "image_info_unlabeled2017.json"
+    path.write_text(json.dumps({"pictures": []}))
+    with pytest.raises(DataError, match=r"image_info_unlabeled2017.json: missing \(field 'images'\)"):
+        TASKS["circo"](root, None)
+    fx.sugar_crepe(root)
+    path = root / "sugar-crepe" / "data" / "swap_obj.json"
+    path.write_text(json.dumps({"7": {"filename": "000000000000.jpg", "caption": 3, "negative_caption": "x"}}))
+    with pytest.raises(DataError, match=r"swap_obj.json: record 7: expected str, got int \(field 'caption'\)"):
+        TASKS["sugar_crepe"](root, None)

@@ -39,7 +39,7 @@ class Sampling:
 
 
 def _round_to_factor(n: float) -> int:
-    return max(FRAME_FACTOR, int(round(n / FRAME_FACTOR)) * FRAME_FACTOR)
+    return max(FRAME_FACTOR, round(n / FRAME_FACTOR) * FRAME_FACTOR)
 
 
 def frame_count(total_frames: int, video_fps: float, sampling: Sampling) -> int:
@@ -59,7 +59,7 @@ def frame_indices(total_frames: int, count: int) -> list[int]:
     if count == 1:
         return [0]
     step = (total_frames - 1) / (count - 1)
-    return [int(round(i * step)) for i in range(count)]
+    return [round(i * step) for i in range(count)]
 
 
 def parse_video(value) -> tuple[Path | None, list | None, Sampling]:

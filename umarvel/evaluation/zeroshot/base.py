@@ -120,15 +120,16 @@ def require_file(path: Path, what: str, where: Path, record=None) -> Path:
     return path
 
 
-def field(record, key: str, types, where: Path, index, line: int | None = None):
-    """`record[key]` of the expected type(s), or an error naming the file, record and field."""
-    at = f"record {index}: " if line is None else ""
+def field(record, key: str, types, where: Path, index):
+    """`record[key]` of the expected type(s), or an error naming the file, the record (`index`;
+    None for the file's top-level object) and the field."""
+    at = f"record {index}: " if index is not None else ""
     if not isinstance(record, dict):
-        raise DataError(f"{at}expected an object, got {type(record).__name__}", file=str(where), line=line)
+        raise DataError(f"{at}expected an object, got {type(record).__name__}", file=str(where))
     if key not in record:
-        raise DataError(f"{at}missing", file=str(where), line=line, field=key)
+        raise DataError(f"{at}missing", file=str(where), field=key)
     value = record[key]
     if not isinstance(value, types):
         names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise DataError(f"{at}expected {names}, got {type(value).__name__}", file=str(where), line=line, field=key)
+        raise DataError(f"{at}expected {names}, got {type(value).__name__}", file=str(where), field=key)
     return value

@@ -10,9 +10,16 @@ import re
 from pathlib import Path
 
 from umarvel.errors import DataError
-from umarvel.evaluation.protocol import Ranking, Retrieval
-from umarvel.evaluation.zeroshot.base import ZeroShotBenchmark, field, item_set, query_item, ranked_ids, read_json, \
-    require_file
+from umarvel.evaluation.protocol import Retrieval
+from umarvel.evaluation.zeroshot.base import (
+    ZeroShotBenchmark,
+    field,
+    item_set,
+    query_item,
+    ranked_ids,
+    read_json,
+    require_file,
+)
 from umarvel.evaluation.zeroshot.metrics import hit_rates
 
 

@@ -10,8 +10,15 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
-from umarvel.evaluation.zeroshot.base import ZeroShotBenchmark, field, item_set, query_item, ranked_ids, read_json, \
-    require_file
+from umarvel.evaluation.zeroshot.base import (
+    ZeroShotBenchmark,
+    field,
+    item_set,
+    query_item,
+    ranked_ids,
+    read_json,
+    require_file,
+)
 from umarvel.evaluation.zeroshot.metrics import hit_rates, mean_average_precision
 
 
@@ -34,7 +41,7 @@ class CIRCO(ZeroShotBenchmark):
         folder = self.root / "circo"
         info_path = folder / "annotations" / "image_info_unlabeled2017.json"
         info = read_json(info_path)
-        images = field(info, "images", list, info_path, "top level")
+        images = field(info, "images", list, info_path, None)
         self.image_paths: dict[str, Path] = {}
         for index, record in enumerate(images):
             image_id = field(record, "id", int, info_path, index)

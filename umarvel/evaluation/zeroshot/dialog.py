@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
-from umarvel.evaluation.zeroshot.base import ZeroShotBenchmark, field, item_set, query_item, ranked_ids, read_json, \
-    require_file
+from umarvel.evaluation.zeroshot.base import (
+    ZeroShotBenchmark,
+    field,
+    item_set,
+    query_item,
+    ranked_ids,
+    read_json,
+    require_file,
+)
 from umarvel.evaluation.zeroshot.metrics import hit_rates
 
 
@@ -22,7 +29,7 @@ class VisDial(ZeroShotBenchmark):
 
     def read(self) -> None:
         self.path = self.root / "visdial" / "visdial_1.0_val.json"
-        data = field(read_json(self.path), "data", dict, self.path, "top level")
+        data = field(read_json(self.path), "data", dict, self.path, None)
         questions = field(data, "questions", list, self.path, "data")
         answers = field(data, "answers", list, self.path, "data")
         self.dialogs = []

@@ -9,8 +9,15 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
-from umarvel.evaluation.zeroshot.base import ZeroShotBenchmark, field, item_set, query_item, read_json, \
-    require_file, scores_by_candidate
+from umarvel.evaluation.zeroshot.base import (
+    ZeroShotBenchmark,
+    field,
+    item_set,
+    query_item,
+    read_json,
+    require_file,
+    scores_by_candidate,
+)
 from umarvel.evaluation.zeroshot.metrics import pairwise_accuracy
 from umarvel.evaluation.zeroshot.safe_load import load_torch_plain
 
@@ -52,8 +59,8 @@ class CCNeg(ZeroShotBenchmark):
     def read(self) -> None:
         self.path = self.root / "ccneg" / "ccneg_preprocessed.pt"
         data = load_torch_plain(self.path)
-        paths = field(data, "image_paths", list, self.path, "top level")
-        annotations = field(data, "annotations", list, self.path, "top level")
+        paths = field(data, "image_paths", list, self.path, None)
+        annotations = field(data, "annotations", list, self.path, None)
         if len(paths) != len(annotations):
             raise DataError(f"{len(paths)} image paths but {len(annotations)} annotations", file=str(self.path))
         self.rows = len(paths)
@@ -70,7 +77,7 @@ class CCNeg(ZeroShotBenchmark):
     def _image(self, value, index: int) -> Path:
         if not isinstance(value, str):
             raise DataError(f"record {index}: an image path must be a string", file=str(self.path))
-        relative = value[len(self.RELEASE_PREFIX):] if value.startswith(self.RELEASE_PREFIX) else value
+        relative = value.removeprefix(self.RELEASE_PREFIX)
         return require_file(self.root / "ccneg" / relative, "image", self.path, record=index)
 
     @property

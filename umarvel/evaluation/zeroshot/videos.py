@@ -10,7 +10,12 @@ from pathlib import Path
 
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
-from umarvel.evaluation.zeroshot.base import ZeroShotBenchmark, item_set, query_item, ranked_ids
+from umarvel.evaluation.zeroshot.base import (
+    ZeroShotBenchmark,
+    item_set,
+    query_item,
+    ranked_ids,
+)
 from umarvel.evaluation.zeroshot.metrics import hit_rates
 from umarvel.evaluation.zeroshot.safe_load import load_plain_pickle
 
