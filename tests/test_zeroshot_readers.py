@@ -275,3 +275,14 @@ def test_wrong_type_and_top_level_named(root):
     path.write_text(json.dumps({"7": {"filename": "000000000000.jpg", "caption": 3, "negative_caption": "x"}}))
     with pytest.raises(DataError, match=r"swap_obj.json: record 7: expected str, got int \(field 'caption'\)"):
         TASKS["sugar_crepe"](root, None)
+
+
+def test_duplicate_query_id_named(root):
+    fx.circo(root)
+    path = root / "circo" / "annotations" / "val.json"
+    records = json.loads(path.read_text())
+    records[1]["id"] = 0
+    path.write_text(json.dumps(records))
+    circo = TASKS["circo"](root, None)
+    with pytest.raises(DataError, match=r"val.json: circo-val-queries: id '0' occurs more than once"):
+        circo.retrievals()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,14 +30,9 @@ class Records:
 def item_set(name: str, items: list[dict], sources: list[Path]) -> ItemSet:
     """An ItemSet over `items` (each with a unique "id")."""
     ids = [item["id"] for item in items]
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for i in ids:
-            if i in seen:
-                dup = i
-                break
-            seen.add(i)
-        raise DataError(f"{name}: id {dup!r} occurs twice", file=str(sources[0]) if sources else None)
+    twice = next((i for i, n in Counter(ids).items() if n > 1), None)
+    if twice is not None:
+        raise DataError(f"{name}: id {twice!r} occurs more than once", file=str(sources[0]) if sources else None)
     return ItemSet(name=name, ids=ids, items=Records(items), sources=sources)
 
 
