@@ -286,3 +286,21 @@ def test_duplicate_query_id_named(root):
     circo = TASKS["circo"](root, None)
     with pytest.raises(DataError, match=r"val.json: circo-val-queries: id '0' occurs more than once"):
         circo.retrievals()
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tiny_model_dir):
+    from umarvel.modeling.embedder import Embedder
+
+    return Embedder.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("task", sorted(fx.WRITERS))
+def test_every_task_item_embeds(tmp_path, task, tiny_embedder):
+    """Each search's first queries and candidates go through the collator into unit vectors."""
+    benchmark = build(task, tmp_path)
+    for search in benchmark.retrievals()[:2]:
+        items = search.queries.items(0, 2) + search.candidates.items(0, 2)
+        vectors = tiny_embedder.encode(items)
+        assert vectors.shape == (len(items), 64)
+        assert torch.allclose(vectors.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
