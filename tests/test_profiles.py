@@ -260,31 +260,26 @@ def test_special_token_strings_in_dataset_text_stay_text(profile, tiny_model_dir
     assert not (pair["positive"]["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).any()
 
 
-def test_ordinary_text_tokenises_as_the_processor_does(tiny_model_dir, mixed_items):
-    """The piecewise tokenisation changes nothing for text without special-token strings."""
+def test_ordinary_text_tokenises_as_the_processor_does(family_model_dir, mixed_items, tmp_path):
+    """The piecewise tokenisation changes nothing for text without special-token strings, with
+    images, several images and a video, in every family (Qwen3-VL's frame timestamps too)."""
+    from zeroshot_fixtures import video
+
+    from umarvel.data.collator import _video_inputs, load_image
     from umarvel.data.prompts import render
+    from umarvel.data.video import load_video
 
-    embedder = Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    clip = video(tmp_path / "clip.mp4", frames=20, fps=10)
+    items = [*mixed_items, {"image": [draw_image("red"), draw_image("blue")], "text": "both", "instruction": "Find."},
+             {"video": {"path": str(clip), "frames": 4}, "text": "a clip", "instruction": "Find the video."}]
+    embedder = Embedder.from_pretrained(family_model_dir, device="cpu", dtype="float32")
     collator = embedder.collator
-    ours = collator(mixed_items)
-    rendered = [render(item, collator.prompt, collator.family.chat, embedder.processor.tokenizer) for item in mixed_items]
-    images = [item["image"] for item in mixed_items if item.get("image") is not None]
-    from umarvel.data.collator import load_image
-
-    theirs = embedder.processor(text=[r.text for r in rendered], images=[load_image(i, collator.prompt, collator.family)
-                                                                         for i in images],
+    ours = collator(items)
+    rendered = [render(item, collator.prompt, collator.family.chat, embedder.processor.tokenizer) for item in items]
+    images = [load_image(image, collator.prompt, collator.family) for r in rendered for image in r.images]
+    videos = [load_video(v) for r in rendered for v in r.videos]
+    theirs = embedder.processor(text=[r.text for r in rendered], images=images, **_video_inputs(videos),
                                 padding=True, return_tensors="pt", return_mm_token_type_ids=True)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+    assert set(theirs) <= set(ours)
+    for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
-
-
-def test_a_checkpoint_without_tokenizer_files_says_what_to_copy(release_dir, tmp_path):
-    from umarvel.backbone import load_processor
-    from umarvel.errors import UmarvelError
-
-    bare = tmp_path / "weights-only"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (bare / name).symlink_to(release_dir / name)
-    with pytest.raises(UmarvelError, match="no tokenizer files.*Qwen2-VL-7B-Instruct"):
-        load_processor(bare)

@@ -7,6 +7,7 @@ holding "<|im_end|>" silently end the turn).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from umarvel import profiles
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.prompts import RenderedItem, is_query, render
+from umarvel.data.video import load_video
 from umarvel.errors import DataError
 
 
@@ -87,50 +89,83 @@ def tokenize_rendered(rendered: RenderedItem, tokenizer, pattern: re.Pattern) ->
     return ids, offsets
 
 
-def encode_batch(processor, rendered: list[RenderedItem], images: list, max_tokens: list[int | None] | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], list[list[tuple[int, int]]]]:
-    """Rendered items -> (model inputs, per-row character offsets), right-padded.
+def _template_regions(rendered: RenderedItem) -> list[tuple[int, int]]:
+    """The character ranges of `rendered.text` outside its user spans."""
+    regions, position = [], 0
+    for start, end in [*rendered.user_spans, (len(rendered.text), len(rendered.text))]:
+        regions.append((position, start))
+        position = end
+    return regions
 
-    Images go through the processor's image processor; each <|image_pad|> of the template is
-    expanded to the image's number of merged patches, as the processor does. `max_tokens[i]`
-    cuts row i to that many tokens (None: never); a cut may not reach into image tokens.
+
+def _expand(rendered: RenderedItem, replacements: list[str], placeholder: re.Pattern) -> RenderedItem:
+    """`rendered` with its template's media placeholders replaced, in order, by `replacements`
+    (the processor's expansion: one token per merged patch, frame timestamps), spans moved along."""
+    text, supply, cuts = rendered.text, iter(replacements), []
+    for start, end in _template_regions(rendered):
+        cuts.extend((m.start(), m.end(), next(supply)) for m in placeholder.finditer(text, start, end))
+
+    def moved(position: int) -> int:
+        return position + sum(len(new) - (end - start) for start, end, new in cuts if end <= position)
+
+    pieces, last = [], 0
+    for start, end, new in cuts:
+        pieces += [text[last:start], new]
+        last = end
+    pieces.append(text[last:])
+    span = rendered.instruction_span
+    return dataclasses.replace(rendered, text="".join(pieces),
+                               user_spans=[(moved(a), moved(b)) for a, b in rendered.user_spans],
+                               instruction_span=None if span is None else (moved(span[0]), moved(span[1])))
+
+
+def _video_inputs(videos: list[tuple[list, dict]]) -> dict:
+    """Processor arguments for already sampled frames: their timing, and the per-frame pixel cap
+    of qwen-vl-utils (the reference the released models were evaluated with)."""
+    return {"videos": [frames for frames, _ in videos], "video_metadata": [meta for _, meta in videos],
+            "do_sample_frames": False, "cap_pixels_per_frame": True}
+
+
+def encode_batch(processor, rendered: list[RenderedItem], images: list, videos: list | None = None,
+                 max_tokens: list[int | None] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rendered items -> (model inputs, the mask of each row's instruction-span tokens), right-padded.
+
+    The processor handles the media and says what each placeholder expands to; it only sees
+    the template (user text removed), so no user text can pass for a placeholder. The
+    expanded prompts are then tokenised piecewise (`tokenize_rendered`). `max_tokens[i]` cuts
+    row i to that many tokens (None: never); a cut may not reach into image or video tokens.
     """
     tokenizer = processor.tokenizer
+    placeholder = re.compile("|".join(re.escape(token) for token in (processor.image_token, processor.video_token)))
+    media = {"images": images or None, **(_video_inputs(videos) if videos else {})}
+    templates = ["".join(r.text[a:b] for a, b in _template_regions(r)) for r in rendered]
+    outputs = processor(text=templates, padding=True, return_tensors="pt", return_text_replacement_offsets=True, **media)
+    replacements = outputs.pop("text_replacement_offsets")
+    batch = {k: v for k, v in outputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     pattern = _added_token_pattern(tokenizer)
-    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    batch: dict[str, torch.Tensor] = {}
-    counts: list[int] = []
-    if images:
-        batch.update(processor.image_processor(images=images, return_tensors="pt"))
-        merge = processor.image_processor.merge_size
-        counts = (batch["image_grid_thw"].prod(dim=-1) // (merge * merge)).tolist()
-    rows, row_offsets, next_image = [], [], 0
-    for index, item in enumerate(rendered):
-        ids, offsets = tokenize_rendered(item, tokenizer, pattern)
-        expanded_ids, expanded_offsets = [], []
-        for token, offset in zip(ids, offsets):
-            repeat = 1
-            if token == image_id:
-                repeat, next_image = counts[next_image], next_image + 1
-            expanded_ids.extend([token] * repeat)
-            expanded_offsets.extend([offset] * repeat)
+    media_ids = {tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, processor.video_token)}
+    rows, row_offsets, spans = [], [], []
+    for index, (item, expansions) in enumerate(zip(rendered, replacements)):
+        expanded = _expand(item, [e["replacement"] for e in expansions], placeholder)
+        spans.append(expanded.instruction_span)
+        ids, offsets = tokenize_rendered(expanded, tokenizer, pattern)
         limit = max_tokens[index] if max_tokens else None
-        if limit is not None and len(expanded_ids) > limit:
-            if image_id in expanded_ids[limit:]:
-                raise DataError(f"an item of {len(expanded_ids)} tokens is cut to {limit} (model.rules."
-                                "candidate_max_tokens) inside its image tokens; raise the limit or prompt.max_pixels")
-            expanded_ids, expanded_offsets = expanded_ids[:limit], expanded_offsets[:limit]
-        rows.append(expanded_ids)
-        row_offsets.append(expanded_offsets)
+        if limit is not None and len(ids) > limit:
+            if media_ids & set(ids[limit:]):
+                raise DataError(f"an item of {len(ids)} tokens is cut to {limit} (model.rules.candidate_max_tokens) "
+                                "inside its image or video tokens; raise the limit or prompt.max_pixels")
+            ids, offsets = ids[:limit], offsets[:limit]
+        rows.append(ids)
+        row_offsets.append(offsets)
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
         input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, : len(row)] = 1
-    mm_token_type_ids = (input_ids == image_id).long() * attention_mask
+    mm_token_type_ids = torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist())) * attention_mask
     batch.update(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
-    return batch, row_offsets
+    return batch, span_mask(row_offsets, width, spans)
 
 
 def span_mask(offsets: list[list[tuple[int, int]]], width: int, spans: list[tuple[int, int] | None]) -> torch.Tensor:
@@ -163,14 +198,14 @@ class Collator:
         tokenizer = self.processor.tokenizer
         rendered = [render(item, self.prompt, self.family.chat, tokenizer, self.rules) for item in items]
         images = [load_image(image, self.prompt, self.family) for r in rendered for image in r.images]
+        videos = [load_video(video) for r in rendered for video in r.videos]
         limits = None
         if self.rules.truncation == "candidates":
             limits = [None if is_query(item) else self.rules.candidate_max_tokens for item in items]
-        batch, offsets = encode_batch(self.processor, rendered, images, limits)
+        batch, instruction_mask = encode_batch(self.processor, rendered, images, videos, limits)
         pool_mask = batch["attention_mask"].bool()
         if self.mask_instruction:
-            spans = [r.instruction_span for r in rendered]
-            pool_mask &= ~span_mask(offsets, pool_mask.shape[1], spans)
+            pool_mask &= ~instruction_mask
         batch["pool_mask"] = pool_mask
         return batch
 

@@ -1,11 +1,13 @@
 """The one place an item becomes model input text.
 
-An item is a dict with any of `text`, `image` (path or PIL image) and an optional
-`instruction`. It is laid out in the backbone family's chat format (`Chat` in
-umarvel/backbones); for the Qwen-VL families:
+An item is a dict with any of `text`, `image` (path or PIL image, or a list of them: a
+multi-image query), `video` (umarvel/data/video.py) and an optional `instruction`. It is
+laid out in the backbone family's chat format (`Chat` in umarvel/backbones); for the
+Qwen-VL families:
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n
-    [<|vision_start|><|image_pad|><|vision_end|>]{instruction} {text}
+    [<|vision_start|><|image_pad|><|vision_end|> per image][<|vision_start|><|video_pad|><|vision_end|>]
+    {instruction} {text}
     [\\nSummarize above image and sentence in one word:]<|im_end|>
     [\\n<|im_start|>assistant\\n]          (only with the compression prompt)
 
@@ -32,6 +34,8 @@ COMPRESSION = {
     "image": "Summarize above image in one word:",
     "text": "Summarize above sentence in one word:",
     "image,text": "Summarize above image and sentence in one word:",
+    "video": "Summarize above video in one word:",
+    "video,text": "Summarize above video and sentence in one word:",
 }
 # The official inference's suffixes end in a space.
 RELEASE_SUFFIX = {kind: f"\n{phrase} " for kind, phrase in COMPRESSION.items()}
@@ -51,6 +55,7 @@ class RenderedItem:
     images: list[Any] = field(default_factory=list)
     instruction_span: tuple[int, int] | None = None
     user_spans: list[tuple[int, int]] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
 
 
 class _Builder:
@@ -73,15 +78,21 @@ class _Builder:
 
 
 def modality(item: dict) -> str:
-    has_image = item.get("image") is not None
+    visual = "video" if item.get("video") is not None else "image" if item.get("image") is not None else ""
     has_text = bool(item.get("text"))
-    if has_image and has_text:
-        return "image,text"
-    if has_image:
-        return "image"
-    if has_text:
-        return "text"
+    if visual and has_text:
+        return f"{visual},text"
+    if visual or has_text:
+        return visual or "text"
     raise ValueError(f"item has neither text nor image: {item!r}")
+
+
+def item_images(item: dict) -> list[Any]:
+    """The item's images in order: `image` may be one image or a list of them."""
+    image = item.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def truncate_text(text: str, tokenizer, max_tokens: int) -> str:
@@ -129,10 +140,7 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None, rules: 
 
     out = _Builder()
     out.template(_system(config, chat) + chat.user)
-    images = []
-    if item.get("image") is not None:
-        out.template(chat.image)
-        images.append(item["image"])
+    images, videos = _visuals(item, chat, out)
     span = out.user(instruction) if instruction else None
     if instruction and text:
         out.template(" ")
@@ -144,7 +152,15 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None, rules: 
     if config.compression_prompt:
         suffix += chat.assistant
     out.template(suffix)
-    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans)
+    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans, videos=videos)
+
+
+def _visuals(item: dict, chat: Chat, out: _Builder) -> tuple[list, list]:
+    """Write the item's image placeholders, then its video's; return (images, videos)."""
+    images = item_images(item)
+    videos = [item["video"]] if item.get("video") is not None else []
+    out.template(chat.image * len(images) + chat.video * len(videos))
+    return images, videos
 
 
 def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: profiles.Rules) -> RenderedItem:
@@ -158,11 +174,7 @@ def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: 
     """
     out = _Builder()
     out.template(chat.system.format(system=profiles.RELEASE_SYSTEM_PROMPT) + chat.user)
-    images = []
-    has_image = item.get("image") is not None
-    if has_image:
-        out.template(chat.image)
-        images.append(item["image"])
+    images, videos = _visuals(item, chat, out)
     span = None
     query = is_query(item)
     if instruction and query:
@@ -175,12 +187,14 @@ def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: 
             out.template(".")
     out.user(text)
     has_text = bool(text) or span is not None
-    if has_image and (has_text or (rules.release_quirks and not query)):
-        kind = "image,text"
+    visual = "video" if videos else "image" if images else ""
+    if visual and (has_text or (rules.release_quirks and not query)):
+        kind = f"{visual},text"
     else:
-        kind = "image" if has_image else "text"
+        kind = visual or "text"
     out.template(RELEASE_SUFFIX[kind] + chat.end + chat.assistant + profiles.EMB_TOKEN + "." + chat.end + chat.assistant)
-    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans)
+    return RenderedItem(text=out.text, images=images, instruction_span=span, user_spans=out.user_spans,
+                        videos=videos)
 
 
 # ---- reranker pairs -----------------------------------------------------------------------
@@ -216,3 +230,43 @@ def render_pair(query: dict, candidate: dict, config: PromptConfig, chat: Chat, 
         out.user(text)
     out.template(f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}")
     return RenderedItem(text=out.text, images=images, user_spans=out.user_spans)
+
+
+# ---- zero-shot suite (paper Tables 8 and 9) -----------------------------------------------
+
+@dataclass(frozen=True)
+class ZeroShotPrompt:
+    """A zero-shot task's prompt choices: the instruction its queries carry, per search (or
+    sub-task), and whether items end in the COMPRESSION suffix ("Summarize above ... in one
+    word:"). The official evaluation uses the suffix on Flickr only; every task's candidates
+    carry no instruction, as in M-BEIR."""
+
+    instructions: dict[str, str]
+    compression: bool = False
+
+
+_CAPTION_TO_IMAGE = "Find me an everyday image that matches the given caption."
+_IMAGE_TO_CAPTION = "Find an image caption describing the following everyday image."
+_COMPOSED_CHANGE = "I'm looking for a similar everyday image with the described changes."
+_TEXT_TO_VIDEO = "Find an everyday video match with caption."
+
+ZEROSHOT: dict[str, ZeroShotPrompt] = {
+    "flickr": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "mscoco": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "sharegpt4v": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "urban1k": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "circo": ZeroShotPrompt({"cir": _COMPOSED_CHANGE}),
+    "genecis": ZeroShotPrompt({
+        "change_object": _COMPOSED_CHANGE,
+        "focus_object": _COMPOSED_CHANGE,
+        "change_attribute": _COMPOSED_CHANGE,
+        "focus_attribute": "I'm looking for an image with the same attributes as described.",
+    }),
+    "visdial": ZeroShotPrompt({"dialog2i": "Find me an everyday image that matches the given dialog."}),
+    "fashioniq_multiturn": ZeroShotPrompt(
+        {"multiturn": "Find me a similar fashion image based on the following multi-round modifications."}),
+    "ccneg": ZeroShotPrompt({"itm": ""}),
+    "sugar_crepe": ZeroShotPrompt({"itm": ""}),
+    "msrvtt": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+    "msvd": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+}

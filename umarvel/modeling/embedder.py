@@ -105,7 +105,8 @@ class Embedder(AdaptedBackbone):
             # what the released model saw: position_ids=None reached its text model, so every
             # token (image tokens too) got arange positions on all three M-RoPE axes
             inputs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        with self.vision_on_every_rank("pixel_values" in inputs), self._attention_for(attention_mask):
+        has_vision = "pixel_values" in inputs or "pixel_values_videos" in inputs
+        with self.vision_on_every_rank(has_vision), self._attention_for(attention_mask):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
