@@ -40,10 +40,12 @@ def load_image(image, prompt: PromptConfig, family: Family) -> Image.Image:
                        image_patch_size=family.patch_size)
 
 
-def _added_token_pattern(tokenizer) -> re.Pattern:
-    """Every added token of `tokenizer` (chat and vision tokens, release markers), longest first."""
-    contents = sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-    return re.compile("|".join(re.escape(content) for content in contents))
+def _added_tokens(tokenizer) -> tuple[re.Pattern, dict[str, int]]:
+    """A pattern matching every added token of `tokenizer` (chat and vision tokens, release
+    markers; longest first), and their ids."""
+    ids = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
+    contents = sorted(ids, key=len, reverse=True)
+    return re.compile("|".join(re.escape(content) for content in contents)), ids
 
 
 def _pieces(rendered: RenderedItem, pattern: re.Pattern) -> list[tuple[int, int, bool]]:
@@ -71,22 +73,32 @@ def _pieces(rendered: RenderedItem, pattern: re.Pattern) -> list[tuple[int, int,
     return merged
 
 
-def tokenize_rendered(rendered: RenderedItem, tokenizer, pattern: re.Pattern) -> tuple[list[int], list[tuple[int, int]]]:
-    """(token ids, character offsets into `rendered.text`): template tokens by id, text runs
-    tokenised with special-token parsing off, so user text can never become a control token.
-    For text without special-token strings this equals tokenising the whole text at once."""
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    for start, end, is_token in _pieces(rendered, pattern):
-        if is_token:
-            ids.append(tokenizer.convert_tokens_to_ids(rendered.text[start:end]))
-            offsets.append((start, end))
-            continue
-        encoded = tokenizer(rendered.text[start:end], add_special_tokens=False, return_offsets_mapping=True,
-                            split_special_tokens=True)
-        ids.extend(encoded["input_ids"])
-        offsets.extend((start + a, start + b) for a, b in encoded["offset_mapping"])
-    return ids, offsets
+def tokenize_rendered(items: list[RenderedItem], tokenizer, added: tuple[re.Pattern, dict[str, int]],
+                      ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Per item (token ids, character offsets into its text): template tokens by id, text runs
+    tokenised (all of a batch in one call) with special-token parsing off, so user text can
+    never become a control token. For text without special-token strings this equals
+    tokenising the whole text at once."""
+    pattern, added_ids = added
+    pieces = [_pieces(item, pattern) for item in items]
+    texts = [item.text[start:end] for item, parts in zip(items, pieces) for start, end, is_token in parts if not is_token]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True) \
+        if texts else {"input_ids": [], "offset_mapping": []}
+    runs = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    out = []
+    for item, parts in zip(items, pieces):
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, end, is_token in parts:
+            if is_token:
+                ids.append(added_ids[item.text[start:end]])
+                offsets.append((start, end))
+                continue
+            run_ids, run_offsets = next(runs)
+            ids.extend(run_ids)
+            offsets.extend((start + a, start + b) for a, b in run_offsets)
+        out.append((ids, offsets))
+    return out
 
 
 def _template_regions(rendered: RenderedItem) -> list[tuple[int, int]]:
@@ -142,13 +154,12 @@ def encode_batch(processor, rendered: list[RenderedItem], images: list, videos: 
     outputs = processor(text=templates, padding=True, return_tensors="pt", return_text_replacement_offsets=True, **media)
     replacements = outputs.pop("text_replacement_offsets")
     batch = {k: v for k, v in outputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    pattern = _added_token_pattern(tokenizer)
-    media_ids = {tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, processor.video_token)}
-    rows, row_offsets, spans = [], [], []
-    for index, (item, expansions) in enumerate(zip(rendered, replacements)):
-        expanded = _expand(item, [e["replacement"] for e in expansions], placeholder)
-        spans.append(expanded.instruction_span)
-        ids, offsets = tokenize_rendered(expanded, tokenizer, pattern)
+    image_id, video_id = (tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, processor.video_token))
+    media_ids = {image_id, video_id}
+    expanded = [_expand(item, [e["replacement"] for e in expansions], placeholder)
+                for item, expansions in zip(rendered, replacements)]
+    rows, row_offsets = [], []
+    for index, (ids, offsets) in enumerate(tokenize_rendered(expanded, tokenizer, _added_tokens(tokenizer))):
         limit = max_tokens[index] if max_tokens else None
         if limit is not None and len(ids) > limit:
             if media_ids & set(ids[limit:]):
@@ -163,20 +174,21 @@ def encode_batch(processor, rendered: list[RenderedItem], images: list, videos: 
     for index, row in enumerate(rows):
         input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, : len(row)] = 1
-    mm_token_type_ids = torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist())) * attention_mask
-    batch.update(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
-    return batch, span_mask(row_offsets, width, spans)
+    # the processors' token types: 1 for image tokens, 2 for video tokens, 0 elsewhere
+    mm_token_type_ids = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()
+    batch.update(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids * attention_mask)
+    return batch, span_mask(row_offsets, width, [item.instruction_span for item in expanded])
 
 
 def span_mask(offsets: list[list[tuple[int, int]]], width: int, spans: list[tuple[int, int] | None]) -> torch.Tensor:
     """Mark each row's tokens whose characters lie inside its span (rows without a span: none)."""
-    mask = torch.zeros((len(offsets), width), dtype=torch.bool)
-    for row, (row_offsets, span) in enumerate(zip(offsets, spans)):
-        if span is None:
-            continue
-        for column, (start, end) in enumerate(row_offsets):
-            mask[row, column] = span[0] <= start and end <= span[1] and end > start
-    return mask
+    bounds = torch.zeros((len(offsets), width, 2), dtype=torch.long)
+    for row, row_offsets in enumerate(offsets):
+        if row_offsets:
+            bounds[row, : len(row_offsets)] = torch.tensor(row_offsets, dtype=torch.long)
+    limits = torch.tensor([span if span is not None else (-1, -1) for span in spans], dtype=torch.long)
+    start, end = bounds[..., 0], bounds[..., 1]
+    return (start >= limits[:, :1]) & (end <= limits[:, 1:]) & (end > start)
 
 
 class Collator:
