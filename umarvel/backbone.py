@@ -114,12 +114,16 @@ def set_attention_mode(model, attention: str) -> None:
         text_config.is_causal = causal
 
 
-def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The checkpoint's own processor, right-padding, with the configured image pixel bounds."""
-    from transformers import AutoProcessor
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
+                   image_backend: str | None = None):
+    """The checkpoint's own processor, right-padding, with the configured image pixel bounds and,
+    if named, the image processor of that transformers backend ("torchvision", "pil")."""
+    from transformers import AutoImageProcessor, AutoProcessor
 
     with quiet_transformers():
         processor = AutoProcessor.from_pretrained(path)
+        if image_backend:
+            processor.image_processor = AutoImageProcessor.from_pretrained(path, backend=image_backend)
     processor.tokenizer.padding_side = "right"
     if min_pixels is not None and max_pixels is not None:
         processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

@@ -148,6 +148,11 @@ class EvalConfig:
     split: Literal["test", "val"] = doc("Query split to evaluate.", "test")
     rows: list[str] = doc("Evaluation rows (e.g. mscoco_task0); empty = all 16.", factory=list)
     batch_size: int = doc("Items per encoder forward.", 32)
+    num_workers: int = doc(
+        "Input worker processes per rank that read images, render prompts and collate while the model runs "
+        "(encoding, mining, reranker pairs, teacher scores); 0 = in-process; -1 = auto: min(4, the rank's cores - 1) "
+        "on CUDA, 0 on CPU, where the forward already uses every core.", -1
+    )
     shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000)
     cache_dir: str = doc("Embedding cache; empty = $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings.", "")
     top_k: int = doc("Candidates kept per query (run files; at least the largest recall cut-off).", 50)

@@ -36,7 +36,7 @@ class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
     def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True):
-        self.config = config
+        self.config, self.progress = config, progress
         self.mbeir = MBEIR(data_root)
         self.cache = EmbeddingCache(embedder, config, progress=progress)
         self.use_gpu = gpu_choice(config.use_gpu)
@@ -81,7 +81,8 @@ class MBEIREvaluator:
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         """(scores, ranked dids) of the top k per query: the search step, which a reranking
         evaluator extends."""
-        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu)
+        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu,
+                          progress=self.progress and process.is_main_process())
 
 
 def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:

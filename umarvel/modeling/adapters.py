@@ -128,7 +128,8 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     elif trainable and config.lora.enabled:
         with quiet_transformers():
             backbone = attach_lora(backbone, config)
-    processor = load_processor(backbone_dir, *backbones.of(backbone).pixel_bounds(config.prompt))
+    family = backbones.of(backbone)
+    processor = load_processor(backbone_dir, *family.pixel_bounds(config.prompt), image_backend=family.image_backend)
     config.backbone = str(backbone_dir.resolve())
     return backbone, processor, device
 

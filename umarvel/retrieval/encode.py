@@ -30,8 +30,6 @@ logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
 WHOLE_FILE_LIMIT = 64 << 20
-# Items handed to Embedder.encode at once: it sorts them by length, so larger blocks pad less.
-BATCHES_PER_BLOCK = 16
 # Model config fields that cannot change an embedding; everything else is fingerprinted.
 NOT_AFFECTING_EMBEDDINGS = {"device", "gradient_checkpointing", "temperature", "backbone", "lora"}
 
@@ -145,13 +143,15 @@ def encode_set(
     fingerprint: str,
     shard_size: int = 50_000,
     batch_size: int = 32,
+    num_workers: int | None = None,
     desc: str = "encode",
     progress: bool = True,
 ) -> EncodedSet:
     """Encode `count` items (fetched by `items(start, stop)`) into fp16 shards in `directory`.
 
     Re-uses a finished set and the finished shards of an interrupted one. Every rank of a
-    launched job must call this; each encodes its own shards, rank 0 writes the manifest.
+    launched job must call this; each encodes its own shards with its own `num_workers` input
+    workers (see Embedder.encode), rank 0 writes the manifest and shows the progress.
     """
     directory = Path(directory)
     finished = load_encoded(directory)
@@ -166,19 +166,14 @@ def encode_set(
     for index in todo:
         start, stop = bounds[index]
         batch = items(start, stop)
-        vectors = []
-        block = batch_size * BATCHES_PER_BLOCK
-        for offset in range(0, len(batch), block):
-            chunk = batch[offset : offset + block]
-            vectors.append(embedder.encode(chunk, batch_size=batch_size).numpy().astype(np.float16))
-            bar.update(len(chunk))
+        vectors = embedder.encode(batch, batch_size=batch_size, num_workers=num_workers, bar=bar)
         # Ids last, after removing a leftover ids file: an ids file that passes the resume check
         # then always sits beside the vectors written with it.
         ids_file = directory / f"shard-{index:05d}.ids.txt"
         ids_file.unlink(missing_ok=True)
         with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
             with open(tmp, "wb") as handle:
-                np.save(handle, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float16))
+                np.save(handle, vectors.numpy().astype(np.float16))
         with atomic_path(ids_file) as tmp:
             tmp.write_text("".join(f"{item[id_key]}\n" for item in batch))
     bar.close()
@@ -211,7 +206,7 @@ class EmbeddingCache:
         return encode_set(
             self.embedder, items, count, id_key, self.root / f"{name}-{fingerprint}",
             fingerprint=fingerprint, shard_size=self.config.shard_size, batch_size=self.config.batch_size,
-            desc=f"encode {name}", progress=self.progress,
+            num_workers=self.config.num_workers, desc=f"encode {name}", progress=self.progress,
         )
 
     def queries(self, name: str, queries, sources: Sequence[str | os.PathLike]) -> EncodedSet:
