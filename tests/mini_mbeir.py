@@ -80,7 +80,8 @@ class KeywordEmbedder:
         self.has_adapter = False
         self.encoded: list[str] = []
 
-    def encode(self, items: list[dict], batch_size: int = 16) -> torch.Tensor:
+    def encode(self, items: list[dict], batch_size: int = 16, **options) -> torch.Tensor:
+        """Embedder.encode's signature; the pipeline options (workers, progress bar) change nothing here."""
         vectors = torch.zeros(len(items), len(self.axis))
         for row, item in enumerate(items):
             self.encoded.append(item.get("qid") or item["did"])
