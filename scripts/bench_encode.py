@@ -8,7 +8,7 @@ The default model is forward-dominated: a random Qwen2-VL of the family's archit
 hidden 128, 4 layers; vision tower depth 2), sized so that its CPU forward costs several ms an
 item, standing in for a 7B forward on a GPU. The forward runs on `--threads` cores (1: the
 "GPU"), the workers on the others. Inputs are realistic: JPEG files of 300-1000 px sides,
-resized into 16-64 visual tokens, and M-BEIR-like texts (captions to passage-length). `--tiny`
+resized into up to 256 visual tokens (M-BEIR photos give 100-400 at the 7B's bounds), and M-BEIR-like texts (captions to passage-length). `--tiny`
 uses the 2 MB test model instead (a forward too cheap to hide anything behind).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from umarvel.tiny import build_tiny_model
 # A 7B embedder on one H100 consumes roughly this many items/s (~15 ms an item at ~400 tokens).
 H100_7B_ITEMS_PER_S = (60, 70)
 UNIT = 28
-PROMPT = {"min_pixels": 16 * UNIT * UNIT, "max_pixels": 64 * UNIT * UNIT}
+PROMPT = {"min_pixels": 16 * UNIT * UNIT, "max_pixels": 256 * UNIT * UNIT}
 WORDS = ("the a photo of man woman dog cat street city river mountain red blue green small large old new "
          "building car tree people playing standing near next to with on in under during summer winter night "
          "museum history century war king river bridge painting species bird flower found region known").split()
@@ -161,9 +161,18 @@ def main() -> None:
                 for batch in batches:
                     emb.backbone(**{k: v for k, v in batch.items() if k != "pool_mask"}, use_cache=False)
 
+        kinds = {"text": [], "image": [], "image+text": []}
+        for item in items:
+            kinds["image" if not item.get("text") else "image+text" if item.get("image") else "text"].append(item)
+        kind_groups = {kind: [members[i : i + args.batch_size] for i in range(0, len(members), args.batch_size)]
+                       for kind, members in kinds.items()}
+
         def prepare():
             for group in groups:
                 emb.collate(group)
+
+        def prepare_kind(kind):
+            return lambda: [emb.collate(group) for group in kind_groups[kind]]
 
         def in_process():
             emb.encode(items, batch_size=args.batch_size, num_workers=0)
@@ -173,7 +182,8 @@ def main() -> None:
 
         clock = ForwardClock(emb.backbone)
         torch.set_num_threads(1)  # input preparation as one worker does it: one core
-        ((t_prepare, _),) = interleaved_best([prepare], args.repeats, clock)
+        ((t_prepare, _), *by_kind) = interleaved_best([prepare] + [prepare_kind(k) for k in kinds], args.repeats, clock)
+        kind_rates = {kind: len(kinds[kind]) / seconds for kind, (seconds, _) in zip(kinds, by_kind)}
         torch.set_num_threads(args.threads)
         (t_bare, _), (t_in, f_in), (t_pipe, f_pipe) = interleaved_best([bare, in_process, pipeline], args.repeats, clock)
     rate = args.items / t_prepare
@@ -190,11 +200,13 @@ def main() -> None:
     print(f"with a forward that shares no core with the workers (a GPU's): worker pipeline / bare = "
           f"{t_bare / (t_bare + t_pipe - f_pipe):.3f} (bare time + the pipeline's waiting time)")
     print(f"input preparation, one worker:      {rate:8.1f} items/s  ({1000 / rate:.1f} ms/item: read, "
-          "render, resize, processor)")
+          "render, resize, processor); by kind: "
+          + ", ".join(f"{kind} {value:.1f}/s" for kind, value in kind_rates.items()))
     low, high = H100_7B_ITEMS_PER_S
-    print(f"a 7B forward on an H100 consumes ~{low}-{high} items/s: {math.ceil(low / rate)}-"
-          f"{math.ceil(high / rate)} workers per GPU keep it fed at this rate per worker "
-          f"(eval.num_workers; the CUDA default is min(4, cores per rank - 1))")
+    slowest = min(kind_rates.values())
+    print(f"a 7B forward on an H100 consumes ~{low}-{high} items/s: {math.ceil(high / rate)} worker(s) per GPU at "
+          f"this mix, {math.ceil(high / slowest)} for a pool of the slowest kind alone (eval.num_workers; "
+          "the CUDA default is min(4, cores per rank - 1))")
 
 
 if __name__ == "__main__":
