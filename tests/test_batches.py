@@ -13,7 +13,7 @@ from umarvel import Embedder
 from umarvel.backbone import load_processor
 from umarvel.data.collator import Collator
 from umarvel.errors import DataError
-from umarvel.modeling.batches import length_batches, worker_count
+from umarvel.modeling.batches import estimated_tokens, length_batches, worker_count
 from umarvel.modeling.reranker import Reranker
 
 # torchvision and PIL normalise in float32 in another order: pixel values differ by rounding
@@ -46,16 +46,19 @@ def file_items(tmp_path, mixed_items):
     return items + list(mixed_items)
 
 
-def test_worker_pipeline_equals_in_process_encoding(tiny_model_dir, file_items):
+def test_worker_pipeline_equals_in_process_encoding(tiny_model_dir, file_items, tmp_path):
+    from zeroshot_fixtures import video
+
+    items = file_items + [{"did": "0:9", "video": str(video(tmp_path / "clip.mp4")), "text": "a grey fade"}]
     emb = Embedder.from_pretrained(tiny_model_dir)
-    in_process = emb.encode(file_items, batch_size=3, num_workers=0)
-    with_workers = emb.encode(file_items, batch_size=3, num_workers=2)
-    one_by_one = torch.cat([emb.encode([item], num_workers=0) for item in file_items])
-    assert with_workers.shape == (len(file_items), emb.backbone.config.get_text_config().hidden_size)
+    in_process = emb.encode(items, batch_size=3, num_workers=0)
+    with_workers = emb.encode(items, batch_size=3, num_workers=2)
+    one_by_one = torch.cat([emb.encode([item], num_workers=0) for item in items])
+    assert with_workers.shape == (len(items), emb.backbone.config.get_text_config().hidden_size)
     assert (with_workers - in_process).abs().max() <= 1e-6
     # Same order as the items: each row is its own item's embedding, whatever batch it rode in.
     assert (with_workers - one_by_one).abs().max() < 1e-4
-    assert torch.allclose(with_workers.norm(dim=1), torch.ones(len(file_items)), atol=1e-5)
+    assert torch.allclose(with_workers.norm(dim=1), torch.ones(len(items)), atol=1e-5)
 
 
 def test_worker_pipeline_equals_in_process_reranker_scores(tiny_model_dir, file_items):
@@ -102,6 +105,12 @@ def test_torchvision_image_processor_matches_pil(tiny_model_dir, file_items):
 
 def test_batches_follow_length_and_workers_never_outnumber_the_batches():
     assert length_batches([(1, 5), (0, 9), (0, 2), (1, 1)], 2) == [[2, 1], [3, 0]]
+    bounds, unit = (4 * 28 * 28, 16 * 28 * 28), 28
+    text, image = {"text": "x" * 40}, {"image": Image.new("RGB", (112, 56)), "text": "x" * 8}
+    assert estimated_tokens(text, bounds, unit) == (0, 10)
+    assert estimated_tokens(image, bounds, unit) == (1, 8 + 2)  # 112 x 56 px = 8 tokens of 28 x 28
+    assert estimated_tokens({"image": Image.new("RGB", (1000, 1000))}, bounds, unit) == (1, 16)  # max_pixels
+    assert estimated_tokens({"video": "clip.mp4"}, bounds, unit)[0] == 2
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert worker_count(None, cpu, batches=100) == 0  # CPU: the forward has every core
     assert worker_count(3, cpu, batches=100) == 3

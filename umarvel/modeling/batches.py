@@ -61,10 +61,14 @@ def image_area(image) -> int:
 
 
 def estimated_tokens(item: dict, pixel_bounds: tuple[int, int], pixel_unit: int) -> tuple[int, int]:
-    """(images, estimated tokens) of an item: its text's and its image's visual tokens after
-    resizing into `pixel_bounds`; the sort key that groups items of similar length."""
+    """(media kind, estimated tokens) of an item: its text's and its image's visual tokens after
+    resizing into `pixel_bounds`; the sort key that groups items of similar length. Text-only
+    items come first, then images, then videos (grouped by text length alone: their token count
+    needs the file decoded)."""
     characters = len(item.get("text") or "") + len(item.get("instruction") or "")
     image = item.get("image")
+    if item.get("video") is not None:
+        return 2, characters // CHARS_PER_TOKEN
     if image is None:
         return 0, characters // CHARS_PER_TOKEN
     low, high = pixel_bounds
@@ -139,8 +143,9 @@ def _fails(collate, item: dict) -> bool:
 def _name(item: dict) -> str:
     """How an error names an item: its id and its files, wherever they sit in the item."""
     parts = [f"{key} {item[key]}" for key in ("qid", "did") if item.get(key)]
-    if item.get("image") is not None and not isinstance(item["image"], Image.Image):
-        parts.append(f"image {item['image']}")
+    for media in ("image", "video"):
+        if isinstance(item.get(media), (str, Path)):
+            parts.append(f"{media} {item[media]}")
     for side in ("query", "candidate"):
         if isinstance(item.get(side), dict):
             parts.append(f"{side} ({_name(item[side])})")
