@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from umarvel.errors import DataError
 
-# Most worker processes a device gets by default: 4 decode ~800 JPEGs/s, 10x a 7B forward's need.
+# Most worker processes a device gets by default: 4 prepare ~250-550 image items/s (BENCHMARKS.md),
+# 4-8x what a 7B forward on an H100 consumes.
 MAX_DEFAULT_WORKERS = 4
 # Batches each worker prepares ahead of the model.
 PREFETCH_BATCHES = 4
