@@ -111,6 +111,7 @@ def test_batches_follow_length_and_workers_never_outnumber_the_batches():
     assert estimated_tokens(image, bounds, unit) == (1, 8 + 2)  # 112 x 56 px = 8 tokens of 28 x 28
     assert estimated_tokens({"image": Image.new("RGB", (1000, 1000))}, bounds, unit) == (1, 16)  # max_pixels
     assert estimated_tokens({"video": "clip.mp4"}, bounds, unit)[0] == 2
+    assert estimated_tokens({"image": [image["image"], image["image"]]}, bounds, unit) == (1, 16)  # 2 x 8
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert worker_count(None, cpu, batches=100) == 0  # CPU: the forward has every core
     assert worker_count(3, cpu, batches=100) == 3

@@ -62,8 +62,9 @@ def image_area(image) -> int:
 
 
 def estimated_tokens(item: dict, pixel_bounds: tuple[int, int], pixel_unit: int) -> tuple[int, int]:
-    """(media kind, estimated tokens) of an item: its text's and its image's visual tokens after
-    resizing into `pixel_bounds`; the sort key that groups items of similar length. Text-only
+    """(media kind, estimated tokens) of an item: its text's and its images' visual tokens after
+    resizing into `pixel_bounds` (`image` may be one image or a list); the sort key that groups
+    items of similar length. Text-only
     items come first, then images, then videos (grouped by text length alone: their token count
     needs the file decoded)."""
     characters = len(item.get("text") or "") + len(item.get("instruction") or "")
@@ -73,7 +74,8 @@ def estimated_tokens(item: dict, pixel_bounds: tuple[int, int], pixel_unit: int)
     if image is None:
         return 0, characters // CHARS_PER_TOKEN
     low, high = pixel_bounds
-    visual = min(max(image_area(image), low), high) // (pixel_unit * pixel_unit)
+    images = image if isinstance(image, (list, tuple)) else [image]
+    visual = sum(min(max(image_area(one), low), high) for one in images) // (pixel_unit * pixel_unit)
     return 1, visual + characters // CHARS_PER_TOKEN
 
 
@@ -145,8 +147,8 @@ def _name(item: dict) -> str:
     """How an error names an item: its id and its files, wherever they sit in the item."""
     parts = [f"{key} {item[key]}" for key in ("qid", "did") if item.get(key)]
     for media in ("image", "video"):
-        if isinstance(item.get(media), (str, Path)):
-            parts.append(f"{media} {item[media]}")
+        files = item.get(media) if isinstance(item.get(media), (list, tuple)) else [item.get(media)]
+        parts.extend(f"{media} {file}" for file in files if isinstance(file, (str, Path)))
     for side in ("query", "candidate"):
         if isinstance(item.get(side), dict):
             parts.append(f"{side} ({_name(item[side])})")
