@@ -634,8 +634,11 @@ class MBEIR:
 
     def qrels(self, split: str, row: EvalRow | str) -> dict[str, set[str]]:
         """qid -> positive dids of the row, checked against its queries and pools
-        (`check_row_qrels`): a qrels file that disagrees with them would change the recall."""
+        (`check_row_qrels`): a qrels file that disagrees with them would change the recall. Val
+        and test only: train positives are the query files' pos_cand_list."""
         _check_split(split)
+        if split == "train":
+            raise ValueError("qrels are read for the val and test rows; train positives come with the queries")
         row = _as_row(row)
         path = self.path(row.qrels_file(split))
         if not path.is_file():

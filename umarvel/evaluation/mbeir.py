@@ -35,9 +35,10 @@ def selected_rows(names: list[str]) -> list[EvalRow]:
 class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
-    def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True):
+    def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True,
+                 symlinks_outside_root: bool = False):
         self.config = config
-        self.mbeir = MBEIR(data_root)
+        self.mbeir = MBEIR(data_root, symlinks_outside_root=symlinks_outside_root)
         self.cache = EmbeddingCache(embedder, config, progress=progress)
         self.use_gpu = gpu_choice(config.use_gpu)
 
