@@ -176,6 +176,10 @@ class ArrowTable:
     def __contains__(self, key: str) -> bool:
         return self.find(key) is not None
 
+    def key_hashes(self) -> np.ndarray:
+        """The 64-bit hashes of every row's key, sorted (a memory map)."""
+        return self._sorted_hashes
+
     def has_keys(self, keys: list[str]) -> np.ndarray:
         """Membership of many keys at once, by hash alone: fast enough for millions of ids. A
         false 'present' needs a 64-bit hash collision, and `find` (which compares the strings)

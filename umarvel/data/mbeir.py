@@ -581,6 +581,21 @@ def check_row_qrels(lines: list[tuple[int, str, str, int, int]], file: str, row:
     return qrels
 
 
+def check_pools_disjoint(pools: list[CandidatePool]) -> None:
+    """No did in two of these pools: their union (M-BEIR's global pool) holds each did once."""
+    owners = np.concatenate([np.full(len(pool), i) for i, pool in enumerate(pools)])
+    hashes = np.concatenate([pool.table.key_hashes() for pool in pools])
+    order = np.argsort(hashes, kind="stable")
+    hashes, owners = hashes[order], owners[order]
+    for slot in np.flatnonzero((hashes[1:] == hashes[:-1]) & (owners[1:] != owners[:-1])):
+        first, later = pools[owners[slot]], pools[owners[slot + 1]]
+        for record in later.table.rows():
+            if stable_hash64(record["did"]) == hashes[slot] and record["did"] in first:
+                raise DataError(f"did '{record['did']}' is also in {first.file} (line "
+                                f"{first.table.row(first.table.find(record['did']))['line']}): local pools must not "
+                                f"share dids, the global pool is their union; {_FIX}", later.file, record["line"], "did")
+
+
 class MBEIR:
     """An M-BEIR directory (or a directory holding `M-BEIR/`). Tables are cached under `cache_dir` (default: ~/.cache/umarvel).
 
