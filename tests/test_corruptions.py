@@ -27,6 +27,7 @@ from PIL import Image
 
 from mini_mbeir import KeywordEmbedder, query, write_jsonl, write_mini_mbeir
 from umarvel import backbones
+from umarvel.cli import main
 from umarvel.config import EvalConfig, PromptConfig, load_config
 from umarvel.data.collator import load_image
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, UNION_TRAIN_QUERIES
@@ -281,9 +282,9 @@ def evaluate(root: Path, tmp: Path, row: str, **settings) -> dict[str, float]:
     return {pool: rows[0].recall[5] for pool, rows in results.items()}
 
 
-def train_pairs(root: Path) -> None:
+def train_pairs(root: Path, *overrides: str) -> None:
     """Build the stage's training pairs and read every sample, as the trainer's loader does."""
-    pairs = build_pairs(load_config(None, [f"data.path={root}", "model.prompt.use_instruction=true"]))
+    pairs = build_pairs(load_config(None, [f"data.path={root}", "model.prompt.use_instruction=true", *overrides]))
     for index in range(len(pairs)):
         pairs[index]
 
@@ -342,3 +343,19 @@ def test_image_reader_refuses_what_validate_decodes(damaged):
     with pytest.raises(DataError) as caught:
         load_image(str(root / corruption.image_read), PromptConfig(), backbones.get(backbones.DEFAULT))
     assert caught.value.file == str(root / corruption.image_read)
+
+
+def test_the_cli_refuses_an_outside_symlink_unless_opted_in(clean_tree, tmp_path, capsys):
+    root = tmp_path / "M-BEIR"
+    shutil.copytree(clean_tree, root)
+    symlink_out_of_root(root)
+    assert main(["data", "validate", "--data", str(root), "--images", "exists"]) == 1
+    assert "data.allow_symlinks_outside_root=true" in capsys.readouterr().err
+    assert main(["data", "validate", "--data", str(root), "--allow-symlinks-outside-root"]) == 0
+
+
+def test_training_reads_outside_symlinks_when_opted_in(clean_tree, tmp_path):
+    root = tmp_path / "M-BEIR"
+    shutil.copytree(clean_tree, root)
+    symlink_out_of_root(root)
+    train_pairs(root, "data.allow_symlinks_outside_root=true")
