@@ -1,6 +1,7 @@
 """Corrupted M-BEIR trees: every class of damage ends in a clear error naming file and line, in
 `umarvel data validate` and where evaluation and training read the data, or is handled as the
-M-BEIR protocol says (with the number asserted). Never a traceback, never a silently changed recall.
+M-BEIR protocol says (with the number asserted). Never a traceback, never a silently changed
+recall.
 
 16 classes, in 17 rows of the CORRUPTIONS table (the symlink class twice): a positive in another row's pool; an OVEN/InfoSeek positive
 in the other one's pool (handled: a miss locally, a hit globally); a query task_id that disagrees

@@ -544,14 +544,15 @@ def check_row_qrels(lines: list[tuple[int, str, str, int, int]], file: str, row:
                     pools: list[CandidatePool]) -> dict[str, set[str]]:
     """qid -> positive dids of a row's qrels lines, after checking them against the row.
 
-    Every line is of the row's task, every positive line names a query of the row's file (a
-    relevance-0 line changes nothing); every query has a line with relevance > 0 (else it could only score 0); every positive is in the row's own
-    local pool (`pools[0]`) or, for OVEN/InfoSeek, in a pool `positive_pool_rows` allows: there
-    it counts as a miss locally, as in the reference scorer (umarvel.evaluation.metrics).
+    Every line is of the row's task; every positive line names a query of the row's file (a
+    relevance-0 line changes nothing); every query has a line with relevance > 0 (else it could
+    only score 0); every positive is in the row's own local pool (`pools[0]`) or, for OVEN and
+    InfoSeek, in a pool `positive_pool_rows` allows: there it counts as a miss locally, as in the
+    reference scorer (umarvel.evaluation.metrics).
     """
     if not lines:
         raise DataError(f"no qrels lines: every query of {queries.file} needs its positives listed", file)
-    for line, qid, did, relevance, task_id in lines:
+    for line, _, _, _, task_id in lines:
         if task_id != row.task_id:
             raise DataError(f"task {task_id} in the qrels of {row.name} (task {row.task_id}): {_FIX}",
                             file, line, "task_id (column 5)")

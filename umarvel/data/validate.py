@@ -35,7 +35,8 @@ from umarvel.data.mbeir import (
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
 from umarvel.data.tasks import (
-    DATASETS, EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow, positive_pool_rows,
+    DATASETS, EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow,
+    positive_pool_rows,
 )
 from umarvel.errors import DataError
 
@@ -180,7 +181,7 @@ class MBEIRValidator:
             except DataError as err:
                 self.report.add(err)
 
-    def _report_empty(self, path: Path, ids: "_Ids", what: str) -> None:
+    def _report_empty(self, path: Path, ids: _Ids, what: str) -> None:
         if not ids.lines:
             self.report.add(DataError(f"no {what} (the file is empty or every record is bad): an M-BEIR file needs "
                                       "at least one record", str(path)))
@@ -195,7 +196,7 @@ class MBEIRValidator:
                 self.report.add(DataError(f"duplicate {field} '{value_at[later]}' (first on line {first})",
                                           str(path), later, field))
 
-    def _report_shared_dids(self, local_ids: dict[str, "_Ids | None"]) -> None:
+    def _report_shared_dids(self, local_ids: dict[str, _Ids | None]) -> None:
         """A did in two local pools: the global pool (their union) would hold it twice."""
         names = [name for name, ids in local_ids.items() if ids is not None and ids.hashes]
         if not names:
@@ -205,15 +206,20 @@ class MBEIRValidator:
         pools = np.concatenate([np.full(len(local_ids[name].lines), i) for i, name in enumerate(names)])
         order = np.argsort(hashes, kind="stable")
         hashes, lines, pools = hashes[order], lines[order], pools[order]
-        pairs = np.flatnonzero((hashes[1:] == hashes[:-1]) & (pools[1:] != pools[:-1]))
-        for slot in pairs:
-            (first_pool, first_line), (pool, line) = [(names[pools[i]], int(lines[i])) for i in (slot, slot + 1)]
-            first_path, path = (self.root / EVAL_ROWS_BY_NAME[name].local_pool_file() for name in (first_pool, pool))
-            did = _values_at(path, {line}, "did")[line]
-            if _values_at(first_path, {first_line}, "did")[first_line] == did:
+        pairs = [(int(slot), int(slot) + 1) for slot in
+                 np.flatnonzero((hashes[1:] == hashes[:-1]) & (pools[1:] != pools[:-1]))]
+        wanted: dict[str, set[int]] = {}
+        for i in (i for pair in pairs for i in pair):
+            wanted.setdefault(names[pools[i]], set()).add(int(lines[i]))
+        paths = {name: self.root / EVAL_ROWS_BY_NAME[name].local_pool_file() for name in wanted}
+        dids = {name: _values_at(paths[name], wanted[name], "did") for name in wanted}
+        for first, later in pairs:
+            (first_pool, first_line), (pool, line) = [(names[pools[i]], int(lines[i])) for i in (first, later)]
+            did = dids[pool][line]
+            if dids[first_pool][first_line] == did:
                 self.report.add(DataError(
                     f"did '{did}' is also in the local pool of {first_pool} (line {first_line}): local pools must "
-                    "not share dids, the global pool is their union", str(path), line, "did"))
+                    "not share dids, the global pool is their union", str(paths[pool]), line, "did"))
 
     def check_instructions(self) -> None:
         path = self._file(QUERY_INSTRUCTIONS, required=True)
@@ -221,7 +227,7 @@ class MBEIRValidator:
             self.instructions = read_instruction_rows(path, self.report)
             self.report.counts["instruction rows"] = len(self.instructions)
 
-    def check_pool(self, rel: str, *, row: EvalRow | None = None, required: bool) -> "_Ids | None":
+    def check_pool(self, rel: str, *, row: EvalRow | None = None, required: bool) -> _Ids | None:
         path = self._file(rel, required)
         if path is None:
             return None
@@ -256,7 +262,7 @@ class MBEIRValidator:
                 file, line, field))
 
     def check_queries(self, rel: str, split: str, known: np.ndarray | None, *, dataset: str | None = None,
-                      row: EvalRow | None = None, unique: bool = True) -> "_Ids | None":
+                      row: EvalRow | None = None, unique: bool = True) -> _Ids | None:
         path = self._file(rel, required=True)
         if path is None:
             return None
@@ -302,7 +308,7 @@ class MBEIRValidator:
         self.report.add(DataError(f"{QUERY_INSTRUCTIONS} has no instruction for dataset {dataset_id} "
                                   f"({DATASETS[dataset_id]}), {key[1]} -> {key[2]}", file, line, "task_id"))
 
-    def check_qrels(self, row: EvalRow, split: str, known: np.ndarray | None, qids: "_Ids | None") -> None:
+    def check_qrels(self, row: EvalRow, split: str, known: np.ndarray | None, qids: _Ids | None) -> None:
         path = self._file(row.qrels_file(split), required=True)
         if path is None:
             return
