@@ -31,6 +31,7 @@ from umarvel import backbones
 from umarvel.cli import main
 from umarvel.config import EvalConfig, PromptConfig, load_config
 from umarvel.data.collator import load_image
+from umarvel.data.mbeir import resolve_under
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, UNION_TRAIN_QUERIES
 from umarvel.data.validate import validate
 from umarvel.errors import DataError
@@ -360,3 +361,22 @@ def test_training_reads_outside_symlinks_when_opted_in(clean_tree, tmp_path):
     shutil.copytree(clean_tree, root)
     symlink_out_of_root(root)
     train_pairs(root, "data.allow_symlinks_outside_root=true")
+
+
+def test_a_linked_image_directory_is_resolved_like_a_linked_file(tmp_path):
+    """mbeir_images/ linked from another disk: refused unless opted in; a link that stays inside the root is fine."""
+    root, disk = tmp_path / "root", tmp_path / "disk"
+    (disk / "x").mkdir(parents=True)
+    (disk / "x" / "a.jpg").write_bytes(b"")
+    root.mkdir()
+    (root / "mbeir_images").symlink_to(disk)
+    (root / "inside").symlink_to(root / "mbeir_images" / "x", target_is_directory=True)
+    (root / "own").mkdir()
+    (root / "own" / "b.jpg").write_bytes(b"")
+    (root / "again").symlink_to(root / "own")
+    with pytest.raises(DataError, match="is a symlink to .*disk"):
+        resolve_under(root, "mbeir_images/x/a.jpg")
+    with pytest.raises(DataError, match="data.allow_symlinks_outside_root"):
+        resolve_under(root, "inside/a.jpg")
+    assert resolve_under(root, "mbeir_images/x/a.jpg", symlinks_outside_root=True) == str(root / "mbeir_images/x/a.jpg")
+    assert resolve_under(root, "again/b.jpg") == str(root / "again" / "b.jpg")
