@@ -9,7 +9,8 @@ with its row; a qrels did in no pool; a query of another dataset; a text candida
 pool; a truncated JPEG; a query without a qrels line; a query whose only line has relevance 0; a
 did in two local pools; an image symlinked out of the data root (refused, and accepted with the
 opt-in); non-UTF-8 bytes in the qrels; non-UTF-8 bytes in the instructions TSV; an empty query
-file; an empty pool file; an empty training query file.
+file; an empty pool file; an empty training query file. Beside the tree, empty NLI and CC3M
+files (the pre-training sources) are named too.
 
 The clean tree (built once per module, copied per case): every row has 10 candidates and 4
 queries in a vocabulary of its own, so the keyword embedder ranks exactly; query 0 finds its
@@ -380,3 +381,13 @@ def test_a_linked_image_directory_is_resolved_like_a_linked_file(tmp_path):
         resolve_under(root, "inside/a.jpg")
     assert resolve_under(root, "mbeir_images/x/a.jpg", symlinks_outside_root=True) == str(root / "mbeir_images/x/a.jpg")
     assert resolve_under(root, "again/b.jpg") == str(root / "again" / "b.jpg")
+
+
+@pytest.mark.parametrize("source, name, text", [("nli", "nli_for_simcse.csv", "sent0,sent1,hard_neg\n"),
+                                                ("cc3m", "pairs.jsonl", "")])
+def test_an_empty_pretraining_file_is_named(source, name, text, tmp_path):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as caught:
+        build_pairs(load_config(None, [f"data.source={source}", f"data.path={path}"]))
+    assert caught.value.file == str(path) and "(the file is empty)" in str(caught.value)

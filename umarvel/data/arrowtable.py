@@ -220,6 +220,16 @@ def open_table(
     return table
 
 
+def require_rows(table: ArrowTable, what: str) -> ArrowTable:
+    """`table`, unless it has no rows: then a DataError naming its file (a trainer or evaluator
+    would otherwise fail later with num_samples=0 or an IndexError that names nothing)."""
+    if len(table):
+        return table
+    skipped = f" ({table.skipped} bad rows were skipped)" if table.skipped else " (the file is empty)"
+    raise DataError(f"no {what}{skipped}: the file needs at least one record; restore it or leave it out of the "
+                    "config", str(table.source))
+
+
 def _cache_path(source: Path, fmt: TableFormat, cache_dir: Path) -> Path:
     stat = source.stat()
     ident = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, fmt.name, CACHE_VERSION])

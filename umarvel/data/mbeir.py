@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umarvel.data.arrowtable import (
-    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, stable_hash64,
+    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, require_rows, stable_hash64,
 )
 from umarvel.data.tasks import (
     DATASET_IDS, DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES,
@@ -424,8 +424,8 @@ def open_queries(path: str | os.PathLike, root: str | os.PathLike, instructions:
     A file without a usable query is a DataError naming it."""
     path = Path(path)
     fmt = UNION_QUERY_FORMAT if upsampled else QUERY_FORMAT
-    table = open_table(path, fmt, jsonl_rows(path, parse_query, progress), cache_dir=cache_dir, on_error=on_error)
-    _check_not_empty(table, "queries")
+    table = require_rows(open_table(path, fmt, jsonl_rows(path, parse_query, progress), cache_dir=cache_dir,
+                                    on_error=on_error), "queries")
     return Queries(table, Path(root), instructions, symlinks_outside_root=symlinks_outside_root)
 
 
@@ -435,18 +435,9 @@ def open_pool(path: str | os.PathLike, root: str | os.PathLike, *, cache_dir: st
     """Any M-BEIR-format candidate pool file; images resolve under `root`. A file without a
     usable candidate is a DataError naming it."""
     path = Path(path)
-    table = open_table(path, CANDIDATE_FORMAT, jsonl_rows(path, parse_candidate, progress),
-                       cache_dir=cache_dir, on_error=on_error)
-    _check_not_empty(table, "candidates")
+    table = require_rows(open_table(path, CANDIDATE_FORMAT, jsonl_rows(path, parse_candidate, progress),
+                                    cache_dir=cache_dir, on_error=on_error), "candidates")
     return CandidatePool(table, Path(root), symlinks_outside_root=symlinks_outside_root)
-
-
-def _check_not_empty(table: ArrowTable, what: str) -> None:
-    if len(table):
-        return
-    skipped = f" ({table.skipped} bad rows were skipped)" if table.skipped else " (the file is empty)"
-    raise DataError(f"no {what}{skipped}: an M-BEIR file needs at least one record; restore the file or "
-                    "leave it out of the config", str(table.source))
 
 
 def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, int, int]:
