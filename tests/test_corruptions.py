@@ -3,14 +3,14 @@
 M-BEIR protocol says (with the number asserted). Never a traceback, never a silently changed
 recall.
 
-16 classes, in 17 rows of the CORRUPTIONS table (the symlink class twice): a positive in another row's pool; an OVEN/InfoSeek positive
-in the other one's pool (handled: a miss locally, a hit globally); a query task_id that disagrees
-with its row; a qrels did in no pool; a query of another dataset; a text candidate in an image
-pool; a truncated JPEG; a query without a qrels line; a query whose only line has relevance 0; a
-did in two local pools; an image symlinked out of the data root (refused, and accepted with the
-opt-in); non-UTF-8 bytes in the qrels; non-UTF-8 bytes in the instructions TSV; an empty query
-file; an empty pool file; an empty training query file. Beside the tree, empty NLI and CC3M
-files (the pre-training sources) are named too.
+16 classes, in 17 rows of the CORRUPTIONS table (the symlink class twice): a positive in
+another row's pool; an OVEN/InfoSeek positive in the other one's pool (handled: a miss locally,
+a hit globally); a query task_id that disagrees with its row; a qrels did in no pool; a query of
+another dataset; a text candidate in an image pool; a truncated JPEG; a query without a qrels
+line; a query whose only line has relevance 0; a did in two local pools; an image symlinked out
+of the data root (refused, and accepted with the opt-in); non-UTF-8 bytes in the qrels; non-UTF-8
+bytes in the instructions TSV; an empty query file; an empty pool file; an empty training query
+file. Beside the tree, empty NLI and CC3M files (the pre-training sources) are named too.
 
 The clean tree (built once per module, copied per case): every row has 10 candidates and 4
 queries in a vocabulary of its own, so the keyword embedder ranks exactly; query 0 finds its
