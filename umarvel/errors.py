@@ -15,3 +15,7 @@ class DataError(UmarvelError, ValueError):
         prefix = f"{where}: " if where else ""
         suffix = f" (field '{field}')" if field else ""
         super().__init__(f"{prefix}{message}{suffix}")
+
+
+class CacheError(UmarvelError):
+    """A cache entry is damaged; the message names the entry and the directory to delete."""

@@ -64,7 +64,13 @@ def read_saved(path: Path, name: str, version: int) -> dict | None:
     saved_file = path / name
     if not saved_file.is_file():
         return None
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UmarvelError(f"{saved_file}: not valid JSON ({err}); the saved model is damaged: save or train "
+                           "it again") from None
+    if not isinstance(saved, dict):
+        raise UmarvelError(f"{saved_file}: expected a JSON object; the saved model is damaged: save or train it again")
     if saved.get("format_version") != version:
         raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
     return saved
@@ -165,6 +171,11 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are loaded in (model.dtype `auto` resolves by device)."""
+        return next(self.backbone.parameters()).dtype
 
     @property
     def has_adapter(self) -> bool:
