@@ -3,7 +3,7 @@ delete, never shifted ids or silently wrong vectors; a shard that does not hold 
 per item is never written; and every input that shapes a vector (or a parsed table) changes the
 cache key, so a stale entry is never re-used.
 
-DAMAGE: 18 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
+DAMAGE: 19 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
 EMPTY_WRITES: 2 classes of encoder output that must not become a finished shard.
 STALE: 6 classes of changed input that must change the key (image bytes, a source file edited
 with its mtime set back, the table cache under the same edit, the LoRA config, the loaded
@@ -25,6 +25,13 @@ from umarvel.retrieval import encode
 from umarvel.retrieval.encode import encode_set, load_encoded
 
 ITEMS = [{"did": f"0:{i}"} for i in range(6)]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_root(tmp_path, monkeypatch):
+    """Content hashes and passed norm checks are noted under the cache root: keep them here."""
+    monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "cache"))
+
 SHARD = "shard-00001"  # the damaged one; shard-00000 stays intact
 
 
@@ -70,6 +77,19 @@ def _edit_manifest(edit):
     return damage
 
 
+def _zeroed_in_place_keeping_mtime(directory):
+    """The shard passed its check on the first load; zeroing its rows afterwards, with the mtime
+    set back, must still be seen (the noted check is keyed by ctime and inode too)."""
+    path = directory / f"{SHARD}.npy"
+    load_encoded(directory)
+    stat = path.stat()
+    vectors = np.load(path, mmap_mode="r+")
+    vectors[1] = 0
+    vectors.flush()
+    del vectors
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def _header_length(data: bytes) -> int:
     return 10 + int.from_bytes(data[8:10], "little")  # npy v1: magic (6) + version (2) + length (2) + header
 
@@ -82,6 +102,7 @@ DAMAGE = {
     "ids file not UTF-8": (lambda d: (d / f"{SHARD}.ids.txt").write_bytes(b"\xff\xfe\n\xff\n\xfe\n"),
                            f"{SHARD}.ids.txt", "not readable"),
     "vectors zeroed": (_rewrite_npy(np.zeros((3, 2), np.float16)), f"{SHARD}.npy", "row 0 has norm 0"),
+    "vectors zeroed in place, mtime set back": (_zeroed_in_place_keeping_mtime, f"{SHARD}.npy", "row 1 has norm 0"),
     "a NaN row": (_rewrite_npy(np.array([[0.6, 0.8], [np.nan, 0], [1, 0]], np.float16)), f"{SHARD}.npy",
                   "row 1 has norm nan"),
     "vectors not normalised": (_rewrite_npy(np.full((3, 2), 3, np.float16)), f"{SHARD}.npy", "row 0 has norm 4.24"),
@@ -163,8 +184,7 @@ def test_an_image_rewritten_with_the_same_size_changes_the_set_fingerprint(tmp_p
     assert encode.images_fingerprint(moved, ["images/a.jpg"]) == encode.images_fingerprint(tmp_path, ["images/a.jpg"])
 
 
-def test_a_source_edited_with_its_mtime_set_back_changes_the_file_fingerprint(tmp_path, monkeypatch):
-    monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "cache"))
+def test_a_source_edited_with_its_mtime_set_back_changes_the_file_fingerprint(tmp_path):
     source = tmp_path / "pool.jsonl"
     source.write_bytes(os.urandom(1 << 16))
     before = encode.file_fingerprint(source)
@@ -186,8 +206,7 @@ def test_the_table_cache_sees_a_same_size_edit_with_the_mtime_set_back(tmp_path)
 
 
 @pytest.fixture()
-def model_copy(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "cache"))
+def model_copy(tiny_model_dir, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
     return copy
