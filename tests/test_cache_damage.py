@@ -4,7 +4,8 @@ per item is never written; and every input that shapes a vector (or a parsed tab
 cache key, so a stale entry is never re-used.
 
 DAMAGE: 19 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
-EMPTY_WRITES: 2 classes of encoder output that must not become a finished shard.
+EMPTY_WRITES: 2 classes of encoder output that must not become a finished shard, and 2 classes
+of encoding setting given in code (shard_size 0, batch_size -1) refused before any write.
 STALE: 6 classes of changed input that must change the key (image bytes, a source file edited
 with its mtime set back, the table cache under the same edit, the LoRA config, the loaded
 dtype, the processor config), and the unchanged case that must keep it.
@@ -158,6 +159,15 @@ def test_a_shard_without_one_vector_per_item_is_never_written(tmp_path, case):
         _encode(directory, EMPTY_WRITES[case])
     assert not list(directory.glob("shard-*")) and not (directory / encode.MANIFEST).exists()
     assert load_encoded(directory) is None and len(_encode(directory)) == len(ITEMS)
+
+
+@pytest.mark.parametrize("sizes", [{"shard_size": 0}, {"batch_size": -1}], ids=["shard_size 0", "batch_size -1"])
+def test_encoding_settings_given_in_code_are_checked_before_anything_is_written(tmp_path, sizes):
+    """A config file is checked when it is read; an EvalConfig made in code reaches encode_set."""
+    with pytest.raises(UmarvelError, match=r"eval\.shard_size=.*eval\.batch_size=.*both must be >= 1"):
+        encode_set(IdEmbedder(), lambda start, stop: ITEMS[start:stop], len(ITEMS), "did", tmp_path / "set",
+                   fingerprint="f", progress=False, **{"shard_size": 3, "batch_size": 2, **sizes})
+    assert not (tmp_path / "set").exists()
 
 
 def _same_size_edit_keeping_mtime(path: Path) -> None:

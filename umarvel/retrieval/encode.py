@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umarvel import process
-from umarvel.config import EvalConfig, to_dict
+from umarvel.config import ConfigError, EvalConfig, to_dict
 from umarvel.errors import CacheError, UmarvelError
 from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -301,6 +301,8 @@ def encode_set(
     Re-uses a finished set and the finished shards of an interrupted one. Every rank of a
     launched job must call this; each encodes its own shards, rank 0 writes the manifest.
     """
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError(f"eval.shard_size={shard_size}, eval.batch_size={batch_size}: both must be >= 1")
     directory = Path(directory)
     finished = load_encoded(directory, fingerprint)
     if finished is not None:
