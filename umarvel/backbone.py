@@ -76,10 +76,11 @@ def check_backbone_dir(path: str | Path) -> backbones.Family:
     except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise UmarvelError(f"{path / 'config.json'}: not a readable model config ({err}); restore the file "
                            "or make the model directory again") from None
+    family = backbones.for_model_type(model_type, where=f"backbone {path}")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UmarvelError(f"backbone {path} has no weights (no *.safetensors file): the model directory is "
                            "incomplete; copy or download it again")
-    return backbones.for_model_type(model_type, where=f"backbone {path}")
+    return family
 
 
 def load_backbone(

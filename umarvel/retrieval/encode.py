@@ -9,7 +9,7 @@ resumes from its finished shards; under a launcher, shard i is encoded by rank i
 
 What is loaded is verified (manifest schema, rows and dim of every shard, one id per vector,
 finite unit norms): a damaged entry is a CacheError naming the directory to delete, never
-silently shifted ids or zero vectors. The norm check reads the whole shard (~0.3 GB/s on one
+silently shifted ids or zero vectors. The norm check reads the whole shard (~0.6 GB/s on one
 core, BENCHMARKS.md), so it runs once per shard file version: a shard that passed is noted
 under the cache root by its stat signature, which any rewrite (even one that sets the mtime
 back) changes.
@@ -104,6 +104,16 @@ def images_fingerprint(root: str | os.PathLike, paths: Iterable[str | None]) -> 
         except OSError:  # reading the item reports it; here it only has to change the fingerprint
             digest.update(f"{relative}:missing\n".encode())
     return digest.hexdigest()
+
+
+def query_images(queries) -> str:
+    """`images_fingerprint` of every image a query file (`mbeir.Queries`) names."""
+    return images_fingerprint(queries.root, queries.table.column("query_img_path").to_pylist())
+
+
+def pool_images(pool) -> str:
+    """`images_fingerprint` of every image a candidate pool (`mbeir.CandidatePool`) names."""
+    return images_fingerprint(pool.root, pool.table.column("img_path").to_pylist())
 
 
 def model_fingerprint(embedder) -> str:
@@ -366,9 +376,9 @@ class EmbeddingCache:
         use_instruction = self.embedder.settings.prompt.use_instruction
         return self.encode(
             name, sources, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
-            len(queries), "qid", images_fingerprint(queries.root, queries.table.column("query_img_path").to_pylist()),
+            len(queries), "qid", query_images(queries),
         )
 
     def pool(self, name: str, pool, source: str | os.PathLike) -> EncodedSet:
         return self.encode(name, [source], lambda start, stop: list(pool.items(start, stop)), len(pool), "did",
-                           images_fingerprint(pool.root, pool.table.column("img_path").to_pylist()))
+                           pool_images(pool))

@@ -47,8 +47,6 @@ def _check(config: Config) -> None:
         raise ConfigError("data.path is empty: set it to the M-BEIR root the reranker trains on")
     if not rerank.recall_model:
         raise ConfigError("rerank.recall_model is empty: set it to the recall embedder (e.g. runs/umarvel/hardneg)")
-    if rerank.top_n < 1 or rerank.negatives_per_positive < 0 or rerank.max_queries < 0:
-        raise ConfigError("rerank.top_n must be >= 1, rerank.negatives_per_positive and rerank.max_queries >= 0")
 
 
 def training_data(config: Config):
