@@ -3,9 +3,9 @@ config key (or the file) and what it accepts, before any work; never a traceback
 inside, an empty cache or a run of 0 steps.
 
 OUT_OF_RANGE: 17 classes of bad value, each rejected when the config is built (from a file,
-an override or a saved model's settings). 6 classes of broken model directory or device, each
+an override or a saved model's settings). 8 classes of broken model directory or device, each
 rejected when the model loads: MODEL_DIRS (4), CUDA asked for on a machine without it, a
-corrupt saved embedder_config.json. Plus 2 handled correctly: `eval.use_gpu=yes|no`
+corrupt saved embedder_config.json, ADAPTERS (2: corrupt adapter_config.json, no adapter weights). Plus 2 handled correctly: `eval.use_gpu=yes|no`
 (YAML booleans) and `train.warmup_ratio` passed to the scheduler as a ratio (1.0 = every update).
 """
 from __future__ import annotations
@@ -135,3 +135,24 @@ def test_a_corrupt_saved_embedder_config_names_the_file(tiny_model_dir, tmp_path
     (saved / "embedder_config.json").write_text(json.dumps({"format_version": 1})[:-3])
     with pytest.raises(UmarvelError, match=r"merged/embedder_config\.json: not valid JSON.*save or train it again"):
         Embedder.from_pretrained(saved)
+
+
+# damage to a saved adapter -> what the error must say
+ADAPTERS = {
+    "corrupt adapter_config.json": r"adapter does not load .*save or train it again",
+    "no adapter weights": r"has no adapter_model\.safetensors: the saved model is incomplete",
+}
+
+
+@pytest.mark.parametrize("damage", ADAPTERS, ids=ADAPTERS.keys())
+def test_a_damaged_saved_adapter_names_its_directory(tiny_model_dir, tmp_path, damage):
+    from umarvel import Embedder
+
+    saved = Embedder.from_pretrained(tiny_model_dir, trainable=True).save_pretrained(tmp_path / "adapter")
+    if damage == "no adapter weights":
+        (saved / "adapter_model.safetensors").unlink()
+    else:
+        (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UmarvelError, match=ADAPTERS[damage]) as err:
+        Embedder.from_pretrained(saved)
+    assert str(saved) in str(err.value)

@@ -129,8 +129,15 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     if adapter_dir is not None:
         from peft import PeftModel
 
-        with quiet_transformers():
-            backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise UmarvelError(f"{adapter_dir} has no adapter_model.safetensors: the saved model is incomplete; "
+                               "save or train it again")
+        try:
+            with quiet_transformers():
+                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        except (OSError, ValueError) as err:  # a corrupt adapter_config.json is a JSONDecodeError
+            raise UmarvelError(f"{adapter_dir}: the adapter does not load ({err}); the saved model is damaged: "
+                               "save or train it again") from None
     elif trainable and config.lora.enabled:
         with quiet_transformers():
             backbone = attach_lora(backbone, config)
