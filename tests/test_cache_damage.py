@@ -6,7 +6,8 @@ cache key, so a stale entry is never re-used.
 DAMAGE: 19 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
 EMPTY_WRITES: 2 classes of encoder output that must not become a finished shard, and 2 classes
 of encoding setting given in code (shard_size 0, batch_size -1) refused before any write.
-STALE: 6 classes of changed input that must change the key (image bytes, a source file edited
+STALE: 6 classes of changed input that must change the key (image bytes, also through the
+embedding cache of a pool, a source file edited
 with its mtime set back, the table cache under the same edit, the LoRA config, the loaded
 dtype, the processor config), and the unchanged case that must keep it.
 """
@@ -192,6 +193,31 @@ def test_an_image_rewritten_with_the_same_size_changes_the_set_fingerprint(tmp_p
     shutil.copytree(tmp_path / "images", moved / "images", copy_function=shutil.copy2)
     # the fingerprint names images relative to the root: a moved tree with the same files keeps it
     assert encode.images_fingerprint(moved, ["images/a.jpg"]) == encode.images_fingerprint(tmp_path, ["images/a.jpg"])
+
+
+def test_a_pool_whose_image_changed_is_encoded_again_through_the_cache(tmp_path):
+    from mini_mbeir import KeywordEmbedder
+
+    from umarvel.config import EvalConfig
+    from umarvel.data.mbeir import open_pool
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"x" * 100)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"w")
+    pool_file = tmp_path / "pool.jsonl"
+    pool_file.write_text(json.dumps({"did": "1:1", "txt": "alpha", "img_path": "images/a.jpg", "modality": "image,text"})
+                         + "\n" + json.dumps({"did": "1:2", "txt": "beta", "img_path": None, "modality": "text"}) + "\n")
+    pool = open_pool(pool_file, tmp_path, cache_dir=tmp_path / "tables")
+    embedder = KeywordEmbedder(["alpha", "beta"], tmp_path / "weights")
+    cache = encode.EmbeddingCache(embedder, EvalConfig(cache_dir=str(tmp_path / "embeddings")), progress=False)
+    first = cache.pool("pool", pool, pool_file)
+    assert cache.pool("pool", pool, pool_file).directory == first.directory and embedder.encoded == ["1:1", "1:2"]
+    image = tmp_path / "images" / "a.jpg"
+    image.write_bytes(b"y" * 100)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1_000_000))
+    assert cache.pool("pool", pool, pool_file).directory != first.directory
+    assert embedder.encoded == ["1:1", "1:2", "1:1", "1:2"]
 
 
 def test_a_source_edited_with_its_mtime_set_back_changes_the_file_fingerprint(tmp_path):

@@ -108,12 +108,18 @@ def images_fingerprint(root: str | os.PathLike, paths: Iterable[str | None]) -> 
 
 def query_images(queries) -> str:
     """`images_fingerprint` of every image a query file (`mbeir.Queries`) names."""
-    return images_fingerprint(queries.root, queries.table.column("query_img_path").to_pylist())
+    return images_fingerprint(queries.root, _values(queries.table.column("query_img_path")))
 
 
 def pool_images(pool) -> str:
     """`images_fingerprint` of every image a candidate pool (`mbeir.CandidatePool`) names."""
-    return images_fingerprint(pool.root, pool.table.column("img_path").to_pylist())
+    return images_fingerprint(pool.root, _values(pool.table.column("img_path")))
+
+
+def _values(column) -> Iterable[str | None]:
+    """A table column's values chunk by chunk (a 5.6M-row pool never becomes one Python list)."""
+    for chunk in column.chunks:
+        yield from chunk.to_pylist()
 
 
 def model_fingerprint(embedder) -> str:
