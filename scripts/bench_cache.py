@@ -90,7 +90,7 @@ def main() -> None:
     print("| step | seconds | / bare load | / one search |")
     print("|---|---|---|---|")
     for name, seconds in (("bare load (mmap + ids)", bare),
-                          ("first load of new shard files (schema, ids, norms)", verified),
+                          ("first load of shard files not noted as checked (schema, ids, norms)", verified),
                           ("later loads (schema, ids; norms noted as checked)", noted),
                           (f"search of {args.queries} queries", searched)):
         print(f"| {name} | {seconds:.3f} | {seconds / bare:.1f} | {seconds / searched:.2f} |")

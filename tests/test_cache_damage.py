@@ -4,8 +4,9 @@ per item is never written; and every input that shapes a vector (or a parsed tab
 cache key, so a stale entry is never re-used.
 
 DAMAGE: 19 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
-EMPTY_WRITES: 2 classes of encoder output that must not become a finished shard, and 2 classes
-of encoding setting given in code (shard_size 0, batch_size -1) refused before any write.
+EMPTY_WRITES: 3 classes of encoder output that must not become a finished shard (no vectors,
+too few, a NaN one), and 2 classes of encoding setting given in code (shard_size 0,
+batch_size -1) refused before any write.
 STALE: 6 classes of changed input that must change the key (image bytes, also through the
 embedding cache of a pool, a source file edited
 with its mtime set back, the table cache under the same edit, the LoRA config, the loaded
@@ -149,15 +150,27 @@ class _Returns:
         return IdEmbedder().encode(items)[: self.rows]
 
 
-# class -> an embedder giving that output for a shard of 3 items
-EMPTY_WRITES = {"no vectors at all": _Returns(0), "fewer vectors than items": _Returns(2)}
+class _NaN:
+    def encode(self, items, batch_size=32):
+        vectors = IdEmbedder().encode(items)
+        vectors[1] = float("nan")
+        return vectors
+
+
+# class -> (an embedder giving that output for a shard of 3 items, what the error says)
+EMPTY_WRITES = {
+    "no vectors at all": (_Returns(0), r"shard 0 would hold \(0, 2\) vectors for 3 items; nothing was written"),
+    "fewer vectors than items": (_Returns(2), r"shard 0 would hold \(2, 2\) vectors for 3 items; nothing was written"),
+    "a NaN vector": (_NaN(), r"the encoder gave item 0:1 a vector of norm nan .*nothing was written.*model\.dtype"),
+}
 
 
 @pytest.mark.parametrize("case", EMPTY_WRITES, ids=EMPTY_WRITES.keys())
-def test_a_shard_without_one_vector_per_item_is_never_written(tmp_path, case):
+def test_a_shard_without_one_unit_vector_per_item_is_never_written(tmp_path, case):
     directory = tmp_path / "set"
-    with pytest.raises(UmarvelError, match=r"shard 0 would hold .* vectors for 3 items; nothing was written"):
-        _encode(directory, EMPTY_WRITES[case])
+    embedder, message = EMPTY_WRITES[case]
+    with pytest.raises(UmarvelError, match=message):
+        _encode(directory, embedder)
     assert not list(directory.glob("shard-*")) and not (directory / encode.MANIFEST).exists()
     assert load_encoded(directory) is None and len(_encode(directory)) == len(ITEMS)
 

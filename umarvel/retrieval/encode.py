@@ -10,9 +10,10 @@ resumes from its finished shards; under a launcher, shard i is encoded by rank i
 What is loaded is verified (manifest schema, rows and dim of every shard, one id per vector,
 finite unit norms): a damaged entry is a CacheError naming the directory to delete, never
 silently shifted ids or zero vectors. The norm check reads the whole shard (~0.6 GB/s on one
-core, BENCHMARKS.md), so it runs once per shard file version: a shard that passed is noted
-under the cache root by its stat signature, which any rewrite (even one that sets the mtime
-back) changes.
+core, BENCHMARKS.md), so it runs once per shard file version: on the vectors in memory when a
+shard is written (an encoder giving NaN is an error then, not a damaged cache later), and on
+load only for a file not noted as checked under the cache root by its stat signature, which
+any rewrite (even one that sets the mtime back) changes.
 
 The fingerprints cover what shapes a vector, so a change never re-uses stale vectors:
   model: every top-level file of the backbone directory (weights, config, tokenizer,
@@ -234,21 +235,22 @@ def _open_shard(directory: Path, shard: dict, dim: int) -> tuple[np.ndarray, lis
                                   f"for {rows} vectors")
     verified = _stat_memo("unit rows", file)
     if not verified.is_file():
-        _check_unit_rows(directory, file, vectors)
+        bad = _first_bad_row(vectors)
+        if bad is not None:
+            raise _damaged(directory, f"{file}: row {bad[0]} has norm {bad[1]:.4g} (unit vectors expected)")
         atomic_write_text(verified, "unit rows\n")
     return vectors, ids
 
 
-def _check_unit_rows(directory: Path, file: Path, vectors: np.ndarray) -> None:
-    """Every row finite with norm 1: a zeroed or garbled shard fails here."""
+def _first_bad_row(vectors: np.ndarray) -> tuple[int, float] | None:
+    """(row, norm) of the first row that is not a finite unit vector, or None."""
     block = max(1, VERIFY_ELEMENTS // max(vectors.shape[1], 1))
     for start in range(0, len(vectors), block):
         norms = np.linalg.norm(np.asarray(vectors[start : start + block], dtype=np.float32), axis=1)
         bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
         if len(bad):
-            row = start + int(bad[0])
-            raise _damaged(directory, f"{file}: row {row} has norm {norms[bad[0]]:.4g}, and {len(bad) - 1} more "
-                                      "rows of that block are not unit vectors")
+            return start + int(bad[0]), float(norms[bad[0]])
+    return None
 
 
 def load_encoded(directory: str | os.PathLike, fingerprint: str | None = None) -> EncodedSet | None:
@@ -286,15 +288,22 @@ def _finished_shard(directory: Path, index: int, start: int, stop: int, items, i
 def _write_shard(directory: Path, index: int, vectors: np.ndarray, ids: list[str]) -> None:
     """Vectors, then ids, each renamed into place; the ids file (which the resume check reads)
     is removed first, so a finished-looking pair always belongs together. A shard that does not
-    hold one unit vector per id is never written."""
+    hold one finite unit vector per id is never written; one that does is noted as checked."""
     if vectors.ndim != 2 or len(vectors) != len(ids) or not len(ids):
         raise UmarvelError(f"{directory}: shard {index} would hold {vectors.shape} vectors for {len(ids)} items; "
                            "nothing was written (check eval.batch_size and eval.shard_size)")
+    vectors = vectors.astype(np.float16, copy=False)
+    bad = _first_bad_row(vectors)
+    if bad is not None:
+        raise UmarvelError(f"{directory}: the encoder gave item {ids[bad[0]]} a vector of norm {bad[1]:.4g} (NaN, "
+                           "inf or zero); nothing was written. float16 weights overflow on some inputs: try "
+                           "model.dtype=bfloat16 or float32")
     ids_file = directory / f"shard-{index:05d}.ids.txt"
     ids_file.unlink(missing_ok=True)
     with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
         with open(tmp, "wb") as handle:
-            np.save(handle, vectors.astype(np.float16, copy=False))
+            np.save(handle, vectors)
+    atomic_write_text(_stat_memo("unit rows", directory / f"shard-{index:05d}.npy"), "unit rows\n")
     with atomic_path(ids_file) as tmp:
         tmp.write_text("".join(f"{i}\n" for i in ids))
 
