@@ -19,3 +19,6 @@ class DataError(UmarvelError, ValueError):
     def __reduce__(self):
         """Pickle with its parts (a worker process sends it back to the main one whole)."""
         return type(self), (self.message, self.file, self.line, self.field)
+
+class CacheError(UmarvelError):
+    """A cache entry is damaged; the message names the entry and the directory to delete."""

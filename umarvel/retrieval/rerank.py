@@ -21,7 +21,7 @@ from umarvel import process
 from umarvel.config import EvalConfig, RerankConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.rerank import RerankPair
-from umarvel.retrieval.encode import EmbeddingCache
+from umarvel.retrieval.encode import EmbeddingCache, query_images
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -65,7 +65,7 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     encoded_queries = cache.encode(
         f"rerank_{Path(queries.file).stem}{sample}", sources,
         lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid",
+        len(rows), "qid", query_images(queries),
     )
     # The set name mining gives the pool, so a pool encoded for mining is re-used here.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
