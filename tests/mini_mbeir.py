@@ -40,10 +40,25 @@ def filler_did(position: int) -> str:
     return f"{row.dataset_id}:{900 + position}"
 
 
+def filler_candidate(root: Path, position: int) -> dict:
+    """The one candidate of an unused row's pool, of the row's candidate modality (the readers
+    refuse a pool holding another modality); its picture is written under `root`."""
+    row = EVAL_ROWS[position]
+    modality = row.modalities[1]
+    did = filler_did(position)
+    image = None
+    if "image" in modality:
+        image = f"mbeir_images/{row.dataset}_images/filler_{row.name}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (200, 200, 200)).save(root / image)
+    return {"txt": FILLER_TEXT if "text" in modality else None, "img_path": image, "modality": modality,
+            "did": did, "src_content": None}
+
+
 def write_mini_mbeir(root: Path, queries: dict[str, list[dict]], pools: dict[str, list[dict]]) -> Path:
     """Write the M-BEIR directory `root`; rows missing from `pools` get one filler candidate."""
     for position, row in enumerate(EVAL_ROWS):
-        pool = pools.get(row.name, [text_candidate(filler_did(position), FILLER_TEXT)])
+        pool = pools[row.name] if row.name in pools else [filler_candidate(root, position)]
         write_jsonl(root / row.local_pool_file(), pool)
     for name, records in queries.items():
         row = EVAL_ROWS_BY_NAME[name]
@@ -71,8 +86,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 class KeywordEmbedder:
     """One axis per keyword: an item's vector is the normalised count of the keywords in its
-    text, so "beta" vs "beta zeta" scores 1/sqrt(2) and unrelated texts score 0. Instructions
-    and images are ignored. `encoded` lists the id of every item encoded, in call order."""
+    text, so "beta" vs "beta zeta" scores 1/sqrt(2) and unrelated texts score 0. A text without
+    keywords lies on an axis of its own (embeddings are unit vectors; the cache checks it).
+    Instructions and images are ignored. `encoded` lists the id of every item encoded, in call order."""
+
+    dtype = torch.float32
 
     def __init__(self, keywords: list[str], weights_dir: Path):
         self.axis = {word: i for i, word in enumerate(keywords)}
@@ -80,11 +98,14 @@ class KeywordEmbedder:
         self.has_adapter = False
         self.encoded: list[str] = []
 
-    def encode(self, items: list[dict], batch_size: int = 16) -> torch.Tensor:
-        vectors = torch.zeros(len(items), len(self.axis))
+    def encode(self, items: list[dict], batch_size: int = 16, **options) -> torch.Tensor:
+        """Embedder.encode's signature; the pipeline options (workers, progress bar) change nothing here."""
+        vectors = torch.zeros(len(items), len(self.axis) + 1)
         for row, item in enumerate(items):
             self.encoded.append(item.get("qid") or item["did"])
             for word in re.findall(r"[a-z]+", (item["text"] or "").lower()):
                 if word in self.axis:
                     vectors[row, self.axis[word]] += 1
+            if not vectors[row].any():
+                vectors[row, -1] = 1
         return F.normalize(vectors, dim=-1)

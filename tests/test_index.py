@@ -170,3 +170,17 @@ def test_embedding_search_renormalises_fp16_vectors_as_the_reference_scorer():
     assert ids == [["aligned", "longer"]]
     unit = candidates.astype(np.float32) / np.linalg.norm(candidates.astype(np.float32), axis=1, keepdims=True)
     np.testing.assert_allclose(scores[0], unit[[1, 0], 0], rtol=1e-6)
+
+
+def test_a_sharded_search_with_progress_reports_its_rate_and_keeps_its_result(tied_pool, capsys):
+    from umarvel.retrieval.index import search_ids
+
+    queries, pool = tied_pool
+    shards = [pool[:300], pool[300:]]
+    ids = [f"0:{i}" for i in range(len(pool))]
+    quiet = search_ids(queries, shards, ids, 5, use_gpu=False)
+    shown = search_ids(queries, shards, ids, 5, use_gpu=False, progress=True)
+    bar = capsys.readouterr().err
+    assert "search 40 queries: 100%" in bar and "1.00k/1.00k" in bar and "cand/s" in bar
+    np.testing.assert_array_equal(quiet[0], shown[0])
+    assert quiet[1] == shown[1]

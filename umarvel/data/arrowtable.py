@@ -6,8 +6,12 @@ parsed once, streaming, into an Arrow IPC file in a cache directory and then mem
 processes share its pages through the OS page cache. Lookup by id goes through a sorted array of
 64-bit key hashes (16 bytes per row with the row order) instead of a dict of strings.
 
-A cache entry is keyed by the source's absolute path, size and modification time, the row
-format and CACHE_VERSION; it is built in a temporary directory and renamed into place, so a
+A cache entry is keyed by the source's absolute path, size, mtime, ctime and inode, the row
+format and CACHE_VERSION: any write to the file, or a replacement, changes ctime or inode even
+when it keeps the size and sets the mtime back (`os.utime` itself sets ctime), so a stale table
+is never opened; the price is a rebuild after a mere chmod or copy. Hashing the contents
+instead would read the whole file (gigabytes for the union pool) in every process on every open.
+The entry is built in a temporary directory and renamed into place, so a
 half-built cache is never opened and concurrent builders do not collide.
 """
 from __future__ import annotations
@@ -176,6 +180,10 @@ class ArrowTable:
     def __contains__(self, key: str) -> bool:
         return self.find(key) is not None
 
+    def key_hashes(self) -> np.ndarray:
+        """The 64-bit hashes of every row's key, sorted (a memory map)."""
+        return self._sorted_hashes
+
     def has_keys(self, keys: list[str]) -> np.ndarray:
         """Membership of many keys at once, by hash alone: fast enough for millions of ids. A
         false 'present' needs a 64-bit hash collision, and `find` (which compares the strings)
@@ -216,9 +224,20 @@ def open_table(
     return table
 
 
+def require_rows(table: ArrowTable, what: str) -> ArrowTable:
+    """`table`, unless it has no rows: then a DataError naming its file (a trainer or evaluator
+    would otherwise fail later with num_samples=0 or an IndexError that names nothing)."""
+    if len(table):
+        return table
+    skipped = f" ({table.skipped} bad rows were skipped)" if table.skipped else " (the file is empty)"
+    raise DataError(f"no {what}{skipped}: the file needs at least one record; restore it or leave it out of the "
+                    "config", str(table.source))
+
+
 def _cache_path(source: Path, fmt: TableFormat, cache_dir: Path) -> Path:
     stat = source.stat()
-    ident = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, fmt.name, CACHE_VERSION])
+    ident = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, fmt.name,
+                        CACHE_VERSION])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_dir / f"{fmt.name}-{source.stem}-{digest}"
 

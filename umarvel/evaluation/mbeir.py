@@ -13,7 +13,7 @@ from pathlib import Path
 
 from umarvel import process
 from umarvel.config import EvalConfig
-from umarvel.data.mbeir import MBEIR
+from umarvel.data.mbeir import MBEIR, check_pools_disjoint
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
 from umarvel.errors import DataError, UmarvelError
 from umarvel.evaluation.metrics import RowResult, evaluate_row
@@ -35,9 +35,10 @@ def selected_rows(names: list[str]) -> list[EvalRow]:
 class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
-    def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True):
-        self.config = config
-        self.mbeir = MBEIR(data_root)
+    def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True,
+                 symlinks_outside_root: bool = False):
+        self.config, self.progress = config, progress
+        self.mbeir = MBEIR(data_root, symlinks_outside_root=symlinks_outside_root)
         self.cache = EmbeddingCache(embedder, config, progress=progress)
         self.use_gpu = gpu_choice(config.use_gpu)
 
@@ -53,6 +54,8 @@ class MBEIREvaluator:
         """Write results.json/md/csv/png and run files per pool; return the row results (rank 0)."""
         query_sets = {row.name: self.queries(row) for row in rows}
         pool_rows = EVAL_ROWS if "global" in pools else rows
+        if "global" in pools:
+            check_pools_disjoint([self.mbeir.local_pool(row) for row in EVAL_ROWS])
         pool_sets = {row.name: self.local_pool(row) for row in pool_rows}
         if process.rank() != 0:
             return {}
@@ -81,7 +84,8 @@ class MBEIREvaluator:
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         """(scores, ranked dids) of the top k per query: the search step, which a reranking
         evaluator extends."""
-        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu)
+        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu,
+                          progress=self.progress and process.is_main_process())
 
 
 def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:

@@ -46,8 +46,9 @@ class RerankingEvaluator(MBEIREvaluator):
     """MBEIREvaluator whose ranking step re-scores each query's top-K with a reranker."""
 
     def __init__(self, embedder, reranker, data_root: str | os.PathLike, config: EvalConfig, *, top_k: int,
-                 alpha: float | str = "auto", grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True):
-        super().__init__(embedder, data_root, config, progress=progress)
+                 alpha: float | str = "auto", grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True,
+                 symlinks_outside_root: bool = False):
+        super().__init__(embedder, data_root, config, progress=progress, symlinks_outside_root=symlinks_outside_root)
         if top_k < 1:
             raise ValueError(f"the reranked top-k must be positive, got {top_k}")
         if alpha != "auto" and not 0.0 <= float(alpha) <= 1.0:
@@ -110,7 +111,7 @@ class RerankingEvaluator(MBEIREvaluator):
         query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
         candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
         return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,
-                                 progress=self.progress)
+                                 num_workers=self.config.num_workers, progress=self.progress)
 
     @cached_property
     def union_pool(self) -> PoolUnion:

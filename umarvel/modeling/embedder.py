@@ -22,6 +22,7 @@ from umarvel.backbone import quiet_transformers, set_attention_mode
 from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.modeling import batches
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
@@ -134,21 +135,30 @@ class Embedder(AdaptedBackbone):
         return self(**{k: v.to(device) for k, v in batch.items()})
 
     @torch.inference_mode()
-    def encode(self, items: list[dict], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
-        """(n, d) float32 unit vectors on CPU; batches are formed by length to limit padding."""
+    def encode(self, items: list[dict], batch_size: int = 16, show_progress: bool = False, *,
+               num_workers: int | None = None, bar=None) -> torch.Tensor:
+        """(n, d) float32 unit vectors on CPU, in item order.
+
+        Batches are formed by estimated length to limit padding and prepared by `num_workers`
+        worker processes while the model runs (None: the default of `batches.default_workers`,
+        0: in-process). `bar`, a tqdm, advances by items; else `show_progress` shows one.
+        """
         was_training = self.training
         self.eval()
-        order = sorted(range(len(items)), key=lambda i: (items[i].get("image") is not None, len(items[i].get("text") or "")))
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        out = [None] * len(items)
-        for chunk in tqdm(chunks, desc="encode", disable=not show_progress, unit="batch"):
-            embeddings = self.embed_batch(self.collate([items[i] for i in chunk])).cpu()
-            for row, index in enumerate(chunk):
-                out[index] = embeddings[row]
-        self.train(was_training)
-        if not out:
-            return torch.empty(0, self.backbone.config.get_text_config().hidden_size)
-        return torch.stack(out)
+        bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
+        progress = bar if bar is not None else tqdm(total=len(items), desc="encode", unit="item",
+                                                    disable=not show_progress)
+        try:
+            return batches.encode_rows(
+                lambda batch: self(**batch), items, self.collate,
+                keys=[batches.estimated_tokens(item, bounds, unit) for item in items], batch_size=batch_size,
+                device=self.device, width=self.backbone.config.get_text_config().hidden_size,
+                num_workers=num_workers, bar=progress,
+            )
+        finally:
+            if bar is None:
+                progress.close()
+            self.train(was_training)
 
     # ----- saving -------------------------------------------------------------------------
     def _write_common(self, directory: Path, merged: bool) -> None:

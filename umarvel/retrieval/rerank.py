@@ -21,7 +21,7 @@ from umarvel import process
 from umarvel.config import EvalConfig, RerankConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.rerank import RerankPair
-from umarvel.retrieval.encode import EmbeddingCache
+from umarvel.retrieval.encode import EmbeddingCache, query_images
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -65,14 +65,14 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     encoded_queries = cache.encode(
         f"rerank_{Path(queries.file).stem}{sample}", sources,
         lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid",
+        len(rows), "qid", query_images(queries),
     )
     # The set name mining gives the pool, so a pool encoded for mining is re-used here.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
     if process.rank() != 0:
         return [], {}
     _, ranked = search_ids(encoded_queries.vectors(), encoded_pool.shards, encoded_pool.ids, config.top_n,
-                           use_gpu=gpu_choice(eval_config.use_gpu))
+                           use_gpu=gpu_choice(eval_config.use_gpu), progress=progress)
     pairs, skipped = [], []
     for row, row_ranked in zip(rows, ranked):
         record = queries.record(row)
@@ -117,10 +117,10 @@ def fused_rankings(recall_scores: np.ndarray, ranked: list[list[str]], rerank_sc
 
 
 def rerank_candidates(reranker, queries: list[dict], candidates: list[list[dict]], *, batch_size: int,
-                      progress: bool = False) -> list[list[float]]:
+                      num_workers: int | None = None, progress: bool = False) -> list[list[float]]:
     """P(YES) of each query with each of its candidates, as one list per query."""
     pairs = [(query, candidate) for query, own in zip(queries, candidates) for candidate in own]
-    flat = reranker.score(pairs, batch_size=batch_size, show_progress=progress).tolist()
+    flat = reranker.score(pairs, batch_size=batch_size, show_progress=progress, num_workers=num_workers).tolist()
     out, start = [], 0
     for own in candidates:
         out.append(flat[start : start + len(own)])
