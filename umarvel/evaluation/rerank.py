@@ -18,11 +18,11 @@ from umarvel import process
 from umarvel.config import EvalConfig
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.errors import DataError
-from umarvel.evaluation.mbeir import MBEIREvaluator, _concatenate, report_dir
+from umarvel.evaluation.mbeir import MBEIREvaluator, report_dir
 from umarvel.evaluation.metrics import RowResult, evaluate_row
 from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.retrieval.encode import EncodedSet
+from umarvel.retrieval.encode import EncodedSet, concatenate
 from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))
@@ -86,7 +86,7 @@ class RerankingEvaluator(MBEIREvaluator):
         local = {row.name: self.local_pool(row) for row in (EVAL_ROWS if pool_name == "global" else rows)}
         if process.rank() != 0:
             return None
-        union = _concatenate(list(local.values())) if pool_name == "global" else None
+        union = concatenate(list(local.values())) if pool_name == "global" else None
         averages = dict.fromkeys(self.grid, 0.0)
         for row in rows:
             encoded = queries[row.name]

@@ -23,7 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umarvel import process
-from umarvel.config import EvalConfig, to_dict
+from umarvel.config import to_dict
+from umarvel.errors import DataError
+from umarvel.evaluation.protocol import ItemSet
 from umarvel.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger("umarvel")
@@ -198,29 +200,60 @@ def default_embedding_cache() -> Path:
 class EmbeddingCache:
     """Encode named item sets of one embedder into the shared cache, each at most once."""
 
-    def __init__(self, embedder, config: EvalConfig, *, progress: bool = True):
+    def __init__(self, embedder, config, *, progress: bool = True):
+        """`config` holds the encoding settings: batch_size, shard_size, cache_dir."""
         self.embedder, self.config, self.progress = embedder, config, progress
         self.model = model_fingerprint(embedder)
         self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
         if process.is_main_process():  # it can grow large (40 GB for the 7B global pool): say where
             logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root.absolute())
 
-    def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str) -> EncodedSet:
-        """`items(start, stop)` -> item dicts; `sources` are the files the items come from."""
-        fingerprint = set_fingerprint(self.model, sources)
+    def encode(self, item_set: ItemSet) -> EncodedSet:
+        """The set's vectors, fingerprinted by its sources; a union set is its parts' shards."""
+        if item_set.parts:
+            return concatenate([self.encode(part) for part in item_set.parts])
+        fingerprint = set_fingerprint(self.model, item_set.sources)
         return encode_set(
-            self.embedder, items, count, id_key, self.root / f"{name}-{fingerprint}",
-            fingerprint=fingerprint, shard_size=self.config.shard_size, batch_size=self.config.batch_size,
-            desc=f"encode {name}", progress=self.progress,
+            self.embedder, item_set.items, len(item_set), item_set.id_key,
+            self.root / f"{item_set.name}-{fingerprint}", fingerprint=fingerprint,
+            shard_size=self.config.shard_size, batch_size=self.config.batch_size,
+            desc=f"encode {item_set.name}", progress=self.progress,
         )
 
     def queries(self, name: str, queries, sources: Sequence[str | os.PathLike]) -> EncodedSet:
-        """A query file's items with their evaluation-time (per-qid) instructions."""
-        use_instruction = self.embedder.settings.prompt.use_instruction
-        return self.encode(
-            name, sources, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
-            len(queries), "qid",
-        )
+        return self.encode(query_set(name, queries, sources, self.embedder.settings.prompt.use_instruction))
 
     def pool(self, name: str, pool, source: str | os.PathLike) -> EncodedSet:
-        return self.encode(name, [source], lambda start, stop: list(pool.items(start, stop)), len(pool), "did")
+        return self.encode(pool_set(name, pool, source))
+
+
+def query_set(name: str, queries, sources: Sequence[str | os.PathLike], use_instruction: bool,
+              rows: Sequence[int] | None = None) -> ItemSet:
+    """An M-BEIR query file (or its `rows`) as an item set, with the evaluation-time (per-qid)
+    instructions."""
+    qids = queries.table.column("qid").to_pylist()
+    if rows is None:
+        return ItemSet(name, qids, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
+                       [Path(source) for source in sources], "qid")
+    return ItemSet(name, [qids[i] for i in rows],
+                   lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
+                   [Path(source) for source in sources], "qid")
+
+
+def pool_set(name: str, pool, source: str | os.PathLike) -> ItemSet:
+    """An M-BEIR candidate pool as an item set."""
+    return ItemSet(name, pool.table.column("did").to_pylist(), lambda start, stop: list(pool.items(start, stop)),
+                   [Path(source)], "did")
+
+
+def concatenate(sets: Sequence[EncodedSet]) -> EncodedSet:
+    """The union of encoded sets: their shards in order, never copied; ids must be unique."""
+    ids = [i for encoded in sets for i in encoded.ids]
+    if len(set(ids)) != len(ids):
+        seen, duplicates = set(), []
+        for i in ids:
+            if i in seen:
+                duplicates.append(i)
+            seen.add(i)
+        raise DataError(f"the sets share ids {duplicates[:5]}: their union needs unique ids")
+    return EncodedSet(sets[0].directory.parent, [shard for encoded in sets for shard in encoded.shards], ids)

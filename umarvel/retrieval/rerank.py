@@ -21,7 +21,7 @@ from umarvel import process
 from umarvel.config import EvalConfig, RerankConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.rerank import RerankPair
-from umarvel.retrieval.encode import EmbeddingCache
+from umarvel.retrieval.encode import EmbeddingCache, query_set
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -62,11 +62,8 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     use_instruction = embedder.settings.prompt.use_instruction
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
     cache = EmbeddingCache(embedder, eval_config, progress=progress)
-    encoded_queries = cache.encode(
-        f"rerank_{Path(queries.file).stem}{sample}", sources,
-        lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid",
-    )
+    name = f"rerank_{Path(queries.file).stem}{sample}"
+    encoded_queries = cache.encode(query_set(name, queries, sources, use_instruction, rows))
     # The set name mining gives the pool, so a pool encoded for mining is re-used here.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
     if process.rank() != 0:

@@ -37,7 +37,7 @@ from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.sources import read_teacher_scores, write_teacher_scores
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_path, atomic_write_json
-from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint
+from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint, query_set
 from umarvel.retrieval.index import gpu_choice, search_ids
 from umarvel.retrieval.rerank import first_rows, fuse, rerank_candidates
 
@@ -100,11 +100,8 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
     use_instruction = embedder.settings.prompt.use_instruction
     cache = EmbeddingCache(embedder, eval_config, progress=progress)
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
-    encoded_queries = cache.encode(
-        f"distill_{Path(queries.file).stem}_sample{len(rows)}_seed{seed}", sources,
-        lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid",
-    )
+    name = f"distill_{Path(queries.file).stem}_sample{len(rows)}_seed{seed}"
+    encoded_queries = cache.encode(query_set(name, queries, sources, use_instruction, rows))
     # The set name mining gives the pool, so a pool encoded for mining or reranker pairs is re-used.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
     if process.rank() != 0:
