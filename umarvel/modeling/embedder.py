@@ -22,6 +22,7 @@ from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
+from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -99,8 +100,39 @@ class Embedder(AdaptedBackbone):
         device = self.device
         return self(**{k: v.to(device) for k, v in batch.items()})
 
+    def encode(self, inputs, batch_size: int = 16, show_progress: bool = False, *, show_progress_bar: bool | None = None,
+               convert_to_numpy: bool = False, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
+               instruction: str | None = None):
+        """Unit vectors of `inputs`: strs (text), PIL images, pathlib.Paths (image files), item
+        dicts, or one of them alone (umarvel.modeling.inputs says how each is read).
+
+        Returns a float32 CPU tensor (n, d), or a numpy array with convert_to_numpy; 1-D for a
+        single input. The L2 normalisation is part of the model (as a sentence-transformers
+        Normalize module), so vectors are unit norm either way; normalize_embeddings renormalises.
+        `instruction` is given to every item without its own (see encode_query).
+        """
+        items, single = as_items(inputs, instruction)
+        progress = show_progress if show_progress_bar is None else show_progress_bar
+        embeddings = self._encode_items(items, check_batch_size(batch_size), progress)
+        return shaped(embeddings, single=single, convert_to_numpy=convert_to_numpy,
+                      convert_to_tensor=convert_to_tensor, normalize_embeddings=normalize_embeddings)
+
+    def encode_query(self, inputs, instruction: str | None = None, **kwargs):
+        """`encode` for queries: `instruction` (the task's, e.g. "Retrieve an image that matches the
+        caption.") leads every query without one of its own and is masked out of the pool."""
+        return self.encode(inputs, instruction=instruction, **kwargs)
+
+    def encode_document(self, inputs, **kwargs):
+        """`encode` for candidates, which carry no instruction (as in training)."""
+        return self.encode(inputs, **kwargs)
+
+    @staticmethod
+    def similarity(a, b) -> torch.Tensor:
+        """Cosine similarity matrix (len(a), len(b)) of two sets of embeddings."""
+        return cosine_similarity(a, b)
+
     @torch.inference_mode()
-    def encode(self, items: list[dict], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
+    def _encode_items(self, items: list[dict], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
         """(n, d) float32 unit vectors on CPU; batches are formed by length to limit padding."""
         was_training = self.training
         self.eval()
