@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.mbeir import MBEIR
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
 from umarvel.errors import UmarvelError
@@ -56,13 +57,13 @@ class MBEIRPool(Benchmark):
         union = ItemSet.union("global_pool", [evaluator.pool_set(row) for row in EVAL_ROWS]) if self.pool == "global" else None
         return [
             RowSearch(row.name, evaluator.query_set(row), union or evaluator.pool_set(row),
-                      max(evaluator.config.top_k, max(row.recall_ks)), run_file=run_file_name(row, self.pool),
+                      max(evaluator.settings.top_k, max(row.recall_ks)), run_file=run_file_name(row, self.pool),
                       task_id=row.task_id, row=row, pool=self.pool)
             for row in self.rows
         ]
 
     def score(self, rankings: Mapping[str, Ranking]) -> dict[str, float]:
-        mbeir, split = self.evaluator.mbeir, self.evaluator.config.split
+        mbeir, split = self.evaluator.mbeir, self.evaluator.settings.split
         self.results = []
         for row in self.rows:
             result = evaluate_row(row, rankings[row.name].ids, mbeir.qrels(split, row))
@@ -78,17 +79,16 @@ class MBEIRPool(Benchmark):
 class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
-    def __init__(self, embedder, data_root: str | os.PathLike, config, *, progress: bool = True):
-        """`config` holds the M-BEIR settings (split, top_k) and the encoding ones (batch_size,
-        shard_size, cache_dir, use_gpu)."""
-        self.config = config
+    def __init__(self, embedder, data_root: str | os.PathLike, encode: EncodeConfig, settings: MBEIREvalConfig, *,
+                 progress: bool = True):
+        self.encode, self.settings = encode, settings
         self.mbeir = MBEIR(data_root)
         self.use_instruction = embedder.settings.prompt.use_instruction
-        self.runner = Runner(embedder, config, progress=progress, rank=self._rank)
+        self.runner = Runner(embedder, encode, progress=progress, rank=self._rank)
         self.use_gpu = self.runner.use_gpu
 
     def query_set(self, row: EvalRow, split: str | None = None) -> ItemSet:
-        split = split or self.config.split
+        split = split or self.settings.split
         sources = [self.mbeir.path(row.query_file(split)), self.mbeir.path(QUERY_INSTRUCTIONS)]
         return query_set(f"{row.name}_{split}_queries", self.mbeir.queries(split, row), sources, self.use_instruction)
 

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from umarvel import process
-from umarvel.config import EvalConfig
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.errors import DataError
 from umarvel.evaluation.mbeir import MBEIREvaluator, report_dir
@@ -45,9 +45,10 @@ class PoolUnion:
 class RerankingEvaluator(MBEIREvaluator):
     """MBEIREvaluator whose ranking step re-scores each query's top-K with a reranker."""
 
-    def __init__(self, embedder, reranker, data_root: str | os.PathLike, config: EvalConfig, *, top_k: int,
-                 alpha: float | str = "auto", grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True):
-        super().__init__(embedder, data_root, config, progress=progress)
+    def __init__(self, embedder, reranker, data_root: str | os.PathLike, encode: EncodeConfig,
+                 settings: MBEIREvalConfig, *, top_k: int, alpha: float | str = "auto",
+                 grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True):
+        super().__init__(embedder, data_root, encode, settings, progress=progress)
         if top_k < 1:
             raise ValueError(f"the reranked top-k must be positive, got {top_k}")
         if alpha != "auto" and not 0.0 <= float(alpha) <= 1.0:
@@ -76,7 +77,7 @@ class RerankingEvaluator(MBEIREvaluator):
 
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         scores, ranked = super().rank(row, queries, pool, pool_name, max(k, self.top_k))
-        reranked = self.rerank_scores(row, self.config.split, queries.ids, ranked, pool_name)
+        reranked = self.rerank_scores(row, self.settings.split, queries.ids, ranked, pool_name)
         return fused_rankings(scores, ranked, reranked, self.alphas[pool_name])
 
     def choose_alpha(self, rows: list[EvalRow], pool_name: str) -> tuple[float, dict[str, float]] | None:
@@ -90,7 +91,7 @@ class RerankingEvaluator(MBEIREvaluator):
         averages = dict.fromkeys(self.grid, 0.0)
         for row in rows:
             encoded = queries[row.name]
-            k = max(self.config.top_k, max(row.recall_ks), self.top_k)
+            k = max(self.settings.top_k, max(row.recall_ks), self.top_k)
             scores, ranked = super().rank(row, encoded, local[row.name] if union is None else union, pool_name, k)
             reranked = self.rerank_scores(row, VALIDATION, encoded.ids, ranked, pool_name)
             qrels = self.mbeir.qrels(VALIDATION, row)
@@ -109,7 +110,7 @@ class RerankingEvaluator(MBEIREvaluator):
         use_instruction = self.reranker.settings.prompt.use_instruction
         query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
         candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
-        return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,
+        return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
                                  progress=self.progress)
 
     @cached_property

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umarvel import process
-from umarvel.config import Config, ConfigError, DistillConfig, EvalConfig
+from umarvel.config import Config, ConfigError, DistillConfig, EncodeConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.sources import read_teacher_scores, write_teacher_scores
 from umarvel.errors import UmarvelError
@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], settings: DistillConfig,
-             eval_config: EvalConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
+             encode_config: EncodeConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
     """(records {"qid", "candidates", "recall"}, skipped qids) for the sampled `rows`.
 
     Every rank of a launched job must call this (each encodes its shards); rank 0 searches
@@ -98,7 +98,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
         raise ConfigError(f"distill.top_k={settings.top_k} needs a pool of at least {settings.top_k + 1} candidates; "
                           f"{pool.file} has {len(pool)}")
     use_instruction = embedder.settings.prompt.use_instruction
-    cache = EmbeddingCache(embedder, eval_config, progress=progress)
+    cache = EmbeddingCache(embedder, encode_config, progress=progress)
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
     name = f"distill_{Path(queries.file).stem}_sample{len(rows)}_seed{seed}"
     encoded_queries = cache.encode(query_set(name, queries, sources, use_instruction, rows))
@@ -108,7 +108,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
         return [], []
     query_vectors = encoded_queries.vectors().astype(np.float32)
     scores, ranked = search_ids(query_vectors, encoded_pool.shards, encoded_pool.ids, settings.top_k + 1,
-                                use_gpu=gpu_choice(eval_config.use_gpu))
+                                use_gpu=gpu_choice(encode_config.use_gpu))
     records, skipped = [], []
     for i, row in enumerate(rows):
         record = queries.record(row)
@@ -205,7 +205,7 @@ class TeacherScoring:
             reranker = Reranker.from_pretrained(self.reranker_dir, device=self.device)
             started = time.perf_counter()
             scored = score_shards(reranker, self.queries, self.pool, retrieved, self.work, shard_size=shard_size,
-                                  batch_size=self.config.eval.batch_size, progress=self.progress)
+                                  batch_size=self.config.encode.batch_size, progress=self.progress)
             seconds = time.perf_counter() - started
             logger.info("teacher scores: rank %d reranked %d pairs in %.1f s (%.1f pairs/s)",
                         rank, scored, seconds, scored / max(seconds, 1e-9))
@@ -249,7 +249,7 @@ class TeacherScoring:
             embedder = Embedder.from_pretrained(self.recall_dir, device=self.device)
             settings = self.config.distill
             rows = sample_query_rows(self.queries, settings.fraction, self.config.run.seed)
-            records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.eval,
+            records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.encode,
                                         seed=self.config.run.seed, progress=self.progress)
             del embedder
             if process.rank() == 0:
