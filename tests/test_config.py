@@ -86,3 +86,12 @@ def test_a_key_given_under_both_names_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.batch_size is the old name of encode\.batch_size"):
         load_config(path)
     assert load_config(write(tmp_path / "same.yaml", {"eval": {"top_k": 9}, "encode": {}})).eval.mbeir.top_k == 9
+
+
+def test_umarvel_config_lists_the_moved_keys(capsys):
+    from umarvel.cli import main
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "[moved keys]" in out and "eval.batch_size" in out and "-> encode.batch_size" in out
+    assert "eval.mbeir.pools" in out and "eval.zeroshot.data" in out

@@ -18,7 +18,8 @@ from types import MappingProxyType
 class ItemSet:
     """Items to encode: `items(start, stop)` gives the item dicts (keys of `Embedder.encode`:
     text, image, instruction, ... and the id under `id_key`) in the order of `ids`; `sources`
-    are the files they are read from, which the cache fingerprints."""
+    are the files they are read from, which the cache fingerprints. `name` with the sources
+    names the cache folder, so two sets built differently from the same files need two names."""
 
     name: str
     ids: list[str]

@@ -1,6 +1,7 @@
 """Evaluation artifacts: results.json, results.md/.csv (beside the paper's numbers when the
-data is M-BEIR itself), a bar chart, and run files in the reference format. Everything is
-written atomically (umarvel.io).
+data is M-BEIR itself), a bar chart, and run files in the reference format; for any other
+protocol benchmark, its metrics in results.json/.md and a chart (`write_metrics_report`).
+Everything is written atomically (umarvel.io).
 
 A partial evaluation (fewer than the 16 rows) is reported over the rows present; its average
 is labelled as such, because it is not comparable to the paper's 16-row "Avg.". On data that

@@ -39,12 +39,13 @@ class Runner:
         self.cache = EmbeddingCache(embedder, config, progress=progress)
         self.use_gpu = gpu_choice(config.use_gpu)
         self.rank = rank or self.search
-        self._encoded: dict[str, EncodedSet] = {}
+        self._encoded: dict[tuple, EncodedSet] = {}
 
     def encode(self, item_set: ItemSet) -> EncodedSet:
-        if item_set.name not in self._encoded:
-            self._encoded[item_set.name] = self.cache.encode(item_set)
-        return self._encoded[item_set.name]
+        key = (item_set.name, tuple(map(str, item_set.sources)), len(item_set))
+        if key not in self._encoded:
+            self._encoded[key] = self.cache.encode(item_set)
+        return self._encoded[key]
 
     def run(self, benchmark: Benchmark, output_dir: str | os.PathLike) -> dict[str, float] | None:
         """Encode (every rank), then rank, write the run files and the report (rank 0); the
