@@ -40,10 +40,25 @@ def filler_did(position: int) -> str:
     return f"{row.dataset_id}:{900 + position}"
 
 
+def filler_candidate(root: Path, position: int) -> dict:
+    """The one candidate of an unused row's pool, of the row's candidate modality (the readers
+    refuse a pool holding another modality); its picture is written under `root`."""
+    row = EVAL_ROWS[position]
+    modality = row.modalities[1]
+    did = filler_did(position)
+    image = None
+    if "image" in modality:
+        image = f"mbeir_images/{row.dataset}_images/filler_{row.name}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (200, 200, 200)).save(root / image)
+    return {"txt": FILLER_TEXT if "text" in modality else None, "img_path": image, "modality": modality,
+            "did": did, "src_content": None}
+
+
 def write_mini_mbeir(root: Path, queries: dict[str, list[dict]], pools: dict[str, list[dict]]) -> Path:
     """Write the M-BEIR directory `root`; rows missing from `pools` get one filler candidate."""
     for position, row in enumerate(EVAL_ROWS):
-        pool = pools.get(row.name, [text_candidate(filler_did(position), FILLER_TEXT)])
+        pool = pools[row.name] if row.name in pools else [filler_candidate(root, position)]
         write_jsonl(root / row.local_pool_file(), pool)
     for name, records in queries.items():
         row = EVAL_ROWS_BY_NAME[name]

@@ -197,10 +197,12 @@ def test_bad_override_names_the_key(tiny_model_dir):
 
 
 
-def test_the_family_record_names_every_input_its_processor_makes(family_model_dir, mixed_items):
+def test_the_family_record_names_every_input_its_processor_makes(family_model_dir, mixed_items, tmp_path):
     """An input the record does not list would be dropped silently before the forward."""
+    from zeroshot_fixtures import video
+
     emb = Embedder.from_pretrained(family_model_dir)
-    batch = emb.collate(mixed_items)
+    batch = emb.collate(mixed_items + [{"video": str(video(tmp_path / "clip.mp4"))}])
     assert set(batch) - {"pool_mask"} == set(emb.family.model_inputs)
     grid = batch["image_grid_thw"]
     patch = emb.family.patch_size

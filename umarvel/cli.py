@@ -46,7 +46,8 @@ EXAMPLES = {
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
     "umarvel data": ["umarvel data synth --out data/synthetic", "umarvel data validate --data data/synthetic"],
     "umarvel data synth": ["umarvel data synth --out data/synthetic --size medium --seed 1"],
-    "umarvel data validate": ["umarvel data validate --data data/M-BEIR", "umarvel data validate --data data --images exists"],
+    "umarvel data validate": ["umarvel data validate --data data/M-BEIR", "umarvel data validate --data data --images exists",
+                              "umarvel data validate --data data/M-BEIR --allow-symlinks-outside-root"],
 }
 
 
@@ -110,7 +111,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_validate(args: argparse.Namespace) -> int:
     from umarvel.data.validate import validate
 
-    report = validate(args.data, images=args.images, emit=lambda err: print(err, file=sys.stderr))
+    report = validate(args.data, images=args.images, symlinks_outside_root=args.allow_symlinks_outside_root,
+                      emit=lambda err: print(err, file=sys.stderr))
     if not report.ok:
         print(f"umarvel: {len(report.errors)} problem(s) found in {args.data}", file=sys.stderr)
         return 1
@@ -172,7 +174,8 @@ def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
         if args.rerank:
             evaluator = _rerank_evaluator(args, embedder, config)
         else:
-            evaluator = MBEIREvaluator(embedder, args.data, config.encode, settings)
+            evaluator = MBEIREvaluator(embedder, args.data, config.encode, settings,
+                                       symlinks_outside_root=config.data.allow_symlinks_outside_root)
         results = evaluator.evaluate(selected_rows(settings.rows), pools, args.output_dir)
     for pool, rows in results.items():
         average = sum(r.headline for r in rows) / len(rows)
@@ -226,7 +229,7 @@ def _rerank_evaluator(args: argparse.Namespace, embedder, config):
     runtime = RUNTIME_FIELDS if args.config else ("device",)
     reranker = Reranker.from_pretrained(args.rerank, **{field: getattr(config.model, field) for field in runtime})
     return RerankingEvaluator(embedder, reranker, args.data, config.encode, config.eval.mbeir, top_k=args.rerank_top_k,
-                              alpha=args.alpha)
+                              alpha=args.alpha, symlinks_outside_root=config.data.allow_symlinks_outside_root)
 
 
 def _fusion_weight(value: str) -> float | str:
@@ -246,7 +249,8 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
 
     _setup_logging()
     with _launched_embedder(args) as (config, embedder):
-        summary = mine(embedder, args.data, args.out, config.mine, config.encode)
+        summary = mine(embedder, args.data, args.out, config.mine, config.encode,
+                       symlinks_outside_root=config.data.allow_symlinks_outside_root)
     if summary:
         print(format_stats(summary))
         print(f"hard negatives -> {args.out} (statistics in {args.out}.stats.json)")
@@ -360,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_verbs.add_parser("validate", help="check an M-BEIR root (or a data dir holding M-BEIR/); report every problem")
     p.add_argument("--data", required=True, help=DATA_HELP + "; nli_for_simcse.csv and cc3m/ beside M-BEIR/ are checked too")
     p.add_argument("--images", choices=["open", "exists", "skip"], default="open",
-                   help="image check: open with PIL (default), only check they exist, or only check paths")
+                   help="image check: decode fully with PIL (default), only check they exist, or only check paths")
+    p.add_argument("--allow-symlinks-outside-root", action="store_true",
+                   help="accept image symlinks that resolve outside the data root (training and eval then need "
+                   "--set data.allow_symlinks_outside_root=true)")
     p.set_defaults(func=_cmd_data_validate)
     for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
         for command in choices.values():

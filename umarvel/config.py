@@ -105,6 +105,10 @@ class DataConfig:
         "metrics.json); off: such queries stop the stage at start, or are dropped with on_error=skip.", False
     )
     on_error: Literal["raise", "skip"] = doc("Bad rows: stop with a clear error, or skip, count and report.", "raise")
+    allow_symlinks_outside_root: bool = doc(
+        "Read image paths that are symlinks resolving outside the data root (a tree linking mbeir_images/ from "
+        "another disk); off: such images are refused. Training, eval and mining read images under it.", False
+    )
     max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0)
     num_workers: int = doc("DataLoader worker processes.", 0)
 

@@ -18,13 +18,14 @@ DEFAULT = "qwen2-vl"  # the paper's backbone family
 
 @dataclass(frozen=True)
 class Chat:
-    """The chat layout: turn openers/closers and the placeholder an image becomes."""
+    """The chat layout: turn openers/closers and the placeholders an image and a video become."""
 
     system: str  # "{system}" is replaced by the system prompt
     user: str
     end: str
     assistant: str
     image: str
+    video: str
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from umarvel.backbones import Chat
+from umarvel.errors import UmarvelError
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,7 @@ CHAT = Chat(
     end="<|im_end|>",
     assistant="\n<|im_start|>assistant\n",
     image="<|vision_start|><|image_pad|><|vision_end|>",
+    video="<|vision_start|><|video_pad|><|vision_end|>",
 )
 # The Qwen-VL chat layout: optional system turn, then turns of
 # <|im_start|>role\n content <|im_end|>\n, images as <|vision_start|><|image_pad|><|vision_end|>.
@@ -48,7 +50,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                "pixel_values_videos", "video_grid_thw")
 
 VOCAB_SIZE = 3000
 TEXT_HIDDEN = 64
@@ -164,6 +167,9 @@ def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id:
     <|vision_start|> tokens, in order) and each image owns prod(grid_thw) patch rows of
     `pixel_values`. Trailing padding columns no row of the chunk uses are dropped.
     """
+    if "pixel_values_videos" in batch:
+        raise UmarvelError("GradCache cannot split a batch with videos yet; train on image/text items "
+                           "or set train.loss.gradcache_chunk_size to 0")
     rows = batch["input_ids"].shape[0]
     images_per_row = (batch["input_ids"] == image_start_id).sum(dim=1).tolist()
     grid = batch.get("image_grid_thw")

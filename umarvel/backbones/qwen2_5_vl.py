@@ -24,4 +24,5 @@ FAMILY = dataclasses.replace(
     generative_class="Qwen2_5_VLForConditionalGeneration",
     tiny_config=tiny_config,
     tiny_processor=partial(qwen2_vl.tiny_processor, processor_class="Qwen2_5_VLProcessor"),
+    model_inputs=qwen.MODEL_INPUTS + ("second_per_grid_ts",),  # video frames' time step, for its M-RoPE
 )

@@ -176,6 +176,10 @@ class ArrowTable:
     def __contains__(self, key: str) -> bool:
         return self.find(key) is not None
 
+    def key_hashes(self) -> np.ndarray:
+        """The 64-bit hashes of every row's key, sorted (a memory map)."""
+        return self._sorted_hashes
+
     def has_keys(self, keys: list[str]) -> np.ndarray:
         """Membership of many keys at once, by hash alone: fast enough for millions of ids. A
         false 'present' needs a 64-bit hash collision, and `find` (which compares the strings)
@@ -214,6 +218,16 @@ def open_table(
     if on_error == "raise" and table.skipped:
         raise table.errors[0]
     return table
+
+
+def require_rows(table: ArrowTable, what: str) -> ArrowTable:
+    """`table`, unless it has no rows: then a DataError naming its file (a trainer or evaluator
+    would otherwise fail later with num_samples=0 or an IndexError that names nothing)."""
+    if len(table):
+        return table
+    skipped = f" ({table.skipped} bad rows were skipped)" if table.skipped else " (the file is empty)"
+    raise DataError(f"no {what}{skipped}: the file needs at least one record; restore it or leave it out of the "
+                    "config", str(table.source))
 
 
 def _cache_path(source: Path, fmt: TableFormat, cache_dir: Path) -> Path:

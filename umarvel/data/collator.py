@@ -9,6 +9,7 @@ from PIL import Image
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.prompts import render
+from umarvel.data.video import load_video
 from umarvel.errors import DataError
 
 
@@ -48,6 +49,13 @@ def instruction_token_mask(offsets: torch.Tensor, attention_mask: torch.Tensor, 
     return mask
 
 
+def _video_inputs(videos: list[tuple[list, dict]]) -> dict:
+    """Processor arguments for already sampled frames: their timing, and the per-frame pixel cap
+    of qwen-vl-utils (the reference the released models were evaluated with)."""
+    return {"videos": [frames for frames, _ in videos], "video_metadata": [meta for _, meta in videos],
+            "do_sample_frames": False, "cap_pixels_per_frame": True}
+
+
 class Collator:
     """items -> dict of tensors for the embedder: processor outputs + `pool_mask`.
 
@@ -67,9 +75,11 @@ class Collator:
             for r in rendered
             for image in r.images
         ]
+        videos = [load_video(video) for r in rendered for video in r.videos]
         batch = self.processor(
             text=[r.text for r in rendered],
             images=images or None,
+            **(_video_inputs(videos) if videos else {}),
             padding=True,
             return_tensors="pt",
             return_offsets_mapping=True,

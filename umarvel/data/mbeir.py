@@ -19,10 +19,10 @@ process) shows a query the same instruction.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
 
@@ -31,10 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umarvel.data.arrowtable import (
-    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, stable_hash64,
+    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, require_rows, stable_hash64,
 )
 from umarvel.data.tasks import (
-    DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow,
+    DATASET_IDS, DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES,
+    EvalRow, positive_pool_rows,
 )
 from umarvel.config import ConfigError
 from umarvel.errors import DataError
@@ -198,19 +199,58 @@ def jsonl_rows(path: Path, parse, progress: bool | None = None):
 
 # ---- images -------------------------------------------------------------------------------
 
+SYMLINK_SWITCH = "data.allow_symlinks_outside_root=true (umarvel data validate: --allow-symlinks-outside-root)"
+
+
 def resolve_under(root: str | os.PathLike, rel_path: str, *, file: str | None = None, line: int | None = None,
-                  field: str | None = None, must_exist: bool = True) -> str:
+                  field: str | None = None, must_exist: bool = True, symlinks_outside_root: bool = False) -> str:
     """Absolute path of `rel_path` inside `root`; absolute paths and `..` escapes are refused.
 
-    The check is lexical, so symlinks inside the root (mbeir_images on another disk) work.
+    Symlinks are resolved too: a link that leads out of the root (where a tree could read any
+    file on the machine) is refused unless `symlinks_outside_root` (config key
+    data.allow_symlinks_outside_root), for trees that link mbeir_images/ from another disk on
+    purpose. Every reader of image paths (queries, pools, CC3M, validate) comes through here.
     """
     base = os.path.normpath(os.path.abspath(root))
     full = os.path.normpath(os.path.join(base, rel_path))
     if os.path.isabs(rel_path) or os.path.commonpath([base, full]) != base:
         raise DataError(f"image path '{rel_path}' resolves outside the data root {base}", file, line, field)
+    if not symlinks_outside_root:
+        real, real_base = _real_file(full), _real_dir(base)
+        if not real.startswith(real_base.rstrip(os.sep) + os.sep):
+            raise DataError(f"image path '{rel_path}' is a symlink to {real}, outside the data root {base}: copy the "
+                            f"images into the root, or set {SYMLINK_SWITCH}", file, line, field)
     if must_exist and not os.path.isfile(full):
         raise DataError(f"image not found: {full}", file, line, field)
     return full
+
+
+def _real_file(full: str) -> str:
+    """realpath of a file, with its directory's resolved once per process: images sit in few
+    directories, and a full realpath per image costs 4x the rest of resolve_under."""
+    if os.path.islink(full):
+        return os.path.realpath(full)
+    return os.path.join(_real_dir(os.path.dirname(full)), os.path.basename(full))
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_dir(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+# ---- text files ---------------------------------------------------------------------------
+
+def text_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every line of a UTF-8 text file (qrels, TSV). A line that
+    is not UTF-8 goes to `log` as a DataError naming the file, line and byte, and is left out."""
+    file = str(path)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                log.add(DataError(f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at column {err.start + 1}; "
+                                  "re-save the file as UTF-8", file, number))
 
 
 # ---- instructions -------------------------------------------------------------------------
@@ -224,28 +264,26 @@ def read_instruction_rows(path: str | os.PathLike, log: ErrorLog) -> dict[Instru
     file = str(path)
     table: dict[InstructionKey, tuple[str, ...]] = {}
     first_line: dict[InstructionKey, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        next(handle, None)
-        for line, text in enumerate(handle, 2):
-            if not text.strip():
-                continue
-            cells = text.rstrip("\r\n").split("\t")
-            try:
-                if len(cells) < 5:
-                    raise DataError(f"expected at least 5 tab-separated columns, got {len(cells)}", file, line)
-                query_modality = parse_modality(cells[0], file, line, "query modality (column 1)")
-                cand_modality = parse_modality(cells[1], file, line, "candidate modality (column 2)")
-                if not cells[3].strip().isdigit() or int(cells[3]) not in DATASETS:
-                    raise DataError(f"unknown dataset id '{cells[3]}'", file, line, "dataset_id (column 4)")
-                key = (int(cells[3]), query_modality, cand_modality)
-                if key in table:
-                    raise DataError(f"instructions for {key} already given on line {first_line[key]}", file, line)
-                instructions = tuple(cell.strip() for cell in cells[4:] if cell.strip())
-                if not instructions:
-                    raise DataError("no instruction text", file, line, "instructions (columns 5+)")
-                table[key], first_line[key] = instructions, line
-            except DataError as err:
-                log.add(err)
+    for line, text in text_lines(path, log):
+        if line == 1 or not text.strip():
+            continue
+        cells = text.rstrip("\r\n").split("\t")
+        try:
+            if len(cells) < 5:
+                raise DataError(f"expected at least 5 tab-separated columns, got {len(cells)}", file, line)
+            query_modality = parse_modality(cells[0], file, line, "query modality (column 1)")
+            cand_modality = parse_modality(cells[1], file, line, "candidate modality (column 2)")
+            if not cells[3].strip().isdigit() or int(cells[3]) not in DATASETS:
+                raise DataError(f"unknown dataset id '{cells[3]}'", file, line, "dataset_id (column 4)")
+            key = (int(cells[3]), query_modality, cand_modality)
+            if key in table:
+                raise DataError(f"instructions for {key} already given on line {first_line[key]}", file, line)
+            instructions = tuple(cell.strip() for cell in cells[4:] if cell.strip())
+            if not instructions:
+                raise DataError("no instruction text", file, line, "instructions (columns 5+)")
+            table[key], first_line[key] = instructions, line
+        except DataError as err:
+            log.add(err)
     return table
 
 
@@ -284,8 +322,10 @@ class Instructions:
 class Queries:
     """One query file as a memory-mapped table; `item(i)` builds the query item."""
 
-    def __init__(self, table: ArrowTable, root: Path, instructions: Instructions | None):
+    def __init__(self, table: ArrowTable, root: Path, instructions: Instructions | None, *,
+                 symlinks_outside_root: bool = False):
         self.table, self.root, self.instructions = table, root, instructions
+        self.symlinks_outside_root = symlinks_outside_root
 
     def __len__(self) -> int:
         return len(self.table)
@@ -321,7 +361,7 @@ class Queries:
         image = None
         if "image" in modality:
             image = resolve_under(self.root, record["query_img_path"], file=self.file, line=record["line"],
-                                  field="query_img_path")
+                                  field="query_img_path", symlinks_outside_root=self.symlinks_outside_root)
         return {
             "qid": record["qid"], "text": text, "image": image, "instruction": instruction,
             "modality": record["query_modality"], "task_id": record["task_id"],
@@ -333,8 +373,8 @@ class Queries:
 class CandidatePool:
     """One candidate pool as a memory-mapped table with lookup by did."""
 
-    def __init__(self, table: ArrowTable, root: Path):
-        self.table, self.root = table, root
+    def __init__(self, table: ArrowTable, root: Path, *, symlinks_outside_root: bool = False):
+        self.table, self.root, self.symlinks_outside_root = table, root, symlinks_outside_root
 
     def __len__(self) -> int:
         return len(self.table)
@@ -369,7 +409,8 @@ class CandidatePool:
         modality = record["modality"].split(",")
         image = None
         if "image" in modality:
-            image = resolve_under(self.root, record["img_path"], file=self.file, line=record["line"], field="img_path")
+            image = resolve_under(self.root, record["img_path"], file=self.file, line=record["line"], field="img_path",
+                                  symlinks_outside_root=self.symlinks_outside_root)
         return {
             "did": record["did"], "text": format_text(record["txt"]) if "text" in modality else None,
             "image": image, "instruction": None, "modality": record["modality"],
@@ -378,21 +419,25 @@ class CandidatePool:
 
 def open_queries(path: str | os.PathLike, root: str | os.PathLike, instructions: Instructions | None = None, *,
                  upsampled: bool = False, cache_dir: str | os.PathLike | None = None, on_error: OnError = "raise",
-                 progress: bool | None = None) -> Queries:
-    """Any M-BEIR-format query file; images resolve under `root`. `upsampled`: qids may repeat."""
+                 progress: bool | None = None, symlinks_outside_root: bool = False) -> Queries:
+    """Any M-BEIR-format query file; images resolve under `root`. `upsampled`: qids may repeat.
+    A file without a usable query is a DataError naming it."""
     path = Path(path)
     fmt = UNION_QUERY_FORMAT if upsampled else QUERY_FORMAT
-    table = open_table(path, fmt, jsonl_rows(path, parse_query, progress), cache_dir=cache_dir, on_error=on_error)
-    return Queries(table, Path(root), instructions)
+    table = require_rows(open_table(path, fmt, jsonl_rows(path, parse_query, progress), cache_dir=cache_dir,
+                                    on_error=on_error), "queries")
+    return Queries(table, Path(root), instructions, symlinks_outside_root=symlinks_outside_root)
 
 
 def open_pool(path: str | os.PathLike, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-              on_error: OnError = "raise", progress: bool | None = None) -> CandidatePool:
-    """Any M-BEIR-format candidate pool file; images resolve under `root`."""
+              on_error: OnError = "raise", progress: bool | None = None,
+              symlinks_outside_root: bool = False) -> CandidatePool:
+    """Any M-BEIR-format candidate pool file; images resolve under `root`. A file without a
+    usable candidate is a DataError naming it."""
     path = Path(path)
-    table = open_table(path, CANDIDATE_FORMAT, jsonl_rows(path, parse_candidate, progress),
-                       cache_dir=cache_dir, on_error=on_error)
-    return CandidatePool(table, Path(root))
+    table = require_rows(open_table(path, CANDIDATE_FORMAT, jsonl_rows(path, parse_candidate, progress),
+                                    cache_dir=cache_dir, on_error=on_error), "candidates")
+    return CandidatePool(table, Path(root), symlinks_outside_root=symlinks_outside_root)
 
 
 def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, int, int]:
@@ -410,22 +455,25 @@ def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, 
     return qid, did, int(relevance), int(task_id)
 
 
+def read_qrels_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[int, str, str, int, int]]:
+    """(line, qid, did, relevance, task_id) of every well-formed qrels line; bad ones go to `log`."""
+    file = str(path)
+    for line, text in text_lines(path, log):
+        cells = text.split()
+        if not cells:
+            continue
+        try:
+            yield (line, *parse_qrels_line(cells, file, line))
+        except DataError as err:
+            log.add(err)
+
+
 def read_qrels(path: str | os.PathLike, log: ErrorLog) -> dict[str, set[str]]:
     """qid -> relevant dids; lines with relevance <= 0 are dropped."""
-    file = str(path)
     qrels: dict[str, set[str]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, 1):
-            cells = text.split()
-            if not cells:
-                continue
-            try:
-                qid, did, relevance, _ = parse_qrels_line(cells, file, line)
-            except DataError as err:
-                log.add(err)
-                continue
-            if relevance > 0:
-                qrels.setdefault(qid, set()).add(did)
+    for _, qid, did, relevance, _ in read_qrels_lines(path, log):
+        if relevance > 0:
+            qrels.setdefault(qid, set()).add(did)
     return qrels
 
 
@@ -450,19 +498,121 @@ def mbeir_root(path: str | os.PathLike) -> Path:
     return path / "M-BEIR" if (path / "M-BEIR").is_dir() else path
 
 
+# ---- evaluation rows: the checks an evaluation relies on --------------------------------
+
+_FIX = "fix the line, or run `umarvel data validate` for every problem of the tree"
+
+
+def _first(table: pa.Table, mask) -> dict | None:
+    """The first row of `table` where `mask` is true, or None."""
+    index = pc.index(mask, True).as_py()
+    return None if index is None or index < 0 else table.slice(index, 1).to_pylist()[0]
+
+
+def check_query_datasets(queries: Queries, dataset_id: int) -> None:
+    """Every qid names `dataset_id` (a query of another dataset would get its instructions)."""
+    table = queries.table.table
+    bad = _first(table, pc.invert(pc.starts_with(table.column("qid"), f"{dataset_id}:")))
+    if bad is not None:
+        raise DataError(f"a {DATASETS[int(bad['qid'].split(':', 1)[0])]} query in the {DATASETS[dataset_id]} "
+                        f"file: {_FIX}", queries.file, bad["line"], "qid")
+
+
+def check_row_queries(queries: Queries, row: EvalRow) -> None:
+    """Every query of a row's file is of the row's dataset and task: the task picks the
+    instruction, so a stray task_id silently changes the query the model sees."""
+    check_query_datasets(queries, row.dataset_id)
+    table = queries.table.table
+    bad = _first(table, pc.not_equal(table.column("task_id"), row.task_id))
+    if bad is not None:
+        raise DataError(f"task {bad['task_id']} in the file of {row.name} (task {row.task_id}): {_FIX}",
+                        queries.file, bad["line"], "task_id")
+
+
+def check_row_pool(pool: CandidatePool, row: EvalRow) -> None:
+    """Every candidate of a row's local pool has the task's candidate modality."""
+    wanted = TASKS[row.task_id][1]
+    table = pool.table.table
+    bad = _first(table, pc.not_equal(table.column("modality"), wanted))
+    if bad is not None:
+        raise DataError(f"a {bad['modality']} candidate in the pool of {row.name} ({wanted} candidates): {_FIX}",
+                        pool.file, bad["line"], "modality")
+
+
+def check_row_qrels(lines: list[tuple[int, str, str, int, int]], file: str, row: EvalRow, queries: Queries,
+                    pools: list[CandidatePool]) -> dict[str, set[str]]:
+    """qid -> positive dids of a row's qrels lines, after checking them against the row.
+
+    Every line is of the row's task; every positive line names a query of the row's file (a
+    relevance-0 line changes nothing); every query has a line with relevance > 0 (else it could
+    only score 0); every positive is in the row's own local pool (`pools[0]`) or, for OVEN and
+    InfoSeek, in a pool `positive_pool_rows` allows: there it counts as a miss locally, as in the
+    reference scorer (umarvel.evaluation.metrics).
+    """
+    if not lines:
+        raise DataError(f"no qrels lines: every query of {queries.file} needs its positives listed", file)
+    for line, _, _, _, task_id in lines:
+        if task_id != row.task_id:
+            raise DataError(f"task {task_id} in the qrels of {row.name} (task {row.task_id}): {_FIX}",
+                            file, line, "task_id (column 5)")
+    positives = [entry for entry in lines if entry[3] > 0]
+    known = queries.table.has_keys([qid for _, qid, _, _, _ in positives])
+    if not known.all():
+        line, qid = positives[int(np.argmin(known))][:2]
+        raise DataError(f"qid '{qid}' is not in {queries.file}: {_FIX}", file, line, "qid (column 1)")
+    qrels: dict[str, set[str]] = {}
+    for _, qid, did, _, _ in positives:
+        qrels.setdefault(qid, set()).add(did)
+    table = queries.table.table
+    unscored = _first(table, pc.invert(pc.is_in(table.column("qid"), value_set=pa.array(list(qrels), pa.string()))))
+    if unscored is not None:
+        raise DataError(f"query '{unscored['qid']}' has no line with relevance > 0 in {file}: it could only score 0; "
+                        "add its positive's qrels line or remove the query", queries.file, unscored["line"], "qid")
+    dids = [did for _, _, did, _, _ in positives]
+    placed = np.zeros(len(dids), dtype=bool)
+    for pool in pools:
+        placed |= pool.table.has_keys(dids)
+    if not placed.all():
+        line, _, did = positives[int(np.argmin(placed))][:3]
+        where = " or ".join(pool.file for pool in pools)
+        why = ("OVEN/InfoSeek positives may sit in each other's pool of the same task, no further" if len(pools) > 1
+               else "M-BEIR puts every positive of this row in the row's own pool")
+        raise DataError(f"positive '{did}' is not in {where} ({why}): {_FIX}", file, line, "did (column 3)")
+    return qrels
+
+
+def check_pools_disjoint(pools: list[CandidatePool]) -> None:
+    """No did in two of these pools: their union (M-BEIR's global pool) holds each did once."""
+    owners = np.concatenate([np.full(len(pool), i) for i, pool in enumerate(pools)])
+    hashes = np.concatenate([pool.table.key_hashes() for pool in pools])
+    order = np.argsort(hashes, kind="stable")
+    hashes, owners = hashes[order], owners[order]
+    for slot in np.flatnonzero((hashes[1:] == hashes[:-1]) & (owners[1:] != owners[:-1])):
+        first, later = pools[owners[slot]], pools[owners[slot + 1]]
+        for record in later.table.rows():
+            if stable_hash64(record["did"]) == hashes[slot] and record["did"] in first:
+                raise DataError(f"did '{record['did']}' is also in {first.file} (line "
+                                f"{first.table.row(first.table.find(record['did']))['line']}): local pools must not "
+                                f"share dids, the global pool is their union; {_FIX}", later.file, record["line"], "did")
+
+
 class MBEIR:
     """An M-BEIR directory (or a directory holding `M-BEIR/`). Tables are cached under `cache_dir` (default: ~/.cache/umarvel).
 
     on_error='raise' stops at the first bad record with a DataError (file, line, field);
     'skip' leaves bad records out and lists them in the returned table's `.table.errors`.
+    An evaluation row's files are checked against the row where they are read (the rules of
+    `umarvel data validate` that would change a number: task and dataset of every query, the
+    pool's candidate modality, qrels vs queries vs pools), so validating first is a help, not a duty.
     """
 
     def __init__(self, root: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                 on_error: OnError = "raise", progress: bool | None = None):
+                 on_error: OnError = "raise", progress: bool | None = None, symlinks_outside_root: bool = False):
         self.root = mbeir_root(root)
         if not self.root.is_dir():
             raise DataError("M-BEIR directory not found", str(self.root))
         self.cache_dir, self.on_error, self.progress = cache_dir, on_error, progress
+        self.symlinks_outside_root = symlinks_outside_root
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -476,41 +626,58 @@ class MBEIR:
                 return self._queries(UNION_TRAIN_QUERIES, UNION_QUERY_FORMAT)
             if dataset not in DATASETS.values():
                 raise DataError(f"unknown dataset '{dataset}'")
-            return self._queries(train_query_file(dataset), QUERY_FORMAT)
+            queries = self._queries(train_query_file(dataset), QUERY_FORMAT)
+            check_query_datasets(queries, DATASET_IDS[dataset])
+            return queries
         _check_split(split)
         if row is None:
             raise ValueError(f"{split} queries are per evaluation row: pass row=")
-        return self._queries(_as_row(row).query_file(split), QUERY_FORMAT)
+        row = _as_row(row)
+        queries = self._queries(row.query_file(split), QUERY_FORMAT)
+        check_row_queries(queries, row)
+        return queries
 
     def local_pool(self, row: EvalRow | str) -> CandidatePool:
-        return self._pool(_as_row(row).local_pool_file())
+        row = _as_row(row)
+        pool = self._pool(row.local_pool_file())
+        check_row_pool(pool, row)
+        return pool
 
     def global_pool(self, split: str) -> CandidatePool:
         _check_split(split)
         return self._pool(GLOBAL_POOL.format(split=split))
 
     def qrels(self, split: str, row: EvalRow | str) -> dict[str, set[str]]:
+        """qid -> positive dids of the row, checked against its queries and pools
+        (`check_row_qrels`): a qrels file that disagrees with them would change the recall. Val
+        and test only: train positives are the query files' pos_cand_list."""
         _check_split(split)
-        path = self.path(_as_row(row).qrels_file(split))
+        if split == "train":
+            raise ValueError("qrels are read for the val and test rows; train positives come with the queries")
+        row = _as_row(row)
+        path = self.path(row.qrels_file(split))
         if not path.is_file():
             raise DataError("file not found", str(path))
-        return read_qrels(path, ErrorLog(self.on_error))
+        lines = list(read_qrels_lines(path, ErrorLog(self.on_error)))
+        pools = [self.local_pool(other) for other in positive_pool_rows(row)]
+        return check_row_qrels(lines, str(path), row, self.queries(split, row), pools)
 
-    @cached_property
+    @functools.cached_property
     def instructions(self) -> Instructions:
         return Instructions.load(self.path(QUERY_INSTRUCTIONS))
 
     def resolve_image(self, rel_path: str) -> str:
-        return resolve_under(self.root, rel_path)
+        return resolve_under(self.root, rel_path, symlinks_outside_root=self.symlinks_outside_root)
 
     def _queries(self, rel: str, fmt: TableFormat) -> Queries:
         instructions = self.instructions if self.path(QUERY_INSTRUCTIONS).is_file() else None
         return open_queries(self.path(rel), self.root, instructions, upsampled=fmt is UNION_QUERY_FORMAT,
-                            cache_dir=self.cache_dir, on_error=self.on_error, progress=self.progress)
+                            cache_dir=self.cache_dir, on_error=self.on_error, progress=self.progress,
+                            symlinks_outside_root=self.symlinks_outside_root)
 
     def _pool(self, rel: str) -> CandidatePool:
         return open_pool(self.path(rel), self.root, cache_dir=self.cache_dir, on_error=self.on_error,
-                         progress=self.progress)
+                         progress=self.progress, symlinks_outside_root=self.symlinks_outside_root)
 
 
 def _check_split(split: str) -> None:
@@ -565,6 +732,9 @@ class MBEIRTrainPairs:
         log = ErrorLog(on_error)
         self.rows = self._rows_with_positives(log)
         self.skipped = log.kept
+        if not len(self.rows):
+            raise DataError(f"none of the {len(queries)} queries has a positive in the pool {pool.file}: nothing to "
+                            "train on; check data.pool and data.train_queries", queries.file)
         self.negative_stats: dict = {}
         if negatives.k and hard_negatives is not None:
             self.rows = self._rows_with_enough_negatives(on_error)

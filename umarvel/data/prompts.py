@@ -1,16 +1,19 @@
 """The one place an item becomes model input text.
 
-An item is a dict with any of `text`, `image` (path or PIL image) and an optional
-`instruction`. It is laid out in the backbone family's chat format (`Chat` in
-umarvel/backbones); for the Qwen-VL families:
+An item is a dict with any of `text`, `image` (path or PIL image, or a list of them: a
+multi-image query), `video` (umarvel/data/video.py) and an optional `instruction`. It is
+laid out in the backbone family's chat format (`Chat` in umarvel/backbones); for the
+Qwen-VL families:
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n
-    [<|vision_start|><|image_pad|><|vision_end|>]{instruction} {text}
+    [<|vision_start|><|image_pad|><|vision_end|> per image][<|vision_start|><|video_pad|><|vision_end|>]
+    {instruction} {text}
     [\\nSummarize above image and sentence in one word:]<|im_end|>
     [\\n<|im_start|>assistant\\n]          (only with the compression prompt)
 
-Images always come first, so the instruction's character span, counted from the END of the
-text, survives the processor's expansion of <|image_pad|> into one token per image patch:
+Images (then the video) always come first, so the instruction's character span, counted from
+the END of the text, survives the processor's expansion of <|image_pad|> into one token per
+image patch:
 the collator uses it to find the instruction's tokens without adding tokens to the vocabulary.
 Training, mining, distillation and evaluation all render through `render`, so they can never
 disagree on the prompt (a known defect of the reference code).
@@ -28,6 +31,8 @@ COMPRESSION = {
     "image": "Summarize above image in one word:",
     "text": "Summarize above sentence in one word:",
     "image,text": "Summarize above image and sentence in one word:",
+    "video": "Summarize above video in one word:",
+    "video,text": "Summarize above video and sentence in one word:",
 }
 
 
@@ -42,18 +47,25 @@ class RenderedItem:
     text: str
     images: list[Any] = field(default_factory=list)
     instruction_from_end: tuple[int, int] | None = None
+    videos: list[Any] = field(default_factory=list)
 
 
 def modality(item: dict) -> str:
-    has_image = item.get("image") is not None
+    visual = "video" if item.get("video") is not None else "image" if item.get("image") is not None else ""
     has_text = bool(item.get("text"))
-    if has_image and has_text:
-        return "image,text"
-    if has_image:
-        return "image"
-    if has_text:
-        return "text"
+    if visual and has_text:
+        return f"{visual},text"
+    if visual or has_text:
+        return visual or "text"
     raise ValueError(f"item has neither text nor image: {item!r}")
+
+
+def item_images(item: dict) -> list[Any]:
+    """The item's images in order: `image` may be one image or a list of them."""
+    image = item.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def truncate_text(text: str, tokenizer, max_tokens: int) -> str:
@@ -90,10 +102,10 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None) -> Rend
     instruction, text = _instruction_and_text(item, config, tokenizer)
 
     prefix = _system(config, chat) + chat.user
-    images = []
-    if item.get("image") is not None:
-        prefix += chat.image
-        images.append(item["image"])
+    images = item_images(item)
+    prefix += chat.image * len(images)
+    videos = [item["video"]] if item.get("video") is not None else []
+    prefix += chat.video * len(videos)
     body = " ".join(part for part in (instruction, text) if part)
     suffix = ""
     if config.compression_prompt:
@@ -107,7 +119,7 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None) -> Rend
     if instruction:
         start = len(full) - len(prefix)
         span = (start, start - len(instruction))
-    return RenderedItem(text=full, images=images, instruction_from_end=span)
+    return RenderedItem(text=full, images=images, instruction_from_end=span, videos=videos)
 
 
 # ---- reranker pairs -----------------------------------------------------------------------
@@ -138,3 +150,43 @@ def render_pair(query: dict, candidate: dict, config: PromptConfig, chat: Chat, 
         sides.append(f"{label}: {placeholder}" + " ".join(part for part in (instruction, text) if part))
     text = _system(config, chat) + chat.user + "\n".join(sides) + f"\n{RERANK_QUESTION}{chat.end}{chat.assistant}"
     return RenderedItem(text=text, images=images)
+
+
+# ---- zero-shot suite (paper Tables 8 and 9) -----------------------------------------------
+
+@dataclass(frozen=True)
+class ZeroShotPrompt:
+    """A zero-shot task's prompt choices: the instruction its queries carry, per search (or
+    sub-task), and whether items end in the COMPRESSION suffix ("Summarize above ... in one
+    word:"). The official evaluation uses the suffix on Flickr only; every task's candidates
+    carry no instruction, as in M-BEIR."""
+
+    instructions: dict[str, str]
+    compression: bool = False
+
+
+_CAPTION_TO_IMAGE = "Find me an everyday image that matches the given caption."
+_IMAGE_TO_CAPTION = "Find an image caption describing the following everyday image."
+_COMPOSED_CHANGE = "I'm looking for a similar everyday image with the described changes."
+_TEXT_TO_VIDEO = "Find an everyday video match with caption."
+
+ZEROSHOT: dict[str, ZeroShotPrompt] = {
+    "flickr": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "mscoco": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}, compression=True),
+    "sharegpt4v": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "urban1k": ZeroShotPrompt({"t2i": _CAPTION_TO_IMAGE, "i2t": _IMAGE_TO_CAPTION}),
+    "circo": ZeroShotPrompt({"cir": _COMPOSED_CHANGE}),
+    "genecis": ZeroShotPrompt({
+        "change_object": _COMPOSED_CHANGE,
+        "focus_object": _COMPOSED_CHANGE,
+        "change_attribute": _COMPOSED_CHANGE,
+        "focus_attribute": "I'm looking for an image with the same attributes as described.",
+    }),
+    "visdial": ZeroShotPrompt({"dialog2i": "Find me an everyday image that matches the given dialog."}),
+    "fashioniq_multiturn": ZeroShotPrompt(
+        {"multiturn": "Find me a similar fashion image based on the following multi-round modifications."}),
+    "ccneg": ZeroShotPrompt({"itm": ""}),
+    "sugar_crepe": ZeroShotPrompt({"itm": ""}),
+    "msrvtt": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+    "msvd": ZeroShotPrompt({"t2v": _TEXT_TO_VIDEO}),
+}

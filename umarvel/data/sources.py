@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from umarvel.data.arrowtable import (
-    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, stable_hash64,
+    ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, require_rows, stable_hash64,
 )
 from umarvel.data.mbeir import format_text, parse_id, resolve_under
 from umarvel.errors import DataError
@@ -106,7 +106,8 @@ class NLIPairs:
 
     def __init__(self, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                  on_error: OnError = "raise"):
-        self.table = open_table(path, _NLI_FORMAT, _nli_rows(Path(path)), cache_dir=cache_dir, on_error=on_error)
+        self.table = require_rows(open_table(path, _NLI_FORMAT, _nli_rows(Path(path)), cache_dir=cache_dir,
+                                             on_error=on_error), "NLI triples")
 
     @property
     def errors(self) -> list[DataError]:
@@ -234,13 +235,15 @@ class CC3MPairs:
     """CC3M caption -> image pairs (stage 1b: cross-modal alignment); see the module docstring."""
 
     def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike, *,
-                 cache_dir: str | os.PathLike | None = None, on_error: OnError = "raise", progress: bool | None = None):
+                 cache_dir: str | os.PathLike | None = None, on_error: OnError = "raise", progress: bool | None = None,
+                 symlinks_outside_root: bool = False):
         path = Path(path)
         if path.suffix not in (".json", ".jsonl"):
             raise DataError("a CC3M file must be LLaVA-style .json or {image, caption} .jsonl", str(path))
-        self.image_root = Path(image_root)
+        self.image_root, self.symlinks_outside_root = Path(image_root), symlinks_outside_root
         self.image_field = "image" if path.suffix == ".jsonl" else "h5v"
-        self.table = open_table(path, _CC3M_FORMAT, _cc3m_rows(path, progress), cache_dir=cache_dir, on_error=on_error)
+        self.table = require_rows(open_table(path, _CC3M_FORMAT, _cc3m_rows(path, progress), cache_dir=cache_dir,
+                                             on_error=on_error), "CC3M pairs")
 
     @property
     def errors(self) -> list[DataError]:
@@ -251,7 +254,7 @@ class CC3MPairs:
 
     def image_path(self, row: dict) -> str:
         return resolve_under(self.image_root, row["image"], file=str(self.table.source), line=row["line"],
-                             field=self.image_field)
+                             field=self.image_field, symlinks_outside_root=self.symlinks_outside_root)
 
     def __getitem__(self, index: int) -> dict:
         row = self.table.row(index)

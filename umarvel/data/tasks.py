@@ -90,6 +90,21 @@ EVAL_ROWS = tuple(
 )
 EVAL_ROWS_BY_NAME = {row.name: row for row in EVAL_ROWS}
 
+# Where a row's qrels positives may live. M-BEIR puts every positive in its row's own local pool,
+# except OVEN's and InfoSeek's: they share Wikipedia entities, so some positives sit in the other
+# one's pool of the same task. The reference scores those as misses locally (they can be hits
+# only in the global pool); anywhere else, a positive outside the row's pool is broken data.
+CROSS_POOL_DATASETS = ("oven", "infoseek")
+
+
+def positive_pool_rows(row: EvalRow) -> tuple[EvalRow, ...]:
+    """The rows whose local pools may hold `row`'s positives: its own first."""
+    if row.dataset not in CROSS_POOL_DATASETS:
+        return (row,)
+    return (row,) + tuple(other for other in EVAL_ROWS if other != row and other.task_id == row.task_id
+                          and other.dataset in CROSS_POOL_DATASETS)
+
+
 # Candidates in each row's local pool as published: how an evaluation tells M-BEIR itself from
 # a benchmark in its format (the synthetic one, a subset), whose numbers the paper's do not match.
 PUBLISHED_POOL_SIZES = {

@@ -4,12 +4,17 @@ Why: a bad record in a 5.6M-line pool should cost minutes before training, not a
 into a 64-GPU job. Files are streamed (memory: 8-byte hashes of the ids), every record goes
 through the readers' own parsers (so the messages are the ones training would raise), and the
 rules that span files are checked here:
-- ids are unique per file (qids may repeat in the upsampled union train file);
+- no file is empty; ids are unique per file (qids may repeat in the upsampled union train
+  file) and no did is in two local pools (the global pool is their union);
 - every did named by pos_cand_list, neg_cand_list or a qrels line is in a pool of its split
-  (train: the union train pool; val/test: the local pools and the split's union pool);
-- qrels name queries of their own row and task; queries sit in the file of their dataset/row;
+  (train: the union train pool; val/test: the local pools and the split's union pool), and a
+  val/test positive is in its row's own local pool (OVEN/InfoSeek: or in the other's pool of
+  the same task, umarvel.data.tasks.positive_pool_rows) - elsewhere it could never be a hit;
+- qrels name queries of their own row and task; every query has a qrels line with relevance
+  > 0; queries sit in the file of their dataset/row;
 - every query has an instruction for its (dataset, query modality, candidate modality);
-- every image path stays under the root, exists and can be opened by PIL.
+- every image path stays under the root, symlinks resolved (unless symlinks_outside_root),
+  exists and decodes fully with PIL (`Image.verify` alone passes a truncated JPEG).
 A directory holding M-BEIR/ (the data/ layout) also gets nli_for_simcse.csv and cc3m/ checked.
 """
 from __future__ import annotations
@@ -25,11 +30,14 @@ from PIL import Image
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
 from umarvel.data.mbeir import (
-    SPLITS, mbeir_root, parse_candidate, parse_qrels_line, parse_query, read_instruction_rows, resolve_under,
+    SPLITS, mbeir_root, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines, resolve_under,
     train_query_file,
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
-from umarvel.data.tasks import DATASETS, EVAL_ROWS, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow
+from umarvel.data.tasks import (
+    DATASETS, EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES, EvalRow,
+    positive_pool_rows,
+)
 from umarvel.errors import DataError
 
 ImageCheck = Literal["open", "exists", "skip"]
@@ -99,13 +107,15 @@ def _contains(sorted_hashes: np.ndarray, key: str) -> bool:
 
 
 class _ImageChecker:
-    def __init__(self, root: Path, mode: ImageCheck, report: Report):
+    def __init__(self, root: Path, mode: ImageCheck, report: Report, symlinks_outside_root: bool):
         self.root, self.mode, self.report = root, mode, report
+        self.symlinks_outside_root = symlinks_outside_root
         self.checked: set[int] = set()
 
     def check(self, rel_path: str, file: str, line: int, field: str) -> None:
         try:
-            full = resolve_under(self.root, rel_path, file=file, line=line, field=field, must_exist=False)
+            full = resolve_under(self.root, rel_path, file=file, line=line, field=field, must_exist=False,
+                                 symlinks_outside_root=self.symlinks_outside_root)
         except DataError as err:
             self.report.add(err)
             return
@@ -117,27 +127,31 @@ class _ImageChecker:
         elif self.mode == "open":
             try:
                 with Image.open(full) as image:
-                    image.verify()
+                    image.load()
             except Exception as err:  # any failure to decode means training would fail here
                 self.report.add(DataError(f"image cannot be read by PIL ({err})", file, line, field))
 
 
 class MBEIRValidator:
-    def __init__(self, root: Path, images: ImageCheck, report: Report, progress: bool | None):
+    def __init__(self, root: Path, images: ImageCheck, report: Report, progress: bool | None,
+                 symlinks_outside_root: bool = False):
         self.root, self.report, self.progress = root, report, progress
-        self.images = _ImageChecker(root, images, report)
+        self.images = _ImageChecker(root, images, report, symlinks_outside_root)
         self.instructions: dict | None = None
         self.missing_instructions: set = set()
+        self.local: dict[str, np.ndarray] = {}
 
     def run(self) -> None:
         self.check_instructions()
-        local = {row.name: self.check_pool(row.local_pool_file(), row=row, required=True) for row in EVAL_ROWS}
+        local_ids = {row.name: self.check_pool(row.local_pool_file(), row=row, required=True) for row in EVAL_ROWS}
+        self.local = {name: ids.sorted_hashes() for name, ids in local_ids.items() if ids is not None}
+        self._report_shared_dids(local_ids)
         known = {}
         for split in SPLITS:
             union = self.check_pool(GLOBAL_POOL.format(split=split), required=False)
-            parts = [union] + (list(local.values()) if split != "train" else [])
-            present = [p for p in parts if p is not None]
-            known[split] = np.unique(np.concatenate(present)) if present else None
+            parts = [union.sorted_hashes()] if union is not None else []
+            parts += list(self.local.values()) if split != "train" else []
+            known[split] = np.unique(np.concatenate(parts)) if parts else None
         for dataset in DATASETS.values():
             if (self.root / train_query_file(dataset)).is_file():
                 self.check_queries(train_query_file(dataset), "train", known["train"], dataset=dataset)
@@ -167,19 +181,45 @@ class MBEIRValidator:
             except DataError as err:
                 self.report.add(err)
 
+    def _report_empty(self, path: Path, ids: _Ids, what: str) -> None:
+        if not ids.lines:
+            self.report.add(DataError(f"no {what} (the file is empty or every record is bad): an M-BEIR file needs "
+                                      "at least one record", str(path)))
+
     def _report_duplicates(self, path: Path, ids: _Ids, field: str) -> None:
         pairs = ids.duplicate_lines()
         if not pairs:
             return
-        wanted = {line for pair in pairs for line in pair}
-        value_at = {}
-        for line, raw in read_lines(path, False):
-            if line in wanted:
-                value_at[line] = parse_json_object(raw, str(path), line)[field]
+        value_at = _values_at(path, {line for pair in pairs for line in pair}, field)
         for first, later in pairs:
             if value_at[first] == value_at[later]:
                 self.report.add(DataError(f"duplicate {field} '{value_at[later]}' (first on line {first})",
                                           str(path), later, field))
+
+    def _report_shared_dids(self, local_ids: dict[str, _Ids | None]) -> None:
+        """A did in two local pools: the global pool (their union) would hold it twice."""
+        names = [name for name, ids in local_ids.items() if ids is not None and ids.hashes]
+        if not names:
+            return
+        hashes = np.concatenate([np.frombuffer(local_ids[name].hashes, dtype=np.uint64) for name in names])
+        lines = np.concatenate([np.frombuffer(local_ids[name].lines, dtype=np.int64) for name in names])
+        pools = np.concatenate([np.full(len(local_ids[name].lines), i) for i, name in enumerate(names)])
+        order = np.argsort(hashes, kind="stable")
+        hashes, lines, pools = hashes[order], lines[order], pools[order]
+        pairs = [(int(slot), int(slot) + 1) for slot in
+                 np.flatnonzero((hashes[1:] == hashes[:-1]) & (pools[1:] != pools[:-1]))]
+        wanted: dict[str, set[int]] = {}
+        for i in (i for pair in pairs for i in pair):
+            wanted.setdefault(names[pools[i]], set()).add(int(lines[i]))
+        paths = {name: self.root / EVAL_ROWS_BY_NAME[name].local_pool_file() for name in wanted}
+        dids = {name: _values_at(paths[name], wanted[name], "did") for name in wanted}
+        for first, later in pairs:
+            (first_pool, first_line), (pool, line) = [(names[pools[i]], int(lines[i])) for i in (first, later)]
+            did = dids[pool][line]
+            if dids[first_pool][first_line] == did:
+                self.report.add(DataError(
+                    f"did '{did}' is also in the local pool of {first_pool} (line {first_line}): local pools must "
+                    "not share dids, the global pool is their union", str(paths[pool]), line, "did"))
 
     def check_instructions(self) -> None:
         path = self._file(QUERY_INSTRUCTIONS, required=True)
@@ -187,7 +227,7 @@ class MBEIRValidator:
             self.instructions = read_instruction_rows(path, self.report)
             self.report.counts["instruction rows"] = len(self.instructions)
 
-    def check_pool(self, rel: str, *, row: EvalRow | None = None, required: bool) -> np.ndarray | None:
+    def check_pool(self, rel: str, *, row: EvalRow | None = None, required: bool) -> _Ids | None:
         path = self._file(rel, required)
         if path is None:
             return None
@@ -199,15 +239,30 @@ class MBEIRValidator:
             if row is not None and cand["modality"] != TASKS[row.task_id][1]:
                 self.report.add(DataError(f"a {cand['modality']} candidate in the pool of {row.name} "
                                           f"({TASKS[row.task_id][1]} candidates)", str(path), line, "modality"))
+        self._report_empty(path, ids, "candidates")
         self._report_duplicates(path, ids, "did")
         if row is not None:
             self.report.row_counts[(row.name, "pool")] = len(ids.lines)
         else:
             self.report.counts[rel] = len(ids.lines)
-        return ids.sorted_hashes()
+        return ids
+
+    def _check_positive(self, did: str, row: EvalRow, split: str, known: np.ndarray, file: str, line: int,
+                        field: str) -> None:
+        """A val/test positive: in a pool of the split, and in one its row can find it in."""
+        if not _contains(known, did):
+            self.report.add(DataError(f"did '{did}' is in no {split} candidate pool", file, line, field))
+            return
+        allowed = [other for other in positive_pool_rows(row) if other.name in self.local] if split != "train" else []
+        if allowed and not any(_contains(self.local[other.name], did) for other in allowed):
+            pools = " or ".join(other.name for other in allowed)
+            self.report.add(DataError(
+                f"positive '{did}' is in another row's pool, not in the local pool of {pools}: it could never be "
+                "retrieved there (only OVEN/InfoSeek positives may sit in each other's pool of the same task)",
+                file, line, field))
 
     def check_queries(self, rel: str, split: str, known: np.ndarray | None, *, dataset: str | None = None,
-                      row: EvalRow | None = None, unique: bool = True) -> np.ndarray | None:
+                      row: EvalRow | None = None, unique: bool = True) -> _Ids | None:
         path = self._file(rel, required=True)
         if path is None:
             return None
@@ -226,10 +281,13 @@ class MBEIRValidator:
             self._check_instruction(dataset_id, query["task_id"], file, line)
             for field in ("pos_cand_list", "neg_cand_list"):
                 for did in query[field] if known is not None else ():
-                    if not _contains(known, did):
+                    if row is not None and field == "pos_cand_list":
+                        self._check_positive(did, row, split, known, file, line, field)
+                    elif not _contains(known, did):
                         self.report.add(DataError(f"did '{did}' is in no {split} candidate pool", file, line, field))
             if "image" in query["query_modality"].split(","):
                 self.images.check(query["query_img_path"], file, line, "query_img_path")
+        self._report_empty(path, ids, "queries")
         if unique:
             self._report_duplicates(path, ids, "qid")
         if row is not None:
@@ -240,7 +298,7 @@ class MBEIRValidator:
                     self.report.row_counts[(eval_row.name, "train")] = tasks[eval_row.task_id]
         else:
             self.report.counts[rel] = len(ids.lines)
-        return ids.sorted_hashes()
+        return ids
 
     def _check_instruction(self, dataset_id: int, task_id: int, file: str, line: int) -> None:
         key = (dataset_id, *TASKS[task_id])
@@ -250,33 +308,49 @@ class MBEIRValidator:
         self.report.add(DataError(f"{QUERY_INSTRUCTIONS} has no instruction for dataset {dataset_id} "
                                   f"({DATASETS[dataset_id]}), {key[1]} -> {key[2]}", file, line, "task_id"))
 
-    def check_qrels(self, row: EvalRow, split: str, known: np.ndarray | None, qids: np.ndarray | None) -> None:
+    def check_qrels(self, row: EvalRow, split: str, known: np.ndarray | None, qids: _Ids | None) -> None:
         path = self._file(row.qrels_file(split), required=True)
         if path is None:
             return
-        file, count = str(path), 0
-        with open(path, encoding="utf-8") as handle:
-            for line, text in enumerate(handle, 1):
-                cells = text.split()
-                if not cells:
-                    continue
-                try:
-                    qid, did, _, task_id = parse_qrels_line(cells, file, line)
-                except DataError as err:
-                    self.report.add(err)
-                    continue
-                count += 1
-                if task_id != row.task_id:
-                    self.report.add(DataError(f"task {task_id} in the qrels of {row.name}", file, line, "task_id (column 5)"))
-                if qids is not None and not _contains(qids, qid):
-                    self.report.add(DataError(f"qid '{qid}' is not in {row.query_file(split)}", file, line, "qid (column 1)"))
-                if known is not None and not _contains(known, did):
-                    self.report.add(DataError(f"did '{did}' is in no {split} candidate pool", file, line, "did (column 3)"))
+        file, count, scored = str(path), 0, set()
+        query_hashes = qids.sorted_hashes() if qids is not None else None
+        for line, qid, did, relevance, task_id in read_qrels_lines(path, self.report):
+            count += 1
+            if task_id != row.task_id:
+                self.report.add(DataError(f"task {task_id} in the qrels of {row.name}", file, line, "task_id (column 5)"))
+            if query_hashes is not None and not _contains(query_hashes, qid):
+                self.report.add(DataError(f"qid '{qid}' is not in {row.query_file(split)}", file, line, "qid (column 1)"))
+            if relevance > 0:
+                scored.add(stable_hash64(qid))
+                if known is not None:
+                    self._check_positive(did, row, split, known, file, line, "did (column 3)")
+        if qids is not None:
+            self._report_unscored(row, split, qids, scored, file)
         if split == "test":
             self.report.row_counts[(row.name, "qrels")] = count
 
+    def _report_unscored(self, row: EvalRow, split: str, qids: _Ids, scored: set[int], qrels_file: str) -> None:
+        """Queries without a qrels line of relevance > 0: they could only ever score 0."""
+        lines = {line for key, line in zip(qids.hashes, qids.lines) if key not in scored}
+        if not lines:
+            return
+        query_file = self.root / row.query_file(split)
+        for line, qid in sorted(_values_at(query_file, lines, "qid").items()):
+            self.report.add(DataError(f"query '{qid}' has no line with relevance > 0 in {qrels_file}: it could only "
+                                      "score 0; add its positive's qrels line or remove the query",
+                                      str(query_file), line, "qid"))
 
-def _check_sources(data_dir: Path, report: Report, images: ImageCheck) -> None:
+
+def _values_at(path: Path, lines: set[int], field: str) -> dict[int, str]:
+    """`field` of the JSON records at these lines of `path`."""
+    found = {}
+    for line, raw in read_lines(path, False):
+        if line in lines:
+            found[line] = parse_json_object(raw, str(path), line)[field]
+    return found
+
+
+def _check_sources(data_dir: Path, report: Report, images: ImageCheck, symlinks_outside_root: bool) -> None:
     """nli_for_simcse.csv and cc3m/*.json[l] beside M-BEIR/, read with the training readers."""
     with tempfile.TemporaryDirectory(prefix="umarvel-validate-") as cache:
         nli = data_dir / "nli_for_simcse.csv"
@@ -291,7 +365,7 @@ def _check_sources(data_dir: Path, report: Report, images: ImageCheck) -> None:
             if pairs is None:
                 continue
             report.counts[f"cc3m/{path.name}"] = len(pairs)
-            checker = _ImageChecker(image_root, images, report)
+            checker = _ImageChecker(image_root, images, report, symlinks_outside_root)
             for row in pairs.table.rows():
                 checker.check(row["image"], str(path), row["line"], pairs.image_field)
 
@@ -310,15 +384,16 @@ def _read_source(read, report: Report):
 
 
 def validate(path: str | Path, *, images: ImageCheck = "open", progress: bool | None = None,
-             emit: Callable[[DataError], None] | None = None) -> Report:
-    """Validate an M-BEIR root, or a data directory holding M-BEIR/ (+ NLI and CC3M files)."""
+             emit: Callable[[DataError], None] | None = None, symlinks_outside_root: bool = False) -> Report:
+    """Validate an M-BEIR root, or a data directory holding M-BEIR/ (+ NLI and CC3M files).
+    `symlinks_outside_root`: accept image symlinks that lead out of the root (see resolve_under)."""
     path = Path(path)
     report = Report(emit)
     if not path.is_dir():
         report.add(DataError("directory not found", str(path)))
         return report
     root = mbeir_root(path)
-    MBEIRValidator(root, images, report, progress).run()
+    MBEIRValidator(root, images, report, progress, symlinks_outside_root).run()
     if root != path:
-        _check_sources(path, report, images)
+        _check_sources(path, report, images, symlinks_outside_root)
     return report

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from umarvel.config import EncodeConfig, MBEIREvalConfig
-from umarvel.data.mbeir import MBEIR
+from umarvel.data.mbeir import MBEIR, check_pools_disjoint
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
 from umarvel.errors import UmarvelError
 from umarvel.evaluation.metrics import RowResult, evaluate_row, headline_average
@@ -80,9 +80,9 @@ class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
     def __init__(self, embedder, data_root: str | os.PathLike, encode: EncodeConfig, settings: MBEIREvalConfig, *,
-                 progress: bool = True):
+                 progress: bool = True, symlinks_outside_root: bool = False):
         self.encode, self.settings = encode, settings
-        self.mbeir = MBEIR(data_root)
+        self.mbeir = MBEIR(data_root, symlinks_outside_root=symlinks_outside_root)
         self.use_instruction = embedder.settings.prompt.use_instruction
         self.runner = Runner(embedder, encode, progress=progress, rank=self._rank)
         self.use_gpu = self.runner.use_gpu
@@ -104,6 +104,8 @@ class MBEIREvaluator:
     def evaluate(self, rows: list[EvalRow], pools: tuple[str, ...], output_dir: str | os.PathLike) -> dict[str, list[RowResult]]:
         """Write results.json/md/csv/png and run files per pool; return the row results (rank 0)."""
         pool_rows = EVAL_ROWS if "global" in pools else rows
+        if "global" in pools:
+            check_pools_disjoint([self.mbeir.local_pool(row) for row in EVAL_ROWS])
         pool_sizes = {row.name: len(self.mbeir.local_pool(row)) for row in pool_rows}
         results = {}
         for pool in pools:

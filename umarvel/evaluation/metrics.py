@@ -2,9 +2,10 @@
 
 Recall@k is 1 for a query when any of its relevant dids is among its first k retrieved, else 0
 (not the fraction of positives found). Every query of the row counts in the denominator,
-including queries none of whose positives is in the searched pool (e.g. OVEN/InfoSeek queries
-whose positive lives in another dataset's pool, in local evaluation): they score 0, as in the
-reference evaluation. Rankings are taken as given: search breaks equal scores by the lower
+including queries none of whose positives is in the searched pool (OVEN/InfoSeek queries whose
+positive lives in the other one's pool, in local evaluation): they score 0, as in the reference
+evaluation. Any other positive outside its row's pool is refused where the qrels are read
+(umarvel.data.mbeir.check_row_qrels), so it never shows up here as a silent 0. Rankings are taken as given: search breaks equal scores by the lower
 candidate index (umarvel.retrieval.index), so a tie at the k-th place is decided before here.
 """
 from __future__ import annotations

@@ -47,8 +47,9 @@ class RerankingEvaluator(MBEIREvaluator):
 
     def __init__(self, embedder, reranker, data_root: str | os.PathLike, encode: EncodeConfig,
                  settings: MBEIREvalConfig, *, top_k: int, alpha: float | str = "auto",
-                 grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True):
-        super().__init__(embedder, data_root, encode, settings, progress=progress)
+                 grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True, symlinks_outside_root: bool = False):
+        super().__init__(embedder, data_root, encode, settings, progress=progress,
+                         symlinks_outside_root=symlinks_outside_root)
         if top_k < 1:
             raise ValueError(f"the reranked top-k must be positive, got {top_k}")
         if alpha != "auto" and not 0.0 <= float(alpha) <= 1.0:

@@ -88,7 +88,7 @@ class Embedder(AdaptedBackbone):
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
         """Unit-norm float32 embeddings of a collated batch."""
         inputs = {k: v for k, v in multimodal.items() if k in self.family.model_inputs and v is not None}
-        with self.vision_on_every_rank("pixel_values" in inputs):
+        with self.vision_on_every_rank("pixel_values" in inputs or "pixel_values_videos" in inputs):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)

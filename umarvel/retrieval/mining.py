@@ -98,14 +98,14 @@ def _candidate_rows(pool: EncodedSet, modality_of: list[str], key: tuple) -> np.
 
 
 def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_config: MineConfig,
-         encode_config: EncodeConfig, *, progress: bool = True) -> dict:
+         encode_config: EncodeConfig, *, progress: bool = True, symlinks_outside_root: bool = False) -> dict:
     """Mine, write the hard-negative file (+ `<out>.stats.json`) atomically; return the stats."""
     root = mbeir_root(data_root)
     instructions = MBEIR(root).instructions
     query_file = root / (mine_config.queries or UNION_TRAIN_QUERIES)
     pool_file = root / (mine_config.pool or GLOBAL_POOL.format(split="train"))
-    queries = open_queries(query_file, root, instructions, upsampled=True)
-    pool_table = open_pool(pool_file, root)
+    queries = open_queries(query_file, root, instructions, upsampled=True, symlinks_outside_root=symlinks_outside_root)
+    pool_table = open_pool(pool_file, root, symlinks_outside_root=symlinks_outside_root)
     cache = EmbeddingCache(embedder, encode_config, progress=progress)
     encoded_queries = cache.queries(f"mine_{query_file.stem}", queries, [query_file, root / QUERY_INSTRUCTIONS])
     encoded_pool = cache.pool(f"mine_{pool_file.stem}", pool_table, pool_file)

@@ -58,9 +58,12 @@ def training_data(config: Config):
 
     data, root = config.data, mbeir_root(config.data.path)
     query_file = data.train_queries or UNION_TRAIN_QUERIES
+    links = data.allow_symlinks_outside_root
     queries = open_queries(root / query_file, root, MBEIR(root, on_error=data.on_error).instructions,
-                           upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error)
-    pool = open_pool(root / (data.pool or GLOBAL_POOL.format(split="train")), root, on_error=data.on_error)
+                           upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error,
+                           symlinks_outside_root=links)
+    pool = open_pool(root / (data.pool or GLOBAL_POOL.format(split="train")), root, on_error=data.on_error,
+                     symlinks_outside_root=links)
     return queries, pool
 
 

@@ -34,15 +34,17 @@ def build_pairs(config: Config):
     if data.source == "nli":
         pairs = sources.NLIPairs(data.path, on_error=data.on_error)
     elif data.source == "cc3m":
-        pairs = sources.CC3MPairs(data.path, data.image_root or Path(data.path).parent, on_error=data.on_error)
+        pairs = sources.CC3MPairs(data.path, data.image_root or Path(data.path).parent, on_error=data.on_error,
+                                  symlinks_outside_root=data.allow_symlinks_outside_root)
     else:
         root = mbeir_root(data.path)
         instructions = MBEIR(root, on_error=data.on_error).instructions
         query_file = data.train_queries or UNION_TRAIN_QUERIES
-        queries = open_queries(
-            root / query_file, root, instructions, upsampled=query_file == UNION_TRAIN_QUERIES, on_error=data.on_error
-        )
-        pool = open_pool(root / (data.pool or GLOBAL_POOL.format(split="train")), root, on_error=data.on_error)
+        links = data.allow_symlinks_outside_root
+        queries = open_queries(root / query_file, root, instructions, upsampled=query_file == UNION_TRAIN_QUERIES,
+                               on_error=data.on_error, symlinks_outside_root=links)
+        pool = open_pool(root / (data.pool or GLOBAL_POOL.format(split="train")), root, on_error=data.on_error,
+                         symlinks_outside_root=links)
         mined = sources.read_hard_negatives(data.hard_negatives) if data.hard_negatives else None
         pairs = MBEIRTrainPairs(
             queries,
