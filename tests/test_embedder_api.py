@@ -93,7 +93,7 @@ def test_similarity_is_the_cosine_matrix(embedder):
 
 @pytest.mark.parametrize("bad, message", [(3, "input 1: cannot encode a int"),
                                           (Path("no/such.png"), "input 1: image file no/such.png not found"),
-                                          ({"instruction": "x"}, "input 1: an item dict needs a text or an image")])
+                                          ({"instruction": "x"}, "input 1: an item dict needs a text, an image or a video")])
 def test_bad_inputs_name_their_position(embedder, bad, message):
     with pytest.raises(DataError, match=message):
         embedder.encode([CAPTION, bad])

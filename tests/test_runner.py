@@ -12,8 +12,9 @@ import pytest
 
 from mini_mbeir import KeywordEmbedder
 from umarvel.cli import main
+from umarvel import Embedder
 from umarvel.config import EncodeConfig
-from umarvel.errors import DataError
+from umarvel.errors import DataError, UmarvelError
 from umarvel.evaluation.protocol import Benchmark, ItemSet, Retrieval
 from umarvel.evaluation.runner import Runner
 
@@ -103,6 +104,28 @@ def test_a_gallery_naming_an_unknown_candidate_is_a_data_error(embedder, tmp_pat
         runner.run(benchmark, tmp_path / "out")
 
 
+def test_a_benchmarks_prompt_overrides_shape_its_vectors_and_are_undone(tiny_model_dir, tmp_path):
+    """Flickr and COCO encode with the "in one word" suffix: the runner encodes the benchmark's
+    sets with its prompt fields, caches them apart, and leaves the embedder as it was."""
+    embedder = Embedder.from_pretrained(tiny_model_dir)
+    benchmark = ToyBenchmark(tmp_path)
+    benchmark.prompt_overrides = {"compression_prompt": True}
+    runner = Runner(embedder, EncodeConfig(cache_dir=str(tmp_path / "cache"), use_gpu="no"), progress=False)
+    runner.run(benchmark, tmp_path / "out")
+    assert embedder.settings.prompt.compression_prompt is False
+    with embedder.prompt_overridden(compression_prompt=True):
+        suffixed = runner.encode(benchmark.captions).vectors()  # the set the run encoded, not encoded again
+    plain = runner.encode(benchmark.captions).vectors()
+    items = benchmark.captions.items(0, len(CAPTIONS))
+    expected = Embedder.from_pretrained(tiny_model_dir, prompt={"compression_prompt": True}).encode(items).numpy()
+    assert abs(suffixed.astype("float32") - expected).max() < 2e-3
+    assert abs(plain.astype("float32") - embedder.encode(items).numpy()).max() < 2e-3
+    assert abs(suffixed.astype("float32") - plain.astype("float32")).max() > 1e-2
+    benchmark.prompt_overrides = {"compresion_prompt": True}
+    with pytest.raises(UmarvelError, match=r"toy: prompt_overrides \['compresion_prompt'\] are not fields"):
+        runner.run(benchmark, tmp_path / "typo")
+
+
 @pytest.fixture
 def zeroshot_registry(monkeypatch, embedder):
     """A registry holding the toy benchmark (twice), and the CLI's model loading bypassed."""
@@ -134,3 +157,22 @@ def test_eval_zeroshot_names_the_tasks_on_a_typo_and_needs_data(zeroshot_registr
     assert "unknown zero-shot task tyo; the tasks are toy, other (or all)" in capsys.readouterr().err
     assert main(["eval", "zeroshot", "--task", "toy", "--model", str(tmp_path), "--output-dir", str(tmp_path)]) == 2
     assert "needs --data DIR (or eval.zeroshot.data)" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_runs_every_registered_task_on_its_fixture(tiny_model_dir, tmp_path, capsys):
+    """The real registry end to end: each zero-shot task reads its fixture, is encoded, searched and
+    reported by the runner; a fixture is not the real set, so no paper number is shown."""
+    from zeroshot_fixtures import write_all
+
+    from umarvel.evaluation.zeroshot import TASKS
+
+    root = write_all(tmp_path / "data")
+    assert main(["eval", "zeroshot", "--task", "all", "--model", str(tiny_model_dir), "--data", str(root),
+                 "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    for name in TASKS:
+        results = json.loads((tmp_path / "out" / name / "results.json").read_text())
+        assert results["real_data"] is False and "paper" not in results and results["metrics"], name
+        assert all(0.0 <= value <= 100.0 for value in results["metrics"].values()), name
+        assert list((tmp_path / "out" / name).glob("*_run.txt")), name
+        assert f"{name}: " in out

@@ -84,11 +84,14 @@ class Benchmark(ABC):
 
     `paper` holds the paper's number per metric name; the report shows it beside ours only when
     `is_real_data` says the data is the published set (never on a fixture or a subset).
+    `prompt_overrides` are PromptConfig fields the benchmark's items are encoded with (its own
+    prompt choice, e.g. the "in one word" suffix); the runner applies them while it encodes.
     """
 
     name: str
     paper: Mapping[str, float] = MappingProxyType({})
     is_real_data: bool = False
+    prompt_overrides: Mapping[str, object] = MappingProxyType({})
 
     @abstractmethod
     def retrievals(self) -> list[Retrieval]:

@@ -1,8 +1,9 @@
 """The shared runner of the evaluator protocol: encode, search, write run files, score, report.
 
 Every item set of a benchmark is encoded once into the embedding cache (a set shared by two
-searches, or by two benchmarks of one runner, is encoded and loaded once). Under a launcher
-every rank encodes its shards and rank 0 alone searches, scores and writes.
+searches, or by two benchmarks of one runner, is encoded and loaded once), with the prompt
+settings the benchmark asks for (`prompt_overrides`; they are part of the cache fingerprint).
+Under a launcher every rank encodes its shards and rank 0 alone searches, scores and writes.
 
 Ranking is exact inner product. A search over all candidates goes through FAISS
 (umarvel.retrieval.index); a search restricted to per-query galleries scores each query's own
@@ -11,15 +12,18 @@ ranking never depends on chunking or on the order a gallery lists its candidates
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from umarvel import process
-from umarvel.errors import DataError
+from umarvel.config import to_dict
+from umarvel.errors import DataError, UmarvelError
 from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking, Retrieval
 from umarvel.evaluation.report import write_run_file
 from umarvel.retrieval.encode import EmbeddingCache, EncodedSet
@@ -36,22 +40,33 @@ class Runner:
     searched top-k); by default it is `Runner.search`."""
 
     def __init__(self, embedder, config, *, progress: bool = True, rank: RankFn | None = None):
-        self.cache = EmbeddingCache(embedder, config, progress=progress)
+        self.embedder, self.config, self.progress = embedder, config, progress
         self.use_gpu = gpu_choice(config.use_gpu)
         self.rank = rank or self.search
+        self._caches: dict[str, EmbeddingCache] = {}
         self._encoded: dict[tuple, EncodedSet] = {}
 
+    @property
+    def cache(self) -> EmbeddingCache:
+        """The cache of the embedder as its prompt settings are now (they are fingerprinted)."""
+        key = json.dumps(to_dict(self.embedder.settings.prompt), sort_keys=True)
+        if key not in self._caches:
+            self._caches[key] = EmbeddingCache(self.embedder, self.config, progress=self.progress)
+        return self._caches[key]
+
     def encode(self, item_set: ItemSet) -> EncodedSet:
-        key = (item_set.name, tuple(map(str, item_set.sources)), len(item_set))
+        cache = self.cache
+        key = (cache.model, item_set.name, tuple(map(str, item_set.sources)), len(item_set))
         if key not in self._encoded:
-            self._encoded[key] = self.cache.encode(item_set)
+            self._encoded[key] = cache.encode(item_set)
         return self._encoded[key]
 
     def run(self, benchmark: Benchmark, output_dir: str | os.PathLike) -> dict[str, float] | None:
-        """Encode (every rank), then rank, write the run files and the report (rank 0); the
-        benchmark's metrics on rank 0, None on the others."""
+        """Encode (every rank, with the benchmark's prompt overrides), then rank, write the run
+        files and the report (rank 0); the benchmark's metrics on rank 0, None on the others."""
         retrievals = benchmark.retrievals()
-        encoded = [(self.encode(r.queries), self.encode(r.candidates)) for r in retrievals]
+        with self._prompt_of(benchmark):
+            encoded = [(self.encode(r.queries), self.encode(r.candidates)) for r in retrievals]
         if process.rank() != 0:
             return None
         out = Path(output_dir)
@@ -66,6 +81,17 @@ class Runner:
         metrics = benchmark.score(rankings)
         benchmark.write_report(out, metrics)
         return metrics
+
+    def _prompt_of(self, benchmark: Benchmark):
+        """A context encoding with the benchmark's prompt overrides (none: the embedder as it is)."""
+        prompt = self.embedder.settings.prompt
+        overrides = dict(benchmark.prompt_overrides)
+        unknown = [name for name in overrides if not hasattr(prompt, name)]
+        if unknown:
+            raise UmarvelError(f"{benchmark.name}: prompt_overrides {unknown} are not fields of the prompt config "
+                               f"(model.prompt: {', '.join(to_dict(prompt))})")
+        changed = {name: value for name, value in overrides.items() if getattr(prompt, name) != value}
+        return self.embedder.prompt_overridden(**changed) if changed else nullcontext()
 
     def search(self, retrieval: Retrieval, queries: EncodedSet, candidates: EncodedSet, k: int | None = None) -> Ranking:
         """Each query's best `k` (default retrieval.k) candidates: over all of them, or over

@@ -7,7 +7,9 @@ the directory named in the config, absolute and relative to the adapter) or, aft
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -125,6 +127,19 @@ class Embedder(AdaptedBackbone):
     def encode_document(self, inputs, **kwargs):
         """`encode` for candidates, which carry no instruction (as in training)."""
         return self.encode(inputs, **kwargs)
+
+    @contextmanager
+    def prompt_overridden(self, **fields):
+        """Encode with these PromptConfig fields changed (a benchmark's own prompt choice, e.g. the
+        "in one word" suffix of Flickr and COCO), restored on exit."""
+        saved = self.settings.prompt, self.collator
+        self.settings.prompt = dataclasses.replace(saved[0], **fields)
+        self.collator = Collator(self.processor, self.settings.prompt, self.family,
+                                 mask_instruction=self.settings.mask_instruction)
+        try:
+            yield self
+        finally:
+            self.settings.prompt, self.collator = saved
 
     @staticmethod
     def similarity(a, b) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Inputs follow sentence-transformers: a `str` is always text (never a file name, even when a
 file of that name exists: a caption may well look like a path) and a PIL image is an image.
 Beyond it, a `pathlib.Path` (any os.PathLike) is an image file, and a dict is an item as the
-collator reads it (`text`, `image` as a path or PIL image, optional `instruction`). One input
-given alone, not in a list, gives one vector (1-D), as in sentence-transformers.
+collator reads it (`text`, `image` as a path, PIL image or list of them, `video`, optional
+`instruction`; umarvel/data/prompts.py). One input given alone, not in a list, gives one
+vector (1-D), as in sentence-transformers.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 from umarvel.errors import DataError
 
 SINGLE = (str, dict, Image.Image, os.PathLike)
+CONTENT_KEYS = ("text", "image", "video")
 
 
 def as_items(inputs, instruction: str | None = None) -> tuple[list[dict], bool]:
@@ -34,8 +36,8 @@ def as_items(inputs, instruction: str | None = None) -> tuple[list[dict], bool]:
 
 def item_of(value, index: int) -> dict:
     if isinstance(value, dict):
-        if value.get("text") is None and value.get("image") is None:
-            raise DataError(f"input {index}: an item dict needs a text or an image, got keys {sorted(value)}")
+        if all(value.get(key) is None for key in CONTENT_KEYS):
+            raise DataError(f"input {index}: an item dict needs a text, an image or a video, got keys {sorted(value)}")
         return value
     if isinstance(value, str):
         return {"text": value}
