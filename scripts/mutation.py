@@ -42,6 +42,7 @@ CORE = {
     "umarvel/training/gradcache.py": ["tests/test_gradcache.py", "tests/test_distributed.py"],
     "umarvel/retrieval/index.py": ["tests/test_index.py", "tests/test_metrics.py"],
     "umarvel/modeling/pooling.py": ["tests/test_embedder.py"],
+    "umarvel/modeling/batches.py": ["tests/test_batches.py"],
 }
 
 

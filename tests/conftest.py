@@ -8,6 +8,16 @@ from umarvel import backbones
 from umarvel.tiny import build_tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep every test's parsed tables, embeddings and file hashes out of the user's
+    ~/.cache/umarvel (a test that needs its own cache still sets UMARVEL_CACHE itself)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("UMARVEL_CACHE", str(tmp_path_factory.mktemp("umarvel-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2vl", seed=0)

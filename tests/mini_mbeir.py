@@ -86,8 +86,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 class KeywordEmbedder:
     """One axis per keyword: an item's vector is the normalised count of the keywords in its
-    text, so "beta" vs "beta zeta" scores 1/sqrt(2) and unrelated texts score 0. Instructions
-    and images are ignored. `encoded` lists the id of every item encoded, in call order."""
+    text, so "beta" vs "beta zeta" scores 1/sqrt(2) and unrelated texts score 0. A text without
+    keywords lies on an axis of its own (embeddings are unit vectors; the cache checks it).
+    Instructions and images are ignored. `encoded` lists the id of every item encoded, in call order."""
+
+    dtype = torch.float32
 
     def __init__(self, keywords: list[str], weights_dir: Path):
         self.axis = {word: i for i, word in enumerate(keywords)}
@@ -95,11 +98,14 @@ class KeywordEmbedder:
         self.has_adapter = False
         self.encoded: list[str] = []
 
-    def encode(self, items: list[dict], batch_size: int = 16) -> torch.Tensor:
-        vectors = torch.zeros(len(items), len(self.axis))
+    def encode(self, items: list[dict], batch_size: int = 16, **options) -> torch.Tensor:
+        """Embedder.encode's signature; the pipeline options (workers, progress bar) change nothing here."""
+        vectors = torch.zeros(len(items), len(self.axis) + 1)
         for row, item in enumerate(items):
             self.encoded.append(item.get("qid") or item["did"])
             for word in re.findall(r"[a-z]+", (item["text"] or "").lower()):
                 if word in self.axis:
                     vectors[row, self.axis[word]] += 1
+            if not vectors[row].any():
+                vectors[row, -1] = 1
         return F.normalize(vectors, dim=-1)

@@ -152,3 +152,17 @@ def test_faiss_block_sizes_are_restored_after_a_search():
     before = (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs)
     search(np.ones((30, 4), np.float16), np.ones((50, 4), np.float16), 3, chunk_size=20, use_gpu=False)
     assert (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs) == before
+
+
+def test_a_sharded_search_with_progress_reports_its_rate_and_keeps_its_result(tied_pool, capsys):
+    from umarvel.retrieval.index import search_ids
+
+    queries, pool = tied_pool
+    shards = [pool[:300], pool[300:]]
+    ids = [f"0:{i}" for i in range(len(pool))]
+    quiet = search_ids(queries, shards, ids, 5, use_gpu=False)
+    shown = search_ids(queries, shards, ids, 5, use_gpu=False, progress=True)
+    bar = capsys.readouterr().err
+    assert "search 40 queries: 100%" in bar and "1.00k/1.00k" in bar and "cand/s" in bar
+    np.testing.assert_array_equal(quiet[0], shown[0])
+    assert quiet[1] == shown[1]

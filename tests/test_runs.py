@@ -47,8 +47,9 @@ def test_a_finished_run_of_another_config_names_the_keys_and_force_retrains(tmp_
 def test_resume_continues_only_a_matching_unfinished_run(tmp_path):
     config = _config(tmp_path, "train.learning_rate=1e-4")
     runs.start(config)
-    (tmp_path / "run" / "checkpoint-2").mkdir()
-    (tmp_path / "run" / "checkpoint-10").mkdir()
+    for step in (2, 10):  # complete checkpoints (tests/test_checkpoint_atomic.py: torn ones)
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+        (tmp_path / "run" / f"checkpoint-{step}" / runs.COMPLETE).write_text("done\n")
     with pytest.raises(UmarvelError, match="--resume to continue it, or --force"):
         runs.start(config)
     assert runs.start(config, resume=True).resume_from.name == "checkpoint-10"

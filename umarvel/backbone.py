@@ -15,9 +15,23 @@ from umarvel.errors import UmarvelError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`model.device` as a torch device; a name torch does not know, or a CUDA device this
+    machine lacks, is a clear error here rather than a CUDA traceback at the first forward."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UmarvelError(f"model.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UmarvelError(f"model.device={name}: this machine has no usable CUDA device "
+                               "(torch.cuda.is_available() is false); set model.device=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise UmarvelError(f"model.device={name}: this machine has {count} CUDA device(s), "
+                               f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -57,7 +71,16 @@ def check_backbone_dir(path: str | Path) -> backbones.Family:
             f"backbone {path} is not a model directory (no config.json); give a local path, "
             "e.g. checkpoints/Qwen2-VL-7B-Instruct or one made by `umarvel make-tiny-model`"
         )
-    return backbones.for_model_type(AutoConfig.from_pretrained(path).model_type, where=f"backbone {path}")
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise UmarvelError(f"{path / 'config.json'}: not a readable model config ({err}); restore the file "
+                           "or make the model directory again") from None
+    family = backbones.for_model_type(model_type, where=f"backbone {path}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UmarvelError(f"backbone {path} has no weights (no *.safetensors file): the model directory is "
+                           "incomplete; copy or download it again")
+    return family
 
 
 def load_backbone(
@@ -114,12 +137,16 @@ def set_attention_mode(model, attention: str) -> None:
         text_config.is_causal = causal
 
 
-def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The checkpoint's own processor, right-padding, with the configured image pixel bounds."""
-    from transformers import AutoProcessor
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
+                   image_backend: str | None = None):
+    """The checkpoint's own processor, right-padding, with the configured image pixel bounds and,
+    if named, the image processor of that transformers backend ("torchvision", "pil")."""
+    from transformers import AutoImageProcessor, AutoProcessor
 
     with quiet_transformers():
         processor = AutoProcessor.from_pretrained(path)
+        if image_backend:
+            processor.image_processor = AutoImageProcessor.from_pretrained(path, backend=image_backend)
     processor.tokenizer.padding_side = "right"
     if min_pixels is not None and max_pixels is not None:
         processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

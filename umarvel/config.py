@@ -1,7 +1,9 @@
 """The one config schema: typed sections, YAML files with `inherit:`, dotted overrides.
 
-Every field has a default and a one-line doc (``doc(...)``). Unknown keys and wrong types are
-errors that name the key's full path, so a typo in a 64-GPU job fails before any GPU time.
+Every field has a default, a one-line doc and, for numbers, its allowed range (``doc(...)``).
+Unknown keys, wrong types and out-of-range values are errors that name the key's full path and
+what it accepts, so a typo in a 64-GPU job fails before any GPU time, never as a traceback (or a
+run of 0 steps) later. Checks that tie two fields together are a section's `check()`.
 """
 from __future__ import annotations
 
@@ -24,11 +26,34 @@ class ConfigError(UmarvelError, ValueError):
     """A config file, override or value is wrong; the message names where."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A dataclass field carrying its one-line documentation."""
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number field: `low <= v` (or `low < v` when `low_open`), `v <= high`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = "" if self.high is None else f"<= {self.high:g}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, *,
+        at_least: float | None = None, above: float | None = None, at_most: float | None = None):
+    """A dataclass field carrying its one-line documentation and, for a number, its allowed range."""
+    metadata: dict[str, Any] = {"doc": text}
+    if at_least is not None or above is not None or at_most is not None:
+        metadata["range"] = Range(above if above is not None else at_least, at_most, above is not None)
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 PROGRESSIVE_STAGES = ("nli", "cc3m", "mbeir")
@@ -37,9 +62,9 @@ PROGRESSIVE_STAGES = ("nli", "cc3m", "mbeir")
 @dataclass
 class LoraConfig:
     enabled: bool = doc("Attach a LoRA adapter to the language model (False: train nothing but temperature).", True)
-    r: int = doc("LoRA rank.", 8)
-    alpha: int = doc("LoRA alpha (scaling = alpha / r).", 16)
-    dropout: float = doc("Dropout on the LoRA branch.", 0.05)
+    r: int = doc("LoRA rank.", 8, at_least=1)
+    alpha: int = doc("LoRA alpha (scaling = alpha / r).", 16, above=0)
+    dropout: float = doc("Dropout on the LoRA branch.", 0.05, at_least=0, at_most=1)
     target_modules: list[str] = doc(
         "Module name suffixes to adapt; empty = every nn.Linear of the language model.", factory=list
     )
@@ -47,10 +72,15 @@ class LoraConfig:
 
 @dataclass
 class TemperatureConfig:
-    init: float = doc("Initial InfoNCE temperature.", 0.05)
+    init: float = doc("Initial InfoNCE temperature, within [min, max].", 0.05, above=0)
     learnable: bool = doc("Learn the temperature (paper stages 1c, 2, 3) or keep it fixed.", False)
-    min: float = doc("Lower clamp of the learned temperature.", 0.005)
-    max: float = doc("Upper clamp of the learned temperature.", 0.2)
+    min: float = doc("Lower clamp of the learned temperature.", 0.005, above=0)
+    max: float = doc("Upper clamp of the learned temperature.", 0.2, above=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.min <= self.init <= self.max:
+            return [("init", f"{self.init:g} is outside [min, max] = [{self.min:g}, {self.max:g}]")]
+        return []
 
 
 @dataclass
@@ -60,11 +90,16 @@ class PromptConfig:
         "Append 'Summarize above ... in one word:' and an assistant turn (paper Table 1).", False
     )
     system_prompt: str = doc("System message of the chat template; empty = no system turn.", "You are a helpful assistant.")
-    max_text_tokens: int = doc("Token budget for an item's text (instruction + text); image tokens never cut.", 480)
+    max_text_tokens: int = doc("Token budget for an item's text (instruction + text); image tokens never cut.", 480, at_least=1)
     min_pixels: int = doc("Smallest image area in pixels after resizing, in squares of the backbone family's pixel "
-                          "unit (umarvel/backbones); 0 = the family's default.", 0)
+                          "unit (umarvel/backbones); 0 = the family's default.", 0, at_least=0)
     max_pixels: int = doc("Largest image area in pixels after resizing, in squares of the family's pixel unit; "
-                          "0 = the family's default.", 0)
+                          "0 = the family's default.", 0, at_least=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        if 0 < self.max_pixels < self.min_pixels:
+            return [("max_pixels", f"{self.max_pixels} is below min_pixels {self.min_pixels}")]
+        return []
 
 
 @dataclass
@@ -94,12 +129,12 @@ class DataConfig:
     train_queries: str = doc("M-BEIR query file relative to the root; empty = the union train file.", "")
     pool: str = doc("M-BEIR candidate pool relative to the root; empty = the union train pool.", "")
     hard_negatives: str = doc("Mined hard-negative file (stage 2); empty = none.", "")
-    num_negatives: int = doc("Extra negatives per query: mined ones for M-BEIR, NLI hard_neg when > 0.", 0)
+    num_negatives: int = doc("Extra negatives per query: mined ones for M-BEIR, NLI hard_neg when > 0.", 0, at_least=0)
     negative_selection: Literal["top", "sample"] = doc(
         "Mined negatives a query trains with: its top num_negatives by score (paper), or a seeded draw among its "
         "top negative_sample_depth.", "top"
     )
-    negative_sample_depth: int = doc("With negative_selection=sample: draw among this many top-scored negatives.", 0)
+    negative_sample_depth: int = doc("With negative_selection=sample: draw among this many top-scored negatives.", 0, at_least=0)
     negative_top_up: bool = doc(
         "Fill a query that has fewer than num_negatives mined negatives with random pool candidates (counted in "
         "metrics.json); off: such queries stop the stage at start, or are dropped with on_error=skip.", False
@@ -109,8 +144,8 @@ class DataConfig:
         "Read image paths that are symlinks resolving outside the data root (a tree linking mbeir_images/ from "
         "another disk); off: such images are refused. Training, eval and mining read images under it.", False
     )
-    max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0)
-    num_workers: int = doc("DataLoader worker processes.", 0)
+    max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0, at_least=0)
+    num_workers: int = doc("DataLoader worker processes (0 = load in the training process).", 0, at_least=0)
 
 
 @dataclass
@@ -121,37 +156,48 @@ class LossConfig:
     )
     in_batch_negatives: bool = doc("Contrast against other queries' positives (off = hard negatives only, Table 5).", True)
     mask_false_negatives: bool = doc("Drop in-batch candidates that are positives of the query (by id).", True)
-    gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0)
+    gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0, at_least=0)
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = doc("Peak learning rate.", 1e-4)
-    per_device_batch_size: int = doc("Queries per device per step (global batch = this x devices).", 8)
-    gradient_accumulation_steps: int = doc("Steps per update; does NOT add negatives (use GradCache).", 1)
-    epochs: float = doc("Passes over the training pairs.", 1.0)
-    max_steps: int = doc("Stop after this many updates (-1 = by epochs).", -1)
-    warmup_ratio: float = doc("Fraction of updates with linear warm-up.", 0.0)
+    learning_rate: float = doc("Peak learning rate.", 1e-4, at_least=0)
+    per_device_batch_size: int = doc("Queries per device per step (global batch = this x devices).", 8, at_least=1)
+    gradient_accumulation_steps: int = doc("Steps per update; does NOT add negatives (use GradCache).", 1, at_least=1)
+    epochs: float = doc("Passes over the training pairs (> 0 unless max_steps is set).", 1.0, at_least=0)
+    max_steps: int = doc("Stop after this many updates (-1 or 0 = by epochs).", -1, at_least=-1)
+    warmup_ratio: float = doc("Fraction of updates with linear warm-up.", 0.0, at_least=0, at_most=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = doc("LR schedule.", "linear")
-    weight_decay: float = doc("AdamW weight decay (never on biases, norms or the temperature).", 0.0)
+    weight_decay: float = doc("AdamW weight decay (never on biases, norms or the temperature).", 0.0, at_least=0)
     temperature_learning_rate: float = doc(
         "Learning rate of the learnable temperature's own optimizer group (tau itself is the parameter); "
-        "0 = train.learning_rate, as in the reference code, with which the paper's 0.05 -> 0.0206 is reached.", 0.0
+        "0 = train.learning_rate, as in the reference code, with which the paper's 0.05 -> 0.0206 is reached.", 0.0,
+        at_least=0,
     )
-    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
+    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0, at_least=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("Mixed precision; auto = bf16 on CUDA, fp32 on CPU.", "auto")
     deepspeed: str = doc("DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); empty = none.", "")
-    logging_steps: int = doc("Log loss, temperature and accuracy every N updates.", 10)
-    save_steps: int = doc("Checkpoint every N updates.", 500)
-    save_total_limit: int = doc("Keep at most N checkpoints.", 2)
+    logging_steps: int = doc("Log loss, temperature and accuracy every N updates.", 10, at_least=1)
+    save_steps: int = doc("Checkpoint every N updates.", 500, at_least=1)
+    save_total_limit: int = doc("Keep at most N checkpoints.", 2, at_least=1)
     report_to: list[str] = doc("Loggers: tensorboard, wandb (empty = none).", factory=lambda: ["tensorboard"])
     loss: LossConfig = doc("The contrastive loss.", factory=LossConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            return [("epochs", f"{self.epochs:g} trains nothing: set epochs > 0, or max_steps > 0")]
+        return []
 
 
 @dataclass
 class EncodeConfig:
-    batch_size: int = doc("Items per encoder forward.", 32)
-    shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000)
+    batch_size: int = doc("Items per encoder forward.", 32, at_least=1)
+    num_workers: int = doc(
+        "Input worker processes per rank that read images, render prompts and collate while the model runs "
+        "(encoding, mining, reranker pairs, teacher scores); 0 = in-process; -1 = auto: min(4, the rank's cores - 1) "
+        "on CUDA, 0 on CPU, where the forward already uses every core.", -1, at_least=-1
+    )
+    shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000, at_least=1)
     cache_dir: str = doc("Embedding cache; empty = $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings.", "")
     use_gpu: Literal["auto", "yes", "no"] = doc("FAISS search on GPUs: auto = when faiss sees any.", "auto")
 
@@ -160,7 +206,7 @@ class EncodeConfig:
 class MBEIREvalConfig:
     split: Literal["test", "val"] = doc("Query split to evaluate.", "test")
     rows: list[str] = doc("Evaluation rows (e.g. mscoco_task0); empty = all 16.", factory=list)
-    top_k: int = doc("Candidates kept per query (run files; at least the largest recall cut-off).", 50)
+    top_k: int = doc("Candidates kept per query (run files; at least the largest recall cut-off).", 50, at_least=1)
     pools: list[Literal["local", "global"]] = doc(
         "Pools to evaluate: local (each row its own pool), global (the union of all 16); `umarvel eval mbeir "
         "--pool` overrides it.", factory=lambda: ["local"]
@@ -186,6 +232,7 @@ MOVED_KEYS = {
     "eval.shard_size": "encode.shard_size",
     "eval.cache_dir": "encode.cache_dir",
     "eval.use_gpu": "encode.use_gpu",
+    "eval.num_workers": "encode.num_workers",
     "eval.split": "eval.mbeir.split",
     "eval.rows": "eval.mbeir.rows",
     "eval.top_k": "eval.mbeir.top_k",
@@ -199,13 +246,14 @@ class MineConfig:
     scope: Literal["union", "task"] = doc(
         "Search the whole pool, or only the candidates of the query's dataset and task modality.", "union"
     )
-    depth: int = doc("Candidates retrieved per query before positives and filtered ones are removed.", 100)
-    top_k: int = doc("Hard negatives kept per query (the survivors with the highest scores).", 20)
+    depth: int = doc("Candidates retrieved per query before positives and filtered ones are removed.", 100, at_least=1)
+    top_k: int = doc("Hard negatives kept per query (the survivors with the highest scores).", 20, at_least=1)
     threshold: float = doc(
         "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2; >= 1 = off).", 0.9
     )
     max_fraction_of_positive: float = doc(
-        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off).", 0.0
+        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off).", 0.0,
+        at_least=0,
     )
 
 
@@ -214,11 +262,12 @@ class RerankConfig:
     recall_model: str = doc(
         "Recall embedder (run, adapter or merged directory) whose top-N per query become the YES/NO pairs.", ""
     )
-    top_n: int = doc("Candidates the recall model retrieves per training query (paper: 50, or 100).", 50)
+    top_n: int = doc("Candidates the recall model retrieves per training query (paper: 50, or 100).", 50, at_least=1)
     negatives_per_positive: int = doc(
-        "NO pairs drawn (seeded) from a query's top-N non-positives per YES pair; 0 = all of them (paper).", 0
+        "NO pairs drawn (seeded) from a query's top-N non-positives per YES pair; 0 = all of them (paper).", 0,
+        at_least=0,
     )
-    max_queries: int = doc("Training queries drawn (seeded) from data.train_queries; 0 = every query.", 0)
+    max_queries: int = doc("Training queries drawn (seeded) from data.train_queries; 0 = every query.", 0, at_least=0)
 
 
 @dataclass
@@ -228,15 +277,17 @@ class DistillConfig:
         "empty = model.backbone, the stage-2 model the student starts from.", ""
     )
     reranker: str = doc("Reranker run or model directory that gives S_rerank = P(YES).", "")
-    fraction: float = doc("Share of the distinct training queries drawn (seeded by run.seed) for distillation (paper: 0.1).", 0.1)
-    top_k: int = doc("Retrieved candidates per query besides its positive (paper: 49, so 50 in all).", 49)
-    alpha: float = doc("Teacher fusion weight a: S = a*S_recall + (1-a)*S_rerank.", 0.5)
+    fraction: float = doc("Share of the distinct training queries drawn (seeded by run.seed) for distillation (paper: 0.1).",
+                        0.1, above=0, at_most=1)
+    top_k: int = doc("Retrieved candidates per query besides its positive (paper: 49, so 50 in all).", 49, at_least=1)
+    alpha: float = doc("Teacher fusion weight a: S = a*S_recall + (1-a)*S_rerank.", 0.5, at_least=0, at_most=1)
     teacher_temperature: float = doc(
         "Softmax scale of the teacher scores; 0 = the student's temperature at each step (detached), so that "
-        "with alpha=1 the teacher is the recall model's own distribution.", 0.0
+        "with alpha=1 the teacher is the recall model's own distribution.", 0.0,
+        at_least=0,
     )
     teacher_file: str = doc("Teacher-score file; empty = <run.output_dir>/teacher.jsonl (work files in <file>.work/).", "")
-    shard_size: int = doc("Queries per reranker scoring shard (the unit of resume and of rank sharding).", 1000)
+    shard_size: int = doc("Queries per reranker scoring shard (the unit of resume and of rank sharding).", 1000, at_least=1)
 
 
 @dataclass
@@ -291,6 +342,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping (section {tp.__name__}), got {value!r}")
         return from_dict(tp, value, where)
     if origin is Literal:
+        if isinstance(value, bool) and {"yes", "no"} <= set(args):  # YAML 1.1 reads yes/no as booleans
+            value = "yes" if value else "no"
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
@@ -350,7 +403,21 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in hints:
             raise ConfigError(f"{path}: unknown key; {where or 'the top level'} accepts {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_values(obj, where)
+    return obj
+
+
+def check_values(obj: Any, where: str = "") -> None:
+    """Every number field within its declared range, then the section's own `check()` (fields
+    that constrain each other); errors name the key and what it accepts."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        bounds, value = f.metadata.get("range"), getattr(obj, f.name)
+        if bounds is not None and isinstance(value, (int, float)) and not bounds.admits(value):
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is out of range; it must be {bounds}")
+    for key, message in obj.check() if hasattr(obj, "check") else []:
+        raise ConfigError(f"{prefix}{key}: {message}")
 
 
 def to_dict(obj: Any) -> dict:
@@ -503,5 +570,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
             rows.extend(describe(tp, key + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, json.dumps(default), f.metadata.get("doc", "")))
+            bounds = f.metadata.get("range")
+            text = f.metadata.get("doc", "") + (f" Range: {bounds}." if bounds else "")
+            rows.append((key, json.dumps(default), text))
     return rows

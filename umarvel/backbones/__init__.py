@@ -55,6 +55,9 @@ class Family:
     tiny_config: Callable  # (tokenizer) -> a tiny transformers config of this family
     tiny_processor: Callable  # (tokenizer) -> this family's processor with tiny pixel limits
     build_tokenizer: Callable  # () -> a small locally trained tokenizer with the family's tokens
+    # transformers image-processor backend: torchvision decodes, resizes and patches ~2x faster
+    # than pil (equal within float rounding, tests/test_batches.py); every Qwen-VL family has it
+    image_backend: str = "torchvision"
 
     @property
     def pixel_unit(self) -> int:

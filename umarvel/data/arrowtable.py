@@ -6,8 +6,12 @@ parsed once, streaming, into an Arrow IPC file in a cache directory and then mem
 processes share its pages through the OS page cache. Lookup by id goes through a sorted array of
 64-bit key hashes (16 bytes per row with the row order) instead of a dict of strings.
 
-A cache entry is keyed by the source's absolute path, size and modification time, the row
-format and CACHE_VERSION; it is built in a temporary directory and renamed into place, so a
+A cache entry is keyed by the source's absolute path, size, mtime, ctime and inode, the row
+format and CACHE_VERSION: any write to the file, or a replacement, changes ctime or inode even
+when it keeps the size and sets the mtime back (`os.utime` itself sets ctime), so a stale table
+is never opened; the price is a rebuild after a mere chmod or copy. Hashing the contents
+instead would read the whole file (gigabytes for the union pool) in every process on every open.
+The entry is built in a temporary directory and renamed into place, so a
 half-built cache is never opened and concurrent builders do not collide.
 """
 from __future__ import annotations
@@ -232,7 +236,8 @@ def require_rows(table: ArrowTable, what: str) -> ArrowTable:
 
 def _cache_path(source: Path, fmt: TableFormat, cache_dir: Path) -> Path:
     stat = source.stat()
-    ident = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, fmt.name, CACHE_VERSION])
+    ident = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, fmt.name,
+                        CACHE_VERSION])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_dir / f"{fmt.name}-{source.stem}-{digest}"
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from umarvel import process
 from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.mbeir import MBEIR, check_pools_disjoint
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
@@ -81,7 +82,7 @@ class MBEIREvaluator:
 
     def __init__(self, embedder, data_root: str | os.PathLike, encode: EncodeConfig, settings: MBEIREvalConfig, *,
                  progress: bool = True, symlinks_outside_root: bool = False):
-        self.encode, self.settings = encode, settings
+        self.encode, self.settings, self.progress = encode, settings, progress
         self.mbeir = MBEIR(data_root, symlinks_outside_root=symlinks_outside_root)
         self.use_instruction = embedder.settings.prompt.use_instruction
         self.runner = Runner(embedder, encode, progress=progress, rank=self._rank)
@@ -121,7 +122,8 @@ class MBEIREvaluator:
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         """(scores, ranked dids) of the top k per query: the search step, which a reranking
         evaluator extends."""
-        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu)
+        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu,
+                          progress=self.progress and process.is_main_process())
 
 
 def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:

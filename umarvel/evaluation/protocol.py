@@ -19,7 +19,9 @@ class ItemSet:
     """Items to encode: `items(start, stop)` gives the item dicts (keys of `Embedder.encode`:
     text, image, instruction, ... and the id under `id_key`) in the order of `ids`; `sources`
     are the files they are read from, which the cache fingerprints. `name` with the sources
-    names the cache folder, so two sets built differently from the same files need two names."""
+    names the cache folder, so two sets built differently from the same files need two names.
+    `images`, when given, returns a fingerprint of the image files the items name (computed when
+    the set is encoded), so a changed image is encoded again."""
 
     name: str
     ids: list[str]
@@ -27,6 +29,7 @@ class ItemSet:
     sources: list[Path]
     id_key: str = "id"
     parts: Sequence[ItemSet] = ()
+    images: Callable[[], str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -112,7 +112,7 @@ class RerankingEvaluator(MBEIREvaluator):
         query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
         candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
         return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
-                                 progress=self.progress)
+                                 num_workers=self.encode.num_workers, progress=self.progress)
 
     @cached_property
     def union_pool(self) -> PoolUnion:

@@ -64,7 +64,13 @@ def read_saved(path: Path, name: str, version: int) -> dict | None:
     saved_file = path / name
     if not saved_file.is_file():
         return None
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UmarvelError(f"{saved_file}: not valid JSON ({err}); the saved model is damaged: save or train "
+                           "it again") from None
+    if not isinstance(saved, dict):
+        raise UmarvelError(f"{saved_file}: expected a JSON object; the saved model is damaged: save or train it again")
     if saved.get("format_version") != version:
         raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
     return saved
@@ -123,12 +129,20 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     if adapter_dir is not None:
         from peft import PeftModel
 
-        with quiet_transformers():
-            backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise UmarvelError(f"{adapter_dir} has no adapter_model.safetensors: the saved model is incomplete; "
+                               "save or train it again")
+        try:
+            with quiet_transformers():
+                backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
+        except (OSError, ValueError) as err:  # a corrupt adapter_config.json is a JSONDecodeError
+            raise UmarvelError(f"{adapter_dir}: the adapter does not load ({err}); the saved model is damaged: "
+                               "save or train it again") from None
     elif trainable and config.lora.enabled:
         with quiet_transformers():
             backbone = attach_lora(backbone, config)
-    processor = load_processor(backbone_dir, *backbones.of(backbone).pixel_bounds(config.prompt))
+    family = backbones.of(backbone)
+    processor = load_processor(backbone_dir, *family.pixel_bounds(config.prompt), image_backend=family.image_backend)
     config.backbone = str(backbone_dir.resolve())
     return backbone, processor, device
 
@@ -165,6 +179,11 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are loaded in (model.dtype `auto` resolves by device)."""
+        return next(self.backbone.parameters()).dtype
 
     @property
     def has_adapter(self) -> bool:

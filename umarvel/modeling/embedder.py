@@ -21,6 +21,7 @@ from umarvel.backbone import quiet_transformers
 from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
+from umarvel.modeling import batches
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
@@ -104,18 +105,19 @@ class Embedder(AdaptedBackbone):
 
     def encode(self, inputs, batch_size: int = 16, show_progress: bool = False, *, show_progress_bar: bool | None = None,
                convert_to_numpy: bool = False, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
-               instruction: str | None = None):
+               instruction: str | None = None, num_workers: int | None = None, bar=None):
         """Unit vectors of `inputs`: strs (text), PIL images, pathlib.Paths (image files), item
         dicts, or one of them alone (umarvel.modeling.inputs says how each is read).
 
         Returns a float32 CPU tensor (n, d), or a numpy array with convert_to_numpy; 1-D for a
         single input. The L2 normalisation is part of the model (as a sentence-transformers
         Normalize module), so vectors are unit norm either way; normalize_embeddings renormalises.
-        `instruction` is given to every item without its own (see encode_query).
+        `instruction` is given to every item without its own (see encode_query); `num_workers` and
+        `bar` are the input pipeline's (see `_encode_items`).
         """
         items, single = as_items(inputs, instruction)
         progress = show_progress if show_progress_bar is None else show_progress_bar
-        embeddings = self._encode_items(items, check_batch_size(batch_size), progress)
+        embeddings = self._encode_items(items, check_batch_size(batch_size), progress, num_workers=num_workers, bar=bar)
         return shaped(embeddings, single=single, convert_to_numpy=convert_to_numpy,
                       convert_to_tensor=convert_to_tensor, normalize_embeddings=normalize_embeddings)
 
@@ -147,21 +149,30 @@ class Embedder(AdaptedBackbone):
         return cosine_similarity(a, b)
 
     @torch.inference_mode()
-    def _encode_items(self, items: list[dict], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
-        """(n, d) float32 unit vectors on CPU; batches are formed by length to limit padding."""
+    def _encode_items(self, items: list[dict], batch_size: int = 16, show_progress: bool = False, *,
+               num_workers: int | None = None, bar=None) -> torch.Tensor:
+        """(n, d) float32 unit vectors on CPU, in item order.
+
+        Batches are formed by estimated length to limit padding and prepared by `num_workers`
+        worker processes while the model runs (None: the default of `batches.default_workers`,
+        0: in-process). `bar`, a tqdm, advances by items; else `show_progress` shows one.
+        """
         was_training = self.training
         self.eval()
-        order = sorted(range(len(items)), key=lambda i: (items[i].get("image") is not None, len(items[i].get("text") or "")))
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        out = [None] * len(items)
-        for chunk in tqdm(chunks, desc="encode", disable=not show_progress, unit="batch"):
-            embeddings = self.embed_batch(self.collate([items[i] for i in chunk])).cpu()
-            for row, index in enumerate(chunk):
-                out[index] = embeddings[row]
-        self.train(was_training)
-        if not out:
-            return torch.empty(0, self.backbone.config.get_text_config().hidden_size)
-        return torch.stack(out)
+        bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
+        progress = bar if bar is not None else tqdm(total=len(items), desc="encode", unit="item",
+                                                    disable=not show_progress)
+        try:
+            return batches.encode_rows(
+                lambda batch: self(**batch), items, self.collate,
+                keys=[batches.estimated_tokens(item, bounds, unit) for item in items], batch_size=batch_size,
+                device=self.device, width=self.backbone.config.get_text_config().hidden_size,
+                num_workers=num_workers, bar=progress,
+            )
+        finally:
+            if bar is None:
+                progress.close()
+            self.train(was_training)
 
     # ----- saving -------------------------------------------------------------------------
     def _write_common(self, directory: Path, merged: bool) -> None:

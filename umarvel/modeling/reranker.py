@@ -24,6 +24,7 @@ from umarvel.config import ConfigError, ModelConfig, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
+from umarvel.modeling import batches
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
@@ -123,22 +124,27 @@ class Reranker(AdaptedBackbone):
         return pair.softmax(dim=-1)[:, 0]
 
     @torch.inference_mode()
-    def score(self, pairs: list[tuple[dict, dict]], batch_size: int = 16, show_progress: bool = False) -> torch.Tensor:
+    def score(self, pairs: list[tuple[dict, dict]], batch_size: int = 16, show_progress: bool = False, *,
+              num_workers: int | None = None) -> torch.Tensor:
         """P(YES) of every (query, candidate) pair, float32 on CPU, in the given order.
 
-        Pairs are batched by length to limit padding; a row's score does not depend on its batch.
+        Pairs are batched by length to limit padding, prepared by `num_workers` worker processes
+        (as in Embedder.encode); a row's score does not depend on its batch.
         """
         was_training = self.training
         self.eval()
-        order = sorted(range(len(pairs)), key=lambda i: _pair_length(pairs[i]))
-        scores = torch.empty(len(pairs), dtype=torch.float32)
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for chunk in tqdm(chunks, desc="rerank", disable=not show_progress, unit="batch"):
-            batch = self.collator([{"query": pairs[i][0], "candidate": pairs[i][1]} for i in chunk])
-            logits = self(**{k: v.to(self.device) for k, v in batch.items()}).logits
-            scores[chunk] = self.yes_probability(logits).cpu()
-        self.train(was_training)
-        return scores
+        bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
+        examples = [{"query": query, "candidate": candidate} for query, candidate in pairs]
+        keys = [tuple(map(sum, zip(*(batches.estimated_tokens(item, bounds, unit) for item in pair)))) for pair in pairs]
+        with tqdm(total=len(pairs), desc="rerank", unit="pair", disable=not show_progress) as bar:
+            try:
+                scores = batches.encode_rows(
+                    lambda batch: self.yes_probability(self(**batch).logits), examples, self.collator, keys=keys,
+                    batch_size=batch_size, device=self.device, width=1, num_workers=num_workers, bar=bar,
+                )
+            finally:
+                self.train(was_training)
+        return scores[:, 0]
 
     # ----- saving -------------------------------------------------------------------------
     def _write_files(self, directory: Path) -> None:
@@ -157,7 +163,3 @@ class Reranker(AdaptedBackbone):
         """Collective under ZeRO-3, like `write_adapter`."""
         return self.write_adapter(directory, write=write, atomic=True)
 
-
-def _pair_length(pair: tuple[dict, dict]) -> tuple[int, int]:
-    images = sum(item.get("image") is not None for item in pair)
-    return images, sum(len(item.get("text") or "") + len(item.get("instruction") or "") for item in pair)

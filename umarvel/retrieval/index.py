@@ -75,10 +75,10 @@ def search(
         raise ValueError(f"chunk_size and query_chunk_size must be positive, got {chunk_size}, {query_chunk_size}")
     chunk_rows = chunk_size or max(1, CHUNK_BYTES // (4 * dim))
 
-    bar = tqdm(total=total, unit="cand", desc="search", disable=not progress)
-    with bar:
-        if _gpus_wanted(use_gpu):
-            return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar)
+    if _gpus_wanted(use_gpu):
+        return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress)
+    with tqdm(total=total, unit="cand", unit_scale=True, desc=f"search {len(queries)} queries",
+              disable=not progress) as bar:
         return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar)
 
 
@@ -88,10 +88,11 @@ def gpu_choice(setting: str) -> bool | str:
 
 
 def search_ids(
-    queries: np.ndarray, candidates: np.ndarray | Sequence[np.ndarray], ids: Sequence[str], k: int, *, use_gpu: bool | str = "auto"
+    queries: np.ndarray, candidates: np.ndarray | Sequence[np.ndarray], ids: Sequence[str], k: int, *,
+    use_gpu: bool | str = "auto", progress: bool = False,
 ) -> tuple[np.ndarray, list[list[str]]]:
     """`search`, with candidate rows translated to their ids: (scores, ranked ids) per query."""
-    scores, indices = search(queries, candidates, k, use_gpu=use_gpu)
+    scores, indices = search(queries, candidates, k, use_gpu=use_gpu, progress=progress)
     return scores, [[ids[i] for i in row if i >= 0] for row in indices]
 
 
@@ -124,30 +125,35 @@ def _faiss_blocks():
             setattr(faiss.cvar, name, value)
 
 
-def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, bar):
-    """Each GPU holds a contiguous slice of the pool in fp16; slices are searched in parallel."""
+def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress: bool):
+    """Each GPU holds a contiguous slice of the pool in fp16; slices are searched in parallel.
+    Progress: candidates copied to the GPUs, then queries searched (summed over the slices)."""
     if k + 1 > GPU_MAX_K:
         raise UmarvelError(f"k={k} is too large for faiss on GPU (k < {GPU_MAX_K}); pass use_gpu=False")
     total = sum(len(shard) for shard in shards)
     gpus = faiss.get_num_gpus()
     slices = {}  # gpu -> (global offset of its slice, its index, its resources: must outlive the index)
-    for offset, chunk in _chunks(shards, min(chunk_rows, -(-total // gpus))):
-        gpu = offset * gpus // total
-        if gpu not in slices:
-            slices[gpu] = (offset, *_gpu_flat_index(gpu, dim))
-        slices[gpu][1].add(np.ascontiguousarray(chunk, dtype=np.float32))
-        bar.update(len(chunk))
+    with tqdm(total=total, unit="cand", unit_scale=True, desc="copy to GPUs", disable=not progress) as bar:
+        for offset, chunk in _chunks(shards, min(chunk_rows, -(-total // gpus))):
+            gpu = offset * gpus // total
+            if gpu not in slices:
+                slices[gpu] = (offset, *_gpu_flat_index(gpu, dim))
+            slices[gpu][1].add(np.ascontiguousarray(chunk, dtype=np.float32))
+            bar.update(len(chunk))
 
-    def search_slice(gpu_slice):
-        offset, index, _ = gpu_slice
-        # Widening stops at the GPU limit: beyond GPU_MAX_K-way ties the lowest-index rule is not kept.
-        scores, ids = _search_part(index.search, min(index.ntotal, GPU_MAX_K), queries, k, query_chunk_size)
-        return scores, ids + offset
+    with tqdm(total=len(queries) * len(slices), unit="query", desc=f"search {len(slices)} GPUs",
+              disable=not progress) as bar:
+        def search_slice(gpu_slice):
+            offset, index, _ = gpu_slice
+            # Widening stops at the GPU limit: beyond GPU_MAX_K-way ties the lowest-index rule is not kept.
+            scores, ids = _search_part(index.search, min(index.ntotal, GPU_MAX_K), queries, k, query_chunk_size,
+                                       done=bar.update)
+            return scores, ids + offset
 
-    top = _empty_top(len(queries))
-    with ThreadPoolExecutor(max_workers=len(slices)) as pool:
-        for result in pool.map(search_slice, slices.values()):
-            top = _merge(top, result, k)
+        top = _empty_top(len(queries))
+        with ThreadPoolExecutor(max_workers=len(slices)) as pool:
+            for result in pool.map(search_slice, slices.values()):
+                top = _merge(top, result, k)
     return top
 
 
@@ -159,12 +165,16 @@ def _gpu_flat_index(gpu: int, dim: int):
     return faiss.GpuIndexFlatIP(resources, dim, config), resources
 
 
-def _search_part(search_fn: SearchFn, length: int, queries, k: int, query_chunk_size: int):
-    """Top-k of one slice of the pool for all queries, in blocks of queries; local indices."""
-    blocks = [
-        _part_top_k(search_fn, np.ascontiguousarray(queries[start : start + query_chunk_size], np.float32), k, length)
-        for start in range(0, len(queries), query_chunk_size)
-    ]
+def _search_part(search_fn: SearchFn, length: int, queries, k: int, query_chunk_size: int,
+                 done: Callable[[int], object] | None = None):
+    """Top-k of one slice of the pool for all queries, in blocks of queries; local indices.
+    `done(n)` is told after each block of n queries."""
+    blocks = []
+    for start in range(0, len(queries), query_chunk_size):
+        block = np.ascontiguousarray(queries[start : start + query_chunk_size], np.float32)
+        blocks.append(_part_top_k(search_fn, block, k, length))
+        if done is not None:
+            done(len(block))
     if not blocks:
         width = min(k, length)
         return np.empty((0, width), np.float32), np.empty((0, width), np.int64)

@@ -132,7 +132,8 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
         candidates = encoded_pool.shards if subset is None else np.stack([encoded_pool.row(i) for i in subset])
         ids = encoded_pool.ids if subset is None else [encoded_pool.ids[i] for i in subset]
         vectors = query_vectors[[row_of_query[records[m]["qid"]] for m in members]]
-        scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(encode_config.use_gpu))
+        scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(encode_config.use_gpu),
+                                    progress=progress)
         for vector, member, row_scores, row_ranked in zip(vectors, members, scores.tolist(), ranked):
             record = records[member]
             positives = list(record["pos_cand_list"])

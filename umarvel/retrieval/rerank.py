@@ -69,7 +69,7 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     if process.rank() != 0:
         return [], {}
     _, ranked = search_ids(encoded_queries.vectors(), encoded_pool.shards, encoded_pool.ids, config.top_n,
-                           use_gpu=gpu_choice(encode_config.use_gpu))
+                           use_gpu=gpu_choice(encode_config.use_gpu), progress=progress)
     pairs, skipped = [], []
     for row, row_ranked in zip(rows, ranked):
         record = queries.record(row)
@@ -114,10 +114,10 @@ def fused_rankings(recall_scores: np.ndarray, ranked: list[list[str]], rerank_sc
 
 
 def rerank_candidates(reranker, queries: list[dict], candidates: list[list[dict]], *, batch_size: int,
-                      progress: bool = False) -> list[list[float]]:
+                      num_workers: int | None = None, progress: bool = False) -> list[list[float]]:
     """P(YES) of each query with each of its candidates, as one list per query."""
     pairs = [(query, candidate) for query, own in zip(queries, candidates) for candidate in own]
-    flat = reranker.score(pairs, batch_size=batch_size, show_progress=progress).tolist()
+    flat = reranker.score(pairs, batch_size=batch_size, show_progress=progress, num_workers=num_workers).tolist()
     out, start = [], 0
     for own in candidates:
         out.append(flat[start : start + len(own)])

@@ -108,7 +108,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
         return [], []
     query_vectors = encoded_queries.vectors().astype(np.float32)
     scores, ranked = search_ids(query_vectors, encoded_pool.shards, encoded_pool.ids, settings.top_k + 1,
-                                use_gpu=gpu_choice(encode_config.use_gpu))
+                                use_gpu=gpu_choice(encode_config.use_gpu), progress=progress)
     records, skipped = [], []
     for i, row in enumerate(rows):
         record = queries.record(row)
@@ -129,7 +129,7 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
 
 
 def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: list[dict], work: Path, *,
-                 shard_size: int, batch_size: int, progress: bool = True) -> int:
+                 shard_size: int, batch_size: int, num_workers: int | None = None, progress: bool = True) -> int:
     """Add P(YES) to this rank's missing shards of `retrieved`; return the pairs scored."""
     rank, world = process.rank(), process.world_size()
     use_instruction = reranker.settings.prompt.use_instruction
@@ -140,7 +140,8 @@ def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: lis
         query_items = [queries.item(queries.find(r["qid"]), use_instruction=use_instruction) for r in block]
         candidate_items = [[pool.get(did, needed_by=f"distillation query {r['qid']}") for did in r["candidates"]]
                            for r in block]
-        rerank = rerank_candidates(reranker, query_items, candidate_items, batch_size=batch_size)
+        rerank = rerank_candidates(reranker, query_items, candidate_items, batch_size=batch_size,
+                                   num_workers=num_workers, progress=progress and rank == 0)
         _write_jsonl(work / shard_name(index), [{**r, "rerank": s} for r, s in zip(block, rerank)])
         scored += sum(len(r["candidates"]) for r in block)
     return scored
@@ -205,7 +206,8 @@ class TeacherScoring:
             reranker = Reranker.from_pretrained(self.reranker_dir, device=self.device)
             started = time.perf_counter()
             scored = score_shards(reranker, self.queries, self.pool, retrieved, self.work, shard_size=shard_size,
-                                  batch_size=self.config.encode.batch_size, progress=self.progress)
+                                  batch_size=self.config.encode.batch_size, num_workers=self.config.encode.num_workers,
+                                  progress=self.progress)
             seconds = time.perf_counter() - started
             logger.info("teacher scores: rank %d reranked %d pairs in %.1f s (%.1f pairs/s)",
                         rank, scored, seconds, scored / max(seconds, 1e-9))

@@ -18,7 +18,7 @@ from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import read_pairs, write_pairs
 from umarvel import process
 from umarvel.training import runs
-from umarvel.training.telemetry import TelemetryTrainer
+from umarvel.training.telemetry import TelemetryTrainer, run_loss
 from umarvel.training.stages import training_arguments
 
 logger = logging.getLogger("umarvel")
@@ -47,8 +47,6 @@ def _check(config: Config) -> None:
         raise ConfigError("data.path is empty: set it to the M-BEIR root the reranker trains on")
     if not rerank.recall_model:
         raise ConfigError("rerank.recall_model is empty: set it to the recall embedder (e.g. runs/umarvel/hardneg)")
-    if rerank.top_n < 1 or rerank.negatives_per_positive < 0 or rerank.max_queries < 0:
-        raise ConfigError("rerank.top_n must be >= 1, rerank.negatives_per_positive and rerank.max_queries >= 0")
 
 
 def training_data(config: Config):
@@ -114,7 +112,7 @@ def train_reranker(config: Config, *, resume: bool = False, force: bool = False)
     seconds = time.perf_counter() - started
     trainer.reranker.save_pretrained(run_dir / "model", write=trainer.args.should_save)  # collective under ZeRO-3
     yes = sum(pair.answer == "YES" for pair in pairs)
-    metrics = {**result.metrics, "global_batch": global_batch, "steps": trainer.state.global_step,
+    metrics = {**result.metrics, "train_loss": run_loss(trainer.state.log_history), "global_batch": global_batch, "steps": trainer.state.global_step,
                "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
     if process.is_main_process():
         logger.info("stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f",

@@ -9,6 +9,12 @@ the settings that shape what is trained. Starting a run compares them with the n
 `force` deletes the directory's contents first, so no file of other settings (pairs, teacher
 scores, checkpoints) is ever read back. Finishing writes log_history.json and
 metrics.json, then DONE last, on the main process, and waits for every rank.
+
+A checkpoint counts only once it is complete: the Trainer writes checkpoint-N/ in place (adapter,
+optimizer, scheduler, RNG states, DeepSpeed's global_stepN/ shards of every rank, trainer
+state), and `CheckpointCompletion` writes its COMPLETE marker after all ranks are done. A
+checkpoint without it (a kill while it was written) is ignored with a warning; resume takes
+the newest complete one.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from transformers import TrainerCallback
 
 from umarvel import process
 from umarvel.config import Config, save_config, to_dict, upgrade_moved_keys
@@ -32,6 +39,7 @@ logger = logging.getLogger("umarvel")
 
 DONE = "DONE"
 RUN_FILE = "run.json"
+COMPLETE = "COMPLETE"
 # Settings that change how a run is watched or where it runs, never what it learns.
 NOT_SHAPING = (
     "model.device", "data.num_workers", "train.logging_steps", "train.report_to", "train.save_steps",
@@ -76,8 +84,31 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """The complete checkpoints of a run, oldest first; incomplete ones are named in a warning."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    found.sort(key=lambda p: int(p.name.split("-")[-1]))
+    incomplete = [p for p in found if not (p / COMPLETE).is_file()]
+    if incomplete and process.is_main_process():
+        logger.warning("ignoring incomplete checkpoint(s) %s (no %s marker: the run stopped while writing them)",
+                       ", ".join(str(p) for p in incomplete), COMPLETE)
+    return [p for p in found if p not in incomplete]
+
+
+class CheckpointCompletion(TrainerCallback):
+    """Marks checkpoint-N complete once every rank has written its part of it (the Trainer calls
+    `on_save` after the whole checkpoint, DeepSpeed state included); a marker left from an
+    earlier write of the same step is removed before the Trainer starts writing."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        process.barrier()
+        if state.is_world_process_zero:
+            atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE,
+                              f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        process.barrier()
 
 
 @dataclass

@@ -7,6 +7,7 @@ stage starts from), log_history.json, metrics.json and, written last, DONE.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from umarvel.config import Config, ConfigError, build_config, deep_merge, read_r
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
 from umarvel.training import runs
+from umarvel.training.telemetry import run_loss
 
 logger = logging.getLogger("umarvel")
 
@@ -80,7 +82,9 @@ def training_arguments(config: Config, run_dir: Path):
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        warmup_steps=train.warmup_ratio,
+        # transformers reads warmup_steps < 1 as a fraction of the updates and >= 1 as a count: a
+        # ratio of 1 (warm up through every update) goes in as the largest float below 1.
+        warmup_steps=min(train.warmup_ratio, math.nextafter(1.0, 0.0)),
         lr_scheduler_type=train.lr_scheduler,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
@@ -150,6 +154,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
         temperature = embedder.temperature.value
     metrics = {
         **result.metrics,
+        "train_loss": run_loss(trainer.state.log_history),
         "global_batch": global_batch,
         "steps": trainer.state.global_step,
         "pairs": len(trainer.train_dataset),

@@ -1,6 +1,10 @@
 """What a long run shows while it trains: one plain log line per `logging_steps`, the same
 scalars in TensorBoard (or wandb), and a `log_history.json` that grows during the run.
 
+Every checkpoint and the last update are log points, so the step logs cover each update of the
+run exactly once even across a resume: `run_loss` (metrics.json's train_loss) is their mean
+over all updates, where the Trainer's own covers only the updates since the last start.
+
 Cluster log files are not terminals: a tqdm bar there is one endless `\\r` line, so the bar
 appears only when stderr is a TTY, and the log line is what a user tails. Samples/s is added
 to the step logs themselves, so every logger the Trainer reports to records it.
@@ -17,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from umarvel.io import atomic_write_json
+from umarvel.training.runs import CheckpointCompletion
 
 logger = logging.getLogger("umarvel")
 
@@ -39,6 +44,7 @@ class TelemetryTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.lines = LogLines(Path(self.args.output_dir))
         self.add_callback(self.lines)
+        self.add_callback(CheckpointCompletion())
         if sys.stderr.isatty():
             self.add_callback(_QuietProgressBar())
 
@@ -68,6 +74,10 @@ class LogLines(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.clock = (time.perf_counter(), state.global_step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -81,6 +91,17 @@ class LogLines(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             atomic_write_json(self.run_dir / "log_history.json", state.log_history)
+
+
+def run_loss(log_history: list[dict]) -> float:
+    """Mean training loss over every update of the run: each step log is the mean over the
+    updates since the previous one."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > previous:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else float("nan")
 
 
 def format_line(logs: dict, step: int, total: int, eta_seconds: float | None) -> str:
