@@ -29,6 +29,8 @@ WORD_AXES = 48
 class WordColourEmbedder:
     """Hashed word counts beside the image's mean colour, quantised to eighths."""
 
+    dtype = torch.float32
+
     def __init__(self, weights_dir: Path):
         self.settings = ModelConfig(backbone=str(weights_dir))
         self.has_adapter = False
