@@ -205,7 +205,7 @@ def main() -> None:
     low, high = H100_7B_ITEMS_PER_S
     slowest = min(kind_rates.values())
     print(f"a 7B forward on an H100 consumes ~{low}-{high} items/s: {math.ceil(high / rate)} worker(s) per GPU at "
-          f"this mix, {math.ceil(high / slowest)} for a pool of the slowest kind alone (eval.num_workers; "
+          f"this mix, {math.ceil(high / slowest)} for a pool of the slowest kind alone (encode.num_workers; "
           "the CUDA default is min(4, cores per rank - 1))")
 
 

@@ -37,7 +37,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
     from umarvel import Embedder
-    from umarvel.config import EvalConfig
+    from umarvel.config import EncodeConfig, MBEIREvalConfig
     from umarvel.data.mbeir import MBEIR
     from umarvel.data.synthetic import write_synthetic
     from umarvel.data.tasks import EVAL_ROWS
@@ -73,8 +73,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         """Seconds of the pipeline spent inside Embedder.encode."""
         seconds_in_encode[0] = 0.0
         out = tmp / f"run-{next(runs)}"
-        config = EvalConfig(cache_dir=str(out / "embeddings"), batch_size=args.batch_size)
-        MBEIREvaluator(embedder, root, config, progress=False).evaluate(list(EVAL_ROWS), pools, out / "results")
+        encode_config = EncodeConfig(cache_dir=str(out / "embeddings"), batch_size=args.batch_size)
+        MBEIREvaluator(embedder, root, encode_config, MBEIREvalConfig(), progress=False).evaluate(
+            list(EVAL_ROWS), pools, out / "results")
         return seconds_in_encode[0]
 
     def bare() -> None:

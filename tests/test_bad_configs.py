@@ -5,7 +5,7 @@ inside, an empty cache or a run of 0 steps.
 OUT_OF_RANGE: 17 classes of bad value, each rejected when the config is built (from a file,
 an override or a saved model's settings). 8 classes of broken model directory or device, each
 rejected when the model loads: MODEL_DIRS (4), CUDA asked for on a machine without it, a
-corrupt saved embedder_config.json, ADAPTERS (2: corrupt adapter_config.json, no adapter weights). Plus 2 handled correctly: `eval.use_gpu=yes|no`
+corrupt saved embedder_config.json, ADAPTERS (2: corrupt adapter_config.json, no adapter weights). Plus 2 handled correctly: `encode.use_gpu=yes|no`
 (YAML booleans) and `train.warmup_ratio` passed to the scheduler as a ratio (1.0 = every update).
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ OUT_OF_RANGE = {
     "model.temperature.init=0.5": r"model\.temperature\.init: 0\.5 is outside \[min, max\] = \[0\.005, 0\.2\]",
     "model.temperature.min=0": r"model\.temperature\.min: 0\.0 is out of range; it must be > 0",
     "data.num_workers=-1": r"data\.num_workers: -1 is out of range; it must be >= 0",
-    "eval.batch_size=-1": r"eval\.batch_size: -1 is out of range; it must be >= 1",
-    "eval.batch_size=0": r"eval\.batch_size: 0 is out of range; it must be >= 1",
-    "eval.shard_size=0": r"eval\.shard_size: 0 is out of range; it must be >= 1",
+    "encode.batch_size=-1": r"encode\.batch_size: -1 is out of range; it must be >= 1",
+    "encode.batch_size=0": r"encode\.batch_size: 0 is out of range; it must be >= 1",
+    "encode.shard_size=0": r"encode\.shard_size: 0 is out of range; it must be >= 1",
     "mine.depth=-5": r"mine\.depth: -5 is out of range; it must be >= 1",
     "distill.fraction=0": r"distill\.fraction: 0\.0 is out of range; it must be > 0 and <= 1",
     "model.prompt.max_pixels=100": r"model\.prompt\.max_pixels: 100 is below min_pixels 200",
@@ -67,17 +67,17 @@ def test_an_out_of_range_value_names_its_key_and_range(tmp_path, override):
 
 def test_the_cli_prints_the_range_error_as_one_line(tmp_path, capsys):
     config = str(ROOT / "configs" / "tiny" / "hardneg.yaml")
-    assert main(["train", "--stage", "hardneg", "--config", config, "--set", "eval.batch_size=-1",
+    assert main(["train", "--stage", "hardneg", "--config", config, "--set", "encode.batch_size=-1",
                  "--set", f"run.output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
-    assert "eval.batch_size: -1 is out of range; it must be >= 1" in err and "Traceback" not in err
+    assert "encode.batch_size: -1 is out of range; it must be >= 1" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("word, value", [("yes", "yes"), ("no", "no"), ("true", "yes"), ("false", "no"),
                                          ("auto", "auto")])
 def test_use_gpu_takes_yes_and_no_although_yaml_reads_them_as_booleans(word, value):
-    assert load_config(None, [f"eval.use_gpu={word}"]).eval.use_gpu == value
+    assert load_config(None, [f"encode.use_gpu={word}"]).encode.use_gpu == value
 
 
 @pytest.mark.parametrize("ratio, updates, warmup", [(0.0, 40, 0), (0.1, 40, 4), (0.5, 7, 4), (1.0, 40, 40),

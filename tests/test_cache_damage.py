@@ -177,8 +177,8 @@ def test_a_shard_without_one_unit_vector_per_item_is_never_written(tmp_path, cas
 
 @pytest.mark.parametrize("sizes", [{"shard_size": 0}, {"batch_size": -1}], ids=["shard_size 0", "batch_size -1"])
 def test_encoding_settings_given_in_code_are_checked_before_anything_is_written(tmp_path, sizes):
-    """A config file is checked when it is read; an EvalConfig made in code reaches encode_set."""
-    with pytest.raises(UmarvelError, match=r"eval\.shard_size=.*eval\.batch_size=.*both must be >= 1"):
+    """A config file is checked when it is read; an EncodeConfig made in code reaches encode_set."""
+    with pytest.raises(UmarvelError, match=r"encode\.shard_size=.*encode\.batch_size=.*both must be >= 1"):
         encode_set(IdEmbedder(), lambda start, stop: ITEMS[start:stop], len(ITEMS), "did", tmp_path / "set",
                    fingerprint="f", progress=False, **{"shard_size": 3, "batch_size": 2, **sizes})
     assert not (tmp_path / "set").exists()
@@ -211,7 +211,7 @@ def test_an_image_rewritten_with_the_same_size_changes_the_set_fingerprint(tmp_p
 def test_a_pool_whose_image_changed_is_encoded_again_through_the_cache(tmp_path):
     from mini_mbeir import KeywordEmbedder
 
-    from umarvel.config import EvalConfig
+    from umarvel.config import EncodeConfig
     from umarvel.data.mbeir import open_pool
 
     (tmp_path / "images").mkdir()
@@ -223,7 +223,7 @@ def test_a_pool_whose_image_changed_is_encoded_again_through_the_cache(tmp_path)
                          + "\n" + json.dumps({"did": "1:2", "txt": "beta", "img_path": None, "modality": "text"}) + "\n")
     pool = open_pool(pool_file, tmp_path, cache_dir=tmp_path / "tables")
     embedder = KeywordEmbedder(["alpha", "beta"], tmp_path / "weights")
-    cache = encode.EmbeddingCache(embedder, EvalConfig(cache_dir=str(tmp_path / "embeddings")), progress=False)
+    cache = encode.EmbeddingCache(embedder, EncodeConfig(cache_dir=str(tmp_path / "embeddings")), progress=False)
     first = cache.pool("pool", pool, pool_file)
     assert cache.pool("pool", pool, pool_file).directory == first.directory and embedder.encoded == ["1:1", "1:2"]
     image = tmp_path / "images" / "a.jpg"

@@ -63,3 +63,35 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(config, tmp_path / "run")
     assert load_config(path) == config
     assert isinstance(config, Config) and to_dict(config)["model"]["lora"]["r"] == 16
+
+
+def test_the_flat_eval_keys_still_load_under_their_new_sections(tmp_path):
+    """Encoding settings moved to `encode:`, M-BEIR's to `eval.mbeir:` (MOVED_KEYS); files,
+    --set overrides, sub-stages and a run's recorded config.yaml written before still load."""
+    base = write(tmp_path / "old.yaml", {
+        "eval": {"batch_size": 8, "shard_size": 100, "split": "val", "rows": ["mscoco_task0"], "top_k": 20},
+        "stages": {"nli": {"eval": {"cache_dir": "/tmp/vectors"}}},
+    })
+    config = load_config(base, ["eval.use_gpu='no'", "stages.cc3m.eval.top_k=30"])
+    assert (config.encode.batch_size, config.encode.shard_size, config.encode.use_gpu) == (8, 100, "no")
+    assert (config.eval.mbeir.split, config.eval.mbeir.rows, config.eval.mbeir.top_k) == ("val", ["mscoco_task0"], 20)
+    assert config.stages["nli"] == {"encode": {"cache_dir": "/tmp/vectors"}}
+    assert config.stages["cc3m"] == {"eval": {"mbeir": {"top_k": 30}}}
+    assert to_dict(config)["eval"] == {"mbeir": {"split": "val", "rows": ["mscoco_task0"], "top_k": 20, "pools": ["local"]},
+                                       "zeroshot": {"tasks": [], "data": ""}}
+
+
+def test_a_key_given_under_both_names_is_an_error(tmp_path):
+    path = write(tmp_path / "both.yaml", {"eval": {"batch_size": 8}, "encode": {"batch_size": 16}})
+    with pytest.raises(ConfigError, match=r"eval\.batch_size is the old name of encode\.batch_size"):
+        load_config(path)
+    assert load_config(write(tmp_path / "same.yaml", {"eval": {"top_k": 9}, "encode": {}})).eval.mbeir.top_k == 9
+
+
+def test_umarvel_config_lists_the_moved_keys(capsys):
+    from umarvel.cli import main
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "[moved keys]" in out and "eval.batch_size" in out and "-> encode.batch_size" in out
+    assert "eval.mbeir.pools" in out and "eval.zeroshot.data" in out

@@ -30,7 +30,7 @@ from PIL import Image
 from mini_mbeir import KeywordEmbedder, query, write_jsonl, write_mini_mbeir
 from umarvel import backbones
 from umarvel.cli import main
-from umarvel.config import EvalConfig, PromptConfig, load_config
+from umarvel.config import EncodeConfig, MBEIREvalConfig, PromptConfig, load_config
 from umarvel.data.collator import load_image
 from umarvel.data.mbeir import resolve_under
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, QUERY_INSTRUCTIONS, UNION_TRAIN_QUERIES
@@ -280,7 +280,8 @@ def evaluate(root: Path, tmp: Path, row: str, **settings) -> dict[str, float]:
     pools = ("local", "global") if row in ("global", "infoseek_task6") else ("local",)
     name = "webqa_task1" if row == "global" else row
     evaluator = MBEIREvaluator(KeywordEmbedder(KEYWORDS, tmp), root,
-                               EvalConfig(rows=[name], cache_dir=str(tmp / "emb")), progress=False, **settings)
+                               EncodeConfig(cache_dir=str(tmp / "emb")), MBEIREvalConfig(rows=[name]), progress=False,
+                               **settings)
     results = evaluator.evaluate([EVAL_ROWS_BY_NAME[name]], pools, tmp / "out")
     return {pool: rows[0].recall[5] for pool, rows in results.items()}
 

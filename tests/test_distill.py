@@ -144,7 +144,7 @@ def _config(synthetic_dir: Path, tmp_path: Path, model_dir: Path, **distill) -> 
     config = Config()
     config.model.backbone = str(model_dir)
     config.data.path = str(synthetic_dir / "M-BEIR")
-    config.eval.cache_dir = str(tmp_path / "embeddings")
+    config.encode.cache_dir = str(tmp_path / "embeddings")
     config.run.output_dir = str(tmp_path / "run")
     config.run.seed = 0
     settings = {"reranker": str(model_dir), "fraction": 0.25, "top_k": 5, "shard_size": 4, "alpha": 0.5, **distill}
@@ -172,7 +172,7 @@ def test_sampling_is_seeded_and_takes_the_configured_fraction(embedder, syntheti
 
     def lists(seed: int) -> list[dict]:
         sample = sample_query_rows(queries, 0.25, seed)
-        records, skipped = retrieve(embedder, queries, pool, sample, config.distill, config.eval, seed=seed,
+        records, skipped = retrieve(embedder, queries, pool, sample, config.distill, config.encode, seed=seed,
                                     progress=False)
         assert len(records) + len(skipped) == len(sample)
         return records
@@ -285,7 +285,7 @@ def test_distill_config_checks_and_the_paper_settings():
 @pytest.mark.slow
 def test_tiny_recipe_reranker_then_distill_then_eval_with_rerank_through_the_cli(tiny_workdir):
     tiny = ROOT / "configs" / "tiny"
-    cache = ["--set", "eval.cache_dir=cache"]
+    cache = ["--set", "encode.cache_dir=cache"]
     # The stage-2 model the recipe starts from, trained briefly without mined negatives.
     assert main(["train", "--stage", "hardneg", "--config", str(tiny / "hardneg.yaml"),
                  "--set", "model.backbone=checkpoints/tiny-qwen2vl", "--set", "data.hard_negatives=",
@@ -318,7 +318,7 @@ def test_tiny_recipe_reranker_then_distill_then_eval_with_rerank_through_the_cli
         code = main(["eval", "mbeir", "--pool", "local", "--model", str(run), "--data", "data/synthetic/M-BEIR",
                      "--output-dir", "eval", "--rerank", "runs/tiny/reranker", "--rerank-top-k", "10",
                      "--alpha", "auto", "--config", str(tiny / "base.yaml"), *cache,
-                     "--set", "eval.rows=[mscoco_task0,webqa_task1,cirr_task7]"])
+                     "--set", "eval.mbeir.rows=[mscoco_task0,webqa_task1,cirr_task7]"])
     assert code == 0, stdout.getvalue()
     results = json.loads((tiny_workdir / "eval" / "local" / "results.json").read_text())
     assert list(results["rows"]) == ["mscoco_task0", "webqa_task1", "cirr_task7"]

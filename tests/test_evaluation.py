@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from mini_mbeir import KeywordEmbedder, query, text_candidate, write_jsonl, write_mini_mbeir
 from umarvel import Embedder
 from umarvel.cli import main
-from umarvel.config import EvalConfig
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS
 from umarvel.evaluation.mbeir import POOLS, MBEIREvaluator, selected_rows
 from umarvel.evaluation.report import RESULTS_CSV, RESULTS_JSON, RESULTS_MD, RESULTS_PNG, run_file_name
@@ -73,8 +73,9 @@ def encoded_ids(monkeypatch) -> list[str]:
     return log
 
 
-def evaluator(embedder, root: Path, cache: Path, rows=(OVEN, INFOSEEK), **settings) -> MBEIREvaluator:
-    return MBEIREvaluator(embedder, root, EvalConfig(rows=list(rows), cache_dir=str(cache), **settings), progress=False)
+def evaluator(embedder, root: Path, cache: Path, rows=(OVEN, INFOSEEK), **encode) -> MBEIREvaluator:
+    return MBEIREvaluator(embedder, root, EncodeConfig(cache_dir=str(cache), **encode), MBEIREvalConfig(rows=list(rows)),
+                          progress=False)
 
 
 def evaluate(embedder, root: Path, cache: Path, out: Path, pools=POOLS, rows=(OVEN, INFOSEEK), **settings):
@@ -306,7 +307,7 @@ def cli_eval(tmp_path_factory, tiny_model_dir, synthetic_dir):
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("UMARVEL_CACHE", str(work / "umarvel-cache"))
         code = main(["eval", "mbeir", "--pool", "both", "--model", str(tiny_model_dir), "--data",
-                     str(synthetic_dir / "M-BEIR"), "--output-dir", str(out), "--set", f"eval.cache_dir={cache}"])
+                     str(synthetic_dir / "M-BEIR"), "--output-dir", str(out), "--set", f"encode.cache_dir={cache}"])
     assert code == 0
     return out, cache, stdout.getvalue()
 
@@ -355,7 +356,7 @@ def test_run_files_hold_the_exact_top_k_in_the_reference_format(cli_eval, synthe
     out, cache, _ = cli_eval
     pools = {row.name: cached_vectors(cache, f"{row.name}_pool") for row in EVAL_ROWS}
     union = (np.concatenate([v for v, _ in pools.values()]), [did for _, ids in pools.values() for did in ids])
-    top_k = EvalConfig().top_k
+    top_k = MBEIREvalConfig().top_k
     for pool in POOLS:
         for row in EVAL_ROWS:
             queries, qids = cached_vectors(cache, f"{row.name}_test_queries")
@@ -393,7 +394,7 @@ def test_two_process_encoding_splits_the_shards_and_matches_one_process(tiny_mod
     def eval_args(name: str) -> list[str]:
         return ["eval", "mbeir", "--pool", "both", "--model", str(tiny_model_dir),
                 "--data", str(synthetic_dir / "M-BEIR"), "--output-dir", str(tmp_path / name / "out"),
-                "--set", f"eval.cache_dir={tmp_path / name / 'cache'}", "--set", "eval.shard_size=4"]
+                "--set", f"encode.cache_dir={tmp_path / name / 'cache'}", "--set", "encode.shard_size=4"]
 
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
@@ -430,9 +431,9 @@ def test_validate_eval_and_mining_take_the_same_data_directory(tiny_model_dir, s
     """One rule for --data: the M-BEIR root, or the data directory holding M-BEIR/ (as synth writes it)."""
     parent = str(synthetic_dir)
     assert main(["data", "validate", "--data", parent, "--images", "skip"]) == 0
-    cache = ["--set", f"eval.cache_dir={tmp_path / 'cache'}"]
+    cache = ["--set", f"encode.cache_dir={tmp_path / 'cache'}"]
     assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", parent, "--output-dir", str(tmp_path / "eval"),
-                 "--set", "eval.rows=[mscoco_task0]", *cache]) == 0
+                 "--set", "eval.mbeir.rows=[mscoco_task0]", *cache]) == 0
     assert "local: average" in capsys.readouterr().out
     assert main(["mine-negatives", "--model", str(tiny_model_dir), "--data", parent, "--out", str(tmp_path / "neg.jsonl"),
                  *cache]) == 0
@@ -442,7 +443,7 @@ def test_validate_eval_and_mining_take_the_same_data_directory(tiny_model_dir, s
 def test_cache_dir_flag_places_the_embeddings_and_the_log_says_where(tiny_model_dir, synthetic_dir, tmp_path, caplog):
     with caplog.at_level("INFO", logger="umarvel"):
         assert main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", str(synthetic_dir), "--output-dir",
-                     str(tmp_path / "eval"), "--set", "eval.rows=[nights_task4]", "--cache-dir", str(tmp_path / "vectors")]) == 0
+                     str(tmp_path / "eval"), "--set", "eval.mbeir.rows=[nights_task4]", "--cache-dir", str(tmp_path / "vectors")]) == 0
     (model_dir,) = (tmp_path / "vectors").iterdir()
     assert sorted(p.name.split("-")[0] for p in model_dir.iterdir()) == ["nights_task4_pool", "nights_task4_test_queries"]
     assert f"embedding cache: {model_dir} (re-used by later runs of this model; safe to delete)" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 
 from umarvel import Embedder
 from umarvel.cli import main
-from umarvel.config import EvalConfig, MineConfig
+from umarvel.config import EncodeConfig, MineConfig
 from umarvel.data.mbeir import MBEIR
 from umarvel.data.sources import read_hard_negatives
 from umarvel.retrieval.mining import mine, select_negatives
@@ -30,10 +30,10 @@ def test_select_negatives_removes_positives_then_filters_then_keeps_top_k():
 def mined(tiny_model_dir, synthetic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mine") / "hardneg.jsonl"
     config = MineConfig(depth=400, top_k=5, threshold=1.0, max_fraction_of_positive=1.0)
-    eval_config = EvalConfig(cache_dir=str(out.parent / "cache"), shard_size=64)
+    encode_config = EncodeConfig(cache_dir=str(out.parent / "cache"), shard_size=64)
     embedder = Embedder.from_pretrained(tiny_model_dir)
-    summary = mine(embedder, synthetic_dir / "M-BEIR", out, config, eval_config, progress=False)
-    return out, config, summary, embedder, eval_config
+    summary = mine(embedder, synthetic_dir / "M-BEIR", out, config, encode_config, progress=False)
+    return out, config, summary, embedder, encode_config
 
 
 def test_no_positive_is_a_negative_and_the_filter_holds(mined, synthetic_dir):
@@ -74,12 +74,12 @@ def test_kept_scores_respect_the_relative_filter(mined, synthetic_dir):
 
 
 def test_mining_is_deterministic_and_reuses_the_encoding(mined, synthetic_dir, monkeypatch, tmp_path):
-    out, config, _, embedder, eval_config = mined
+    out, config, _, embedder, encode_config = mined
     calls = []
     original = Embedder.encode
     monkeypatch.setattr(Embedder, "encode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     again = tmp_path / "again.jsonl"
-    mine(embedder, synthetic_dir / "M-BEIR", again, config, eval_config, progress=False)
+    mine(embedder, synthetic_dir / "M-BEIR", again, config, encode_config, progress=False)
     assert not calls, "a second mining run with the same model must re-use the cached encoding"
     assert again.read_bytes() == out.read_bytes()
 
@@ -88,7 +88,7 @@ def test_mine_negatives_cli_writes_file_and_stats(tiny_model_dir, synthetic_dir,
     out = tmp_path / "neg.jsonl"
     code = main([
         "mine-negatives", "--model", str(tiny_model_dir), "--data", str(synthetic_dir / "M-BEIR"), "--out", str(out),
-        "--set", f"eval.cache_dir={tmp_path / 'cache'}", "--set", "mine.top_k=3", "--set", "mine.scope=task",
+        "--set", f"encode.cache_dir={tmp_path / 'cache'}", "--set", "mine.top_k=3", "--set", "mine.scope=task",
         "--set", "mine.threshold=1.0",
     ])
     assert code == 0

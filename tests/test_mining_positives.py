@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mini_mbeir import KeywordEmbedder, query, text_candidate, write_jsonl, write_mini_mbeir
-from umarvel.config import EvalConfig, MineConfig
+from umarvel.config import EncodeConfig, MineConfig
 from umarvel.data.sources import read_hard_negatives
 from umarvel.data.tasks import GLOBAL_POOL, UNION_TRAIN_QUERIES
 from umarvel.retrieval.mining import mine, select_negatives
@@ -47,7 +47,7 @@ def mined(root: Path, tmp_path: Path, **settings) -> tuple[dict[str, list[str]],
     embedder = KeywordEmbedder(["alpha", "beta", "gamma", "delta"], tmp_path)
     config = MineConfig(depth=len(POOL), top_k=3, **settings)
     out = tmp_path / f"hardneg-{len(list(tmp_path.glob('hardneg-*.jsonl')))}.jsonl"
-    summary = mine(embedder, root, out, config, EvalConfig(cache_dir=str(tmp_path / "cache")), progress=False)
+    summary = mine(embedder, root, out, config, EncodeConfig(cache_dir=str(tmp_path / "cache")), progress=False)
     return {qid: dids for qid, dids, _ in read_hard_negatives(out)}, summary["tasks"]
 
 

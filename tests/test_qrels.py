@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mini_mbeir import KeywordEmbedder, query, text_candidate, write_mini_mbeir
-from umarvel.config import EvalConfig
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.arrowtable import ErrorLog
 from umarvel.data.mbeir import MBEIR, read_qrels
 from umarvel.data.tasks import EVAL_ROWS_BY_NAME
@@ -42,8 +42,8 @@ def test_read_qrels_keeps_only_positive_relevance(root):
 
 def test_a_top_ranked_candidate_judged_not_relevant_is_not_a_hit(root, tmp_path):
     embedder = KeywordEmbedder(["alpha", "beta", "gamma"], tmp_path)
-    config = EvalConfig(rows=[INFOSEEK], cache_dir=str(tmp_path / "cache"))
-    results = MBEIREvaluator(embedder, root, config, progress=False).evaluate(
+    encode, settings = EncodeConfig(cache_dir=str(tmp_path / "cache")), MBEIREvalConfig(rows=[INFOSEEK])
+    results = MBEIREvaluator(embedder, root, encode, settings, progress=False).evaluate(
         selected_rows([INFOSEEK]), ("local",), tmp_path / "out"
     )
     (result,) = results["local"]

@@ -27,6 +27,7 @@ def test_the_python_api_example_runs_and_saves_what_it_says(tiny_workdir):
     scope: dict = {}
     exec(example, scope)
     assert tuple(scope["vectors"].shape) == (3, 64)
+    assert tuple(scope["scores"].shape) == (1, 2)  # one query against an image and a text
     assert (tiny_workdir / "runs/my-adapter/adapter_model.safetensors").is_file()
     for whole in ("runs/my-merged", "runs/my-copy"):  # the plain backbone is saved whole, not as an adapter
         assert (tiny_workdir / whole / "model.safetensors").is_file()

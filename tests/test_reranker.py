@@ -16,7 +16,7 @@ import torch
 from conftest import draw_image
 from umarvel import Embedder
 from umarvel.cli import main
-from umarvel.config import EvalConfig, PromptConfig, load_config
+from umarvel.config import EncodeConfig, MBEIREvalConfig, PromptConfig, load_config
 from umarvel.data.collator import load_image
 from umarvel.data.mbeir import MBEIR
 from umarvel.data.prompts import RERANK_QUESTION, render_pair
@@ -186,9 +186,10 @@ def test_auto_alpha_is_chosen_on_val_before_any_test_qrels_are_read(reranker, ti
 
     monkeypatch.setattr(MBEIR, "qrels", recording_qrels)
     rows = selected_rows(["mscoco_task0", "cirr_task7"])
-    config = EvalConfig(rows=[r.name for r in rows], cache_dir=str(tmp_path / "cache"), top_k=10)
+    encode = EncodeConfig(cache_dir=str(tmp_path / "cache"))
+    settings = MBEIREvalConfig(rows=[r.name for r in rows], top_k=10)
     evaluator = RerankingEvaluator(Embedder.from_pretrained(tiny_model_dir), reranker, synthetic_dir / "M-BEIR",
-                                   config, top_k=10, alpha="auto", progress=False)
+                                   encode, settings, top_k=10, alpha="auto", progress=False)
     evaluator.evaluate(rows, ("local",), tmp_path / "out")
     assert reads == ["val"] * len(rows) + ["test"] * len(rows)
     block = json.loads((tmp_path / "out" / "local" / "results.json").read_text())["rerank"]
@@ -203,7 +204,7 @@ def test_cli_prints_the_chosen_alpha_and_writes_the_pool_folder_as_plain_eval(re
     reranker.save_pretrained(tmp_path / "reranker" / "model")
     code = main(["eval", "mbeir", "--model", str(tiny_model_dir), "--data", str(synthetic_dir), "--output-dir",
                  str(tmp_path / "out"), "--rerank", str(tmp_path / "reranker"), "--rerank-top-k", "5",
-                 "--set", "eval.rows=[mscoco_task0]", "--set", f"eval.cache_dir={tmp_path / 'cache'}"])
+                 "--set", "eval.mbeir.rows=[mscoco_task0]", "--set", f"encode.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
     alpha = json.loads((tmp_path / "out" / "local" / "results.json").read_text())["rerank"]["alpha"]
     assert f"local: U-MARVEL+ top 5 re-scored, S = a*S_recall + (1-a)*S_rerank with a = {alpha:.2f} " \
@@ -224,7 +225,7 @@ def test_tiny_reranker_recipe_through_the_cli(tiny_workdir):
     config = str(ROOT / "configs" / "tiny" / "reranker.yaml")
     overrides = ["--set", "rerank.recall_model=checkpoints/tiny-qwen2vl", "--set", "train.max_steps=12",
                  "--set", "train.per_device_batch_size=8", "--set", "train.learning_rate=1e-2",
-                 "--set", "eval.cache_dir=cache"]
+                 "--set", "encode.cache_dir=cache"]
     assert main(["train", "--stage", "reranker", "--config", config, *overrides]) == 0
     run = tiny_workdir / "runs" / "tiny" / "reranker"
     assert (run / "DONE").is_file() and (run / "model" / "reranker_config.json").is_file()
@@ -243,7 +244,7 @@ def test_tiny_reranker_recipe_through_the_cli(tiny_workdir):
         code = main(["eval", "mbeir", "--pool", "local", "--model", "checkpoints/tiny-qwen2vl",
                      "--data", "data/synthetic/M-BEIR", "--output-dir", "eval", "--rerank", str(run),
                      "--rerank-top-k", "10", "--alpha", "auto", "--config", config,
-                     "--set", "eval.rows=[mscoco_task0,webqa_task1,cirr_task7]", "--set", "eval.cache_dir=cache"])
+                     "--set", "eval.mbeir.rows=[mscoco_task0,webqa_task1,cirr_task7]", "--set", "encode.cache_dir=cache"])
     assert code == 0
     results = json.loads((tiny_workdir / "eval" / "local" / "results.json").read_text())
     assert list(results["rows"]) == ["mscoco_task0", "webqa_task1", "cirr_task7"]

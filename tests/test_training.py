@@ -141,7 +141,7 @@ def test_tiny_recipe_progressive_then_mine_then_hardneg_through_the_cli(tiny_wor
     # Stage 2: mine with the stage-1 model, then continue training with the mined negatives.
     mined = "runs/tiny/hardneg.jsonl"
     assert main(["mine-negatives", "--model", str(base / "mbeir"), "--data", "data/synthetic/M-BEIR", "--out", mined,
-                 "--config", str(ROOT / "configs" / "tiny" / "mine.yaml"), "--set", "eval.cache_dir=cache"]) == 0
+                 "--config", str(ROOT / "configs" / "tiny" / "mine.yaml"), "--set", "encode.cache_dir=cache"]) == 0
     assert main(["train", "--stage", "hardneg", "--config", str(ROOT / "configs" / "tiny" / "hardneg.yaml"),
                  "--set", "train.epochs=1", "--set", "train.per_device_batch_size=8"]) == 0
     hardneg = tiny_workdir / "runs" / "tiny" / "hardneg"

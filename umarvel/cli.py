@@ -39,6 +39,11 @@ EXAMPLES = {
         "umarvel eval mbeir --pool both --profile umarvel-release --model checkpoints/U-MARVEL-Qwen2VL-7B-Instruct "
         "--data data/M-BEIR --output-dir runs/release/eval",
     ],
+    "umarvel eval zeroshot": [
+        "umarvel eval zeroshot --task all --model runs/umarvel/distill --data data/zeroshot --output-dir runs/umarvel/zeroshot",
+        "umarvel eval zeroshot --model runs/tiny/distill --data data/zeroshot --output-dir runs/tiny/zeroshot "
+        "--set encode.batch_size=64",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -53,7 +58,7 @@ def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", metavar="DIR",
         help="embedding cache (fp16 vectors, re-used across runs; ~40 GB for the 7B global pool); "
-        "default eval.cache_dir, else $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings",
+        "default encode.cache_dir, else $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings",
     )
 
 
@@ -92,13 +97,16 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from umarvel.config import describe, load_config, to_dict
+    from umarvel.config import MOVED_KEYS, describe, load_config, to_dict
 
     if args.config or args.overrides:
         print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
         return 0
     for key, default, text in describe():
         print(f"{key:42s} {default:>14s}  {text}" if default else f"\n[{key}]  {text}")
+    print("\n[moved keys]  still read (in files and --set) under their new names; a file giving both is an error")
+    for old, new in MOVED_KEYS.items():
+        print(f"{old:42s} -> {new}")
     return 0
 
 
@@ -151,7 +159,7 @@ def _launched_embedder(args: argparse.Namespace):
 
     config = load_config(args.config, args.overrides)
     if args.cache_dir:
-        config.eval.cache_dir = args.cache_dir
+        config.encode.cache_dir = args.cache_dir
     with launched_job() as device:
         if device:
             config.model.device = device
@@ -172,13 +180,14 @@ def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
 
     _setup_logging()
     with _launched_embedder(args) as (config, embedder):
-        pools = POOLS if args.pool == "both" else (args.pool,)
+        settings = config.eval.mbeir
+        pools = tuple(settings.pools) if args.pool is None else POOLS if args.pool == "both" else (args.pool,)
         if args.rerank:
             evaluator = _rerank_evaluator(args, embedder, config)
         else:
-            evaluator = MBEIREvaluator(embedder, args.data, config.eval,
+            evaluator = MBEIREvaluator(embedder, args.data, config.encode, settings,
                                        symlinks_outside_root=config.data.allow_symlinks_outside_root)
-        results = evaluator.evaluate(selected_rows(config.eval.rows), pools, args.output_dir)
+        results = evaluator.evaluate(selected_rows(settings.rows), pools, args.output_dir)
     for pool, rows in results.items():
         average = sum(r.headline for r in rows) / len(rows)
         print(f"{pool}: average {average:.2f} over {len(rows)} rows -> {report_dir(args.output_dir, pool)}")
@@ -189,6 +198,39 @@ def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from umarvel.evaluation.runner import Runner
+
+    _setup_logging()
+    with _launched_embedder(args) as (config, embedder):
+        settings = config.eval.zeroshot
+        tasks = _zeroshot_tasks(args.task or ",".join(settings.tasks) or "all")
+        data = args.data or settings.data
+        if not data:
+            raise UmarvelError("umarvel eval zeroshot needs --data DIR (or eval.zeroshot.data): the directory "
+                               "holding each set in its public release's layout")
+        runner = Runner(embedder, config.encode)
+        results = {name: runner.run(cls(Path(data), settings), Path(args.output_dir) / name) for name, cls in tasks.items()}
+    for name, metrics in results.items():
+        if metrics is not None:
+            shown = ", ".join(f"{metric} {value:.2f}" for metric, value in metrics.items())
+            print(f"{name}: {shown} -> {Path(args.output_dir) / name}")
+    return 0
+
+
+def _zeroshot_tasks(names: str) -> dict[str, type]:
+    """The benchmark classes of `names` (comma-separated, or all) from the zero-shot registry."""
+    from umarvel.evaluation.zeroshot import TASKS
+
+    wanted = list(TASKS) if names == "all" else [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in TASKS]
+    if unknown:
+        raise UmarvelError(f"unknown zero-shot task {', '.join(unknown)}; the tasks are {', '.join(TASKS)} (or all)")
+    return {name: TASKS[name] for name in wanted}
+
+
 def _rerank_evaluator(args: argparse.Namespace, embedder, config):
     """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model and fused."""
     from umarvel.evaluation.rerank import RerankingEvaluator
@@ -197,8 +239,8 @@ def _rerank_evaluator(args: argparse.Namespace, embedder, config):
 
     runtime = RUNTIME_FIELDS if args.config else ("device",)
     reranker = Reranker.from_pretrained(args.rerank, **{field: getattr(config.model, field) for field in runtime})
-    return RerankingEvaluator(embedder, reranker, args.data, config.eval, top_k=args.rerank_top_k, alpha=args.alpha,
-                              symlinks_outside_root=config.data.allow_symlinks_outside_root)
+    return RerankingEvaluator(embedder, reranker, args.data, config.encode, config.eval.mbeir, top_k=args.rerank_top_k,
+                              alpha=args.alpha, symlinks_outside_root=config.data.allow_symlinks_outside_root)
 
 
 def _fusion_weight(value: str) -> float | str:
@@ -218,7 +260,7 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
 
     _setup_logging()
     with _launched_embedder(args) as (config, embedder):
-        summary = mine(embedder, args.data, args.out, config.mine, config.eval,
+        summary = mine(embedder, args.data, args.out, config.mine, config.encode,
                        symlinks_outside_root=config.data.allow_symlinks_outside_root)
     if summary:
         print(format_stats(summary))
@@ -288,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benchmarks.required = True
     p = benchmarks.add_parser("mbeir", help="M-BEIR recall on the local and/or global (union) pool")
-    p.add_argument("--pool", choices=["local", "global", "both"], default="local",
-                   help="local (default): each row searches its own candidate pool; global: every row searches "
-                   "the union of all 16 pools (5.6M candidates on M-BEIR); both")
+    p.add_argument("--pool", choices=["local", "global", "both"],
+                   help="local: each row searches its own candidate pool; global: every row searches the union of "
+                   "all 16 pools (5.6M candidates on M-BEIR); both; default eval.mbeir.pools (local)")
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
@@ -303,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mbeir)
+    p = benchmarks.add_parser("zeroshot", help="the paper's zero-shot sets (Tables 8 and 9), each from its public "
+                              "release's layout")
+    p.add_argument("--task", metavar="NAME|all", help="a task name, several comma-separated, or all; default "
+                   "eval.zeroshot.tasks (empty: all)")
+    p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
+    p.add_argument("--data", help="directory holding the sets (default eval.zeroshot.data)")
+    p.add_argument("--output-dir", required=True, help="results.json/md/png and run files go into its <task>/ folders")
+    _add_cache_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval_zeroshot)
 
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")

@@ -7,6 +7,7 @@ run of 0 steps) later. Checks that tie two fields together are a section's `chec
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -217,9 +218,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    split: Literal["test", "val"] = doc("Query split to evaluate.", "test")
-    rows: list[str] = doc("Evaluation rows (e.g. mscoco_task0); empty = all 16.", factory=list)
+class EncodeConfig:
     batch_size: int = doc("Items per encoder forward.", 32, at_least=1)
     num_workers: int = doc(
         "Input worker processes per rank that read images, render prompts and collate while the model runs "
@@ -228,8 +227,44 @@ class EvalConfig:
     )
     shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000, at_least=1)
     cache_dir: str = doc("Embedding cache; empty = $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings.", "")
+    use_gpu: Literal["auto", "yes", "no"] = doc("FAISS search on GPUs: auto = when faiss sees any.", "auto")
+
+
+@dataclass
+class MBEIREvalConfig:
+    split: Literal["test", "val"] = doc("Query split to evaluate.", "test")
+    rows: list[str] = doc("Evaluation rows (e.g. mscoco_task0); empty = all 16.", factory=list)
     top_k: int = doc("Candidates kept per query (run files; at least the largest recall cut-off).", 50, at_least=1)
-    use_gpu: Literal["auto", "yes", "no"] = doc("FAISS on GPUs: auto = when faiss sees any.", "auto")
+    pools: list[Literal["local", "global"]] = doc(
+        "Pools to evaluate: local (each row its own pool), global (the union of all 16); `umarvel eval mbeir "
+        "--pool` overrides it.", factory=lambda: ["local"]
+    )
+
+
+@dataclass
+class ZeroShotEvalConfig:
+    tasks: list[str] = doc("Zero-shot sets to evaluate (`umarvel eval zeroshot --task`); empty = all.", factory=list)
+    data: str = doc("Directory holding each zero-shot set in its public release's layout (`--data` overrides it).", "")
+
+
+@dataclass
+class EvalConfig:
+    mbeir: MBEIREvalConfig = doc("M-BEIR: split, rows, kept candidates, pools.", factory=MBEIREvalConfig)
+    zeroshot: ZeroShotEvalConfig = doc("The paper's zero-shot sets (Tables 8 and 9).", factory=ZeroShotEvalConfig)
+
+
+# Keys of the flat `eval:` section before encoding and benchmark settings were split: still read,
+# each as the key it became (a file giving both spellings of one key is an error).
+MOVED_KEYS = {
+    "eval.batch_size": "encode.batch_size",
+    "eval.shard_size": "encode.shard_size",
+    "eval.cache_dir": "encode.cache_dir",
+    "eval.use_gpu": "encode.use_gpu",
+    "eval.num_workers": "encode.num_workers",
+    "eval.split": "eval.mbeir.split",
+    "eval.rows": "eval.mbeir.rows",
+    "eval.top_k": "eval.mbeir.top_k",
+}
 
 
 @dataclass
@@ -296,7 +331,11 @@ class Config:
     )
     data: DataConfig = doc("Training data of the stage.", factory=DataConfig)
     train: TrainConfig = doc("Optimisation and the loss.", factory=TrainConfig)
-    eval: EvalConfig = doc("M-BEIR evaluation (its encoding settings serve mining too).", factory=EvalConfig)
+    encode: EncodeConfig = doc(
+        "How item sets are encoded and searched: evaluation, mining, teacher retrieval, reranker pairs.",
+        factory=EncodeConfig,
+    )
+    eval: EvalConfig = doc("Each benchmark's protocol settings.", factory=EvalConfig)
     mine: MineConfig = doc("Hard-negative mining.", factory=MineConfig)
     rerank: RerankConfig = doc("Reranker training pairs from a recall model (stage `reranker`).", factory=RerankConfig)
     distill: DistillConfig = doc("Stage 3: teacher scores from recall + reranker, then KL distillation.", factory=DistillConfig)
@@ -314,7 +353,8 @@ class Config:
                 raise ConfigError(f"stages.{name}: expected a mapping (a partial config), got {partial!r}")
             if "stages" in partial:
                 raise ConfigError(f"stages.{name}.stages: sub-stages cannot have sub-stages")
-            build_config(deep_merge(_without_stages(self), partial), f"stages.{name}")
+            build_config(deep_merge(_without_stages(self), upgrade_moved_keys(partial, f"stages.{name}")),
+                         f"stages.{name}")
 
 
 def _type_name(tp: Any) -> str:
@@ -439,6 +479,7 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    data = upgrade_moved_keys(data, str(path))
     parents = data.pop("inherit", None) or []
     if isinstance(parents, str):
         parents = [parents]
@@ -453,7 +494,7 @@ def apply_override(data: dict, assignment: str) -> dict:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. model.lora.r=16")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    parts = _moved_key(key.strip()).split(".")
     if not all(parts):
         raise ConfigError(f"override {assignment!r}: empty key segment")
     try:
@@ -480,8 +521,52 @@ def read_raw(path: str | os.PathLike | None = None, overrides: list[str] | None 
     return data
 
 
+def upgrade_moved_keys(data: dict, where: str = "config") -> dict:
+    """`data` (a raw config, or a sub-stage's partial one) with every key of MOVED_KEYS under
+    the name it moved to, in its sub-stages too; a copy, `data` is left unchanged."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_key = old.split(".")
+        parent = _section(data, old_path)
+        if not isinstance(parent, dict) or old_key not in parent:
+            continue
+        *new_path, new_key = new.split(".")
+        target = _section(data, new_path, create=True)
+        if new_key in target and target[new_key] != parent[old_key]:
+            raise ConfigError(f"{where}: {old} is the old name of {new}; give only {new}")
+        target[new_key] = parent.pop(old_key)
+        if not parent:  # a section left empty by the move would read as "given, all defaults"
+            _section(data, old_path[:-1]).pop(old_path[-1])
+    stages = data.get("stages")
+    if isinstance(stages, dict):
+        for name, partial in stages.items():
+            if isinstance(partial, dict):
+                stages[name] = upgrade_moved_keys(partial, f"{where}: stages.{name}")
+    return data
+
+
+def _moved_key(key: str) -> str:
+    """An override's key under its current name (`stages.NAME.` prefixes kept)."""
+    parts = key.split(".")
+    prefix = ".".join(parts[:2]) + "." if len(parts) > 2 and parts[0] == "stages" else ""
+    rest = key[len(prefix):]
+    return prefix + MOVED_KEYS.get(rest, rest)
+
+
+def _section(data: dict, path: list[str], create: bool = False):
+    for part in path:
+        if not isinstance(data, dict):
+            return None
+        if create and not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data.get(part)
+    return data
+
+
 def build_config(data: dict, where: str = "config", cls: type = Config) -> Any:
     """Validate a raw mapping into `cls`; errors name `where` and the key's path."""
+    if cls is Config:
+        data = upgrade_moved_keys(data, where)
     try:
         return from_dict(cls, data)
     except ConfigError as err:

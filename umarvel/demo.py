@@ -65,7 +65,7 @@ def _cli(argv: list[str]) -> None:
 
 def _eval_argv(model: str | Path, out: Path, configs: Path, pool: str = "both") -> list:
     return ["eval", "mbeir", "--pool", pool, "--model", model, "--data", MBEIR, "--output-dir", out,
-            "--config", configs / "base.yaml", "--set", "eval.cache_dir=cache"]
+            "--config", configs / "base.yaml", "--set", "encode.cache_dir=cache"]
 
 
 def tiny_model_dir(family: str) -> str:
@@ -92,7 +92,7 @@ def demo_steps(configs: Path, size: str, seed: int,
          lambda: _cli(["train", "--stage", "progressive", "--config", configs / "progressive.yaml", *backbone])),
         ("stage 2a: mine filtered hard negatives", done(RUNS / "hardneg.jsonl"),
          lambda: _cli(["mine-negatives", "--model", RUNS / "progressive/mbeir", "--data", MBEIR,
-                       "--out", RUNS / "hardneg.jsonl", "--config", configs / "mine.yaml", "--set", "eval.cache_dir=cache"])),
+                       "--out", RUNS / "hardneg.jsonl", "--config", configs / "mine.yaml", "--set", "encode.cache_dir=cache"])),
         ("stage 2b: continual training with hard negatives", done(RUNS / "hardneg/DONE"),
          lambda: _cli(["train", "--stage", "hardneg", "--config", configs / "hardneg.yaml"])),
         ("stage 3a: YES/NO reranker", done(RUNS / "reranker/DONE"),

@@ -1,25 +1,30 @@
-"""M-BEIR evaluators: every row against its own pool (local) or the union of all 16 (global).
+"""M-BEIR as an evaluator of the protocol: every row against its own pool (local) or the union
+of all 16 (global).
 
-Queries and pools are encoded once into the shared cache; the global pool is the concatenation
-of the local pools' cached shards (never encoded twice, never copied into one array). Under a
-launcher every rank encodes its shards and rank 0 searches, scores and writes the report.
+Each pool is one Benchmark whose searches are the rows; the shared runner encodes queries and
+pools once into the cache. The global pool is the union of the local pools' cached shards
+(never encoded twice, never copied into one array). Under a launcher every rank encodes its
+shards and rank 0 searches, scores and writes the report.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-
 from umarvel import process
-from umarvel.config import EvalConfig
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.mbeir import MBEIR, check_pools_disjoint
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS, EvalRow
-from umarvel.errors import DataError, UmarvelError
-from umarvel.evaluation.metrics import RowResult, evaluate_row
-from umarvel.evaluation.report import run_file_name, write_report, write_run_file
-from umarvel.retrieval.encode import EmbeddingCache, EncodedSet
-from umarvel.retrieval.index import gpu_choice, search_ids
+from umarvel.errors import UmarvelError
+from umarvel.evaluation.metrics import RowResult, evaluate_row, headline_average
+from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking, Retrieval
+from umarvel.evaluation.report import run_file_name, write_report
+from umarvel.evaluation.runner import Runner, ranking_of
+from umarvel.retrieval.encode import EncodedSet, pool_set, query_set
+from umarvel.retrieval.index import search_ids
 
 logger = logging.getLogger("umarvel")
 POOLS = ("local", "global")
@@ -32,54 +37,87 @@ def selected_rows(names: list[str]) -> list[EvalRow]:
     return [row for row in EVAL_ROWS if not names or row.name in names]
 
 
+@dataclass
+class RowSearch(Retrieval):
+    """One M-BEIR row's search in one pool."""
+
+    row: EvalRow | None = None
+    pool: str = "local"
+
+
+class MBEIRPool(Benchmark):
+    """The rows against one pool; `score` keeps the row results for the M-BEIR report."""
+
+    def __init__(self, evaluator: MBEIREvaluator, rows: list[EvalRow], pool: str, pool_sizes: dict[str, int]):
+        self.evaluator, self.rows, self.pool, self.pool_sizes = evaluator, rows, pool, pool_sizes
+        self.name = f"mbeir_{pool}"
+        self.results: list[RowResult] = []
+
+    def retrievals(self) -> list[Retrieval]:
+        evaluator = self.evaluator
+        union = ItemSet.union("global_pool", [evaluator.pool_set(row) for row in EVAL_ROWS]) if self.pool == "global" else None
+        return [
+            RowSearch(row.name, evaluator.query_set(row), union or evaluator.pool_set(row),
+                      max(evaluator.settings.top_k, max(row.recall_ks)), run_file=run_file_name(row, self.pool),
+                      task_id=row.task_id, row=row, pool=self.pool)
+            for row in self.rows
+        ]
+
+    def score(self, rankings: Mapping[str, Ranking]) -> dict[str, float]:
+        mbeir, split = self.evaluator.mbeir, self.evaluator.settings.split
+        self.results = []
+        for row in self.rows:
+            result = evaluate_row(row, rankings[row.name].ids, mbeir.qrels(split, row))
+            logger.info("%s %s: %s = %.2f over %d queries", self.pool, row.name, row.headline, result.headline,
+                        result.queries)
+            self.results.append(result)
+        return {**{r.row.name: r.headline for r in self.results}, "average": headline_average(self.results)}
+
+    def write_report(self, out_dir: Path, metrics: Mapping[str, float]) -> None:
+        write_report(out_dir, self.pool, self.results, pool_sizes=self.pool_sizes)
+
+
 class MBEIREvaluator:
     """Encode (cached), search and score M-BEIR rows for one embedder."""
 
-    def __init__(self, embedder, data_root: str | os.PathLike, config: EvalConfig, *, progress: bool = True,
-                 symlinks_outside_root: bool = False):
-        self.config, self.progress = config, progress
+    def __init__(self, embedder, data_root: str | os.PathLike, encode: EncodeConfig, settings: MBEIREvalConfig, *,
+                 progress: bool = True, symlinks_outside_root: bool = False):
+        self.encode, self.settings, self.progress = encode, settings, progress
         self.mbeir = MBEIR(data_root, symlinks_outside_root=symlinks_outside_root)
-        self.cache = EmbeddingCache(embedder, config, progress=progress)
-        self.use_gpu = gpu_choice(config.use_gpu)
+        self.use_instruction = embedder.settings.prompt.use_instruction
+        self.runner = Runner(embedder, encode, progress=progress, rank=self._rank)
+        self.use_gpu = self.runner.use_gpu
+
+    def query_set(self, row: EvalRow, split: str | None = None) -> ItemSet:
+        split = split or self.settings.split
+        sources = [self.mbeir.path(row.query_file(split)), self.mbeir.path(QUERY_INSTRUCTIONS)]
+        return query_set(f"{row.name}_{split}_queries", self.mbeir.queries(split, row), sources, self.use_instruction)
+
+    def pool_set(self, row: EvalRow) -> ItemSet:
+        return pool_set(f"{row.name}_pool", self.mbeir.local_pool(row), self.mbeir.path(row.local_pool_file()))
 
     def queries(self, row: EvalRow, split: str | None = None) -> EncodedSet:
-        split = split or self.config.split
-        sources = [self.mbeir.path(row.query_file(split)), self.mbeir.path(QUERY_INSTRUCTIONS)]
-        return self.cache.queries(f"{row.name}_{split}_queries", self.mbeir.queries(split, row), sources)
+        return self.runner.encode(self.query_set(row, split))
 
     def local_pool(self, row: EvalRow) -> EncodedSet:
-        return self.cache.pool(f"{row.name}_pool", self.mbeir.local_pool(row), self.mbeir.path(row.local_pool_file()))
+        return self.runner.encode(self.pool_set(row))
 
     def evaluate(self, rows: list[EvalRow], pools: tuple[str, ...], output_dir: str | os.PathLike) -> dict[str, list[RowResult]]:
         """Write results.json/md/csv/png and run files per pool; return the row results (rank 0)."""
-        query_sets = {row.name: self.queries(row) for row in rows}
         pool_rows = EVAL_ROWS if "global" in pools else rows
         if "global" in pools:
             check_pools_disjoint([self.mbeir.local_pool(row) for row in EVAL_ROWS])
-        pool_sets = {row.name: self.local_pool(row) for row in pool_rows}
-        if process.rank() != 0:
-            return {}
-        output_dir = Path(output_dir)
-        pool_sizes = {name: len(encoded) for name, encoded in pool_sets.items()}
+        pool_sizes = {row.name: len(self.mbeir.local_pool(row)) for row in pool_rows}
         results = {}
         for pool in pools:
-            candidates = pool_sets if pool == "local" else {"global": _concatenate(list(pool_sets.values()))}
-            out = report_dir(output_dir, pool)
-            results[pool] = [
-                self._score_row(row, query_sets[row.name], candidates[row.name if pool == "local" else "global"], pool, out)
-                for row in rows
-            ]
-            write_report(out, pool, results[pool], pool_sizes=pool_sizes)
+            benchmark = MBEIRPool(self, rows, pool, pool_sizes)
+            if self.runner.run(benchmark, report_dir(output_dir, pool)) is not None:
+                results[pool] = benchmark.results
         return results
 
-    def _score_row(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, out: Path) -> RowResult:
-        k = max(self.config.top_k, max(row.recall_ks))
-        scores, ranked_dids = self.rank(row, queries, pool, pool_name, k)
-        qrels = self.mbeir.qrels(self.config.split, row)
-        result = evaluate_row(row, dict(zip(queries.ids, ranked_dids)), qrels)
-        write_run_file(out / run_file_name(row, pool_name), queries.ids, ranked_dids, scores.tolist(), task_id=row.task_id)
-        logger.info("%s %s: %s = %.2f over %d queries", pool_name, row.name, row.headline, result.headline, result.queries)
-        return result
+    def _rank(self, search: RowSearch, queries: EncodedSet, candidates: EncodedSet) -> Ranking:
+        scores, ranked = self.rank(search.row, queries, candidates, search.pool, search.k)
+        return ranking_of(queries.ids, ranked, scores)
 
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         """(scores, ranked dids) of the top k per query: the search step, which a reranking
@@ -91,16 +129,3 @@ class MBEIREvaluator:
 def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:
     """Where a pool's report goes: `<output dir>/<pool>/`, however many pools are evaluated."""
     return Path(output_dir) / pool
-
-
-def _concatenate(sets: list[EncodedSet]) -> EncodedSet:
-    """The union pool: every local pool's shards in benchmark order; dids must be unique."""
-    ids = [did for encoded in sets for did in encoded.ids]
-    if len(set(ids)) != len(ids):
-        seen, duplicates = set(), []
-        for did in ids:
-            if did in seen:
-                duplicates.append(did)
-            seen.add(did)
-        raise DataError(f"the local pools share dids {duplicates[:5]}: the union pool needs unique dids")
-    return EncodedSet(sets[0].directory.parent, [shard for encoded in sets for shard in encoded.shards], ids)

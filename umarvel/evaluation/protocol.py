@@ -11,22 +11,47 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 
 @dataclass
 class ItemSet:
     """Items to encode: `items(start, stop)` gives the item dicts (keys of `Embedder.encode`:
     text, image, instruction, ... and the id under `id_key`) in the order of `ids`; `sources`
-    are the files they are read from, which the cache fingerprints."""
+    are the files they are read from, which the cache fingerprints. `name` with the sources
+    names the cache folder, so two sets built differently from the same files need two names.
+    `images`, when given, returns a fingerprint of the image files the items name (computed when
+    the set is encoded), so a changed image is encoded again."""
 
     name: str
     ids: list[str]
     items: Callable[[int, int], list[dict]]
     sources: list[Path]
     id_key: str = "id"
+    parts: Sequence[ItemSet] = ()
+    images: Callable[[], str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def union(cls, name: str, parts: Sequence[ItemSet]) -> ItemSet:
+        """The concatenation of `parts` (M-BEIR's global pool): the runner encodes each part
+        into the cache and searches their shards together, so nothing is encoded twice."""
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + len(part))
+
+        def items(start: int, stop: int) -> list[dict]:
+            out = []
+            for part, first in zip(parts, offsets):
+                low, high = max(start - first, 0), min(stop - first, len(part))
+                if low < high:
+                    out.extend(part.items(low, high))
+            return out
+
+        return cls(name, [i for part in parts for i in part.ids], items,
+                   [source for part in parts for source in part.sources], parts[0].id_key, tuple(parts))
 
 
 @dataclass
@@ -40,6 +65,13 @@ class Retrieval:
     candidates: ItemSet
     k: int
     galleries: Mapping[str, Sequence[str]] | None = None
+    run_file: str = ""
+    task_id: int | None = None
+
+    @property
+    def run_file_name(self) -> str:
+        """`run_file`, or `<name>_run.txt`; `task_id` is the run file's last column when set."""
+        return self.run_file or f"{self.name}_run.txt"
 
 
 @dataclass
@@ -51,9 +83,18 @@ class Ranking:
 
 
 class Benchmark(ABC):
-    """A benchmark: its searches and its metrics over their rankings."""
+    """A benchmark: its searches and its metrics over their rankings.
+
+    `paper` holds the paper's number per metric name; the report shows it beside ours only when
+    `is_real_data` says the data is the published set (never on a fixture or a subset).
+    `prompt_overrides` are PromptConfig fields the benchmark's items are encoded with (its own
+    prompt choice, e.g. the "in one word" suffix); the runner applies them while it encodes.
+    """
 
     name: str
+    paper: Mapping[str, float] = MappingProxyType({})
+    is_real_data: bool = False
+    prompt_overrides: Mapping[str, object] = MappingProxyType({})
 
     @abstractmethod
     def retrievals(self) -> list[Retrieval]:
@@ -62,3 +103,10 @@ class Benchmark(ABC):
     @abstractmethod
     def score(self, rankings: Mapping[str, Ranking]) -> dict[str, float]:
         """Metric name -> value in percent, from the rankings keyed by `Retrieval.name`."""
+
+    def write_report(self, out_dir: Path, metrics: Mapping[str, float]) -> None:
+        """results.json, results.md and results.png of the metrics (a benchmark with a report
+        of its own, as M-BEIR's per-row tables, overrides this)."""
+        from umarvel.evaluation.report import write_metrics_report
+
+        write_metrics_report(out_dir, self, metrics)

@@ -1,6 +1,7 @@
 """Evaluation artifacts: results.json, results.md/.csv (beside the paper's numbers when the
-data is M-BEIR itself), a bar chart, and run files in the reference format. Everything is
-written atomically (umarvel.io).
+data is M-BEIR itself), a bar chart, and run files in the reference format; for any other
+protocol benchmark, its metrics in results.json/.md and a chart (`write_metrics_report`).
+Everything is written atomically (umarvel.io).
 
 A partial evaluation (fewer than the 16 rows) is reported over the rows present; its average
 is labelled as such, because it is not comparable to the paper's 16-row "Avg.". On data that
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
@@ -85,16 +86,18 @@ def write_run_file(
     ranked_dids: Sequence[Sequence[str]],
     scores: Sequence[Sequence[float]],
     *,
-    task_id: int,
+    task_id: int | None,
     run_id: str = "umarvel",
 ) -> None:
     """Reference run format: `qid Q0 did rank score run_id task_id`, one line per retrieved
-    candidate, ranks from 1, scores with 6 decimals; queries in the given order."""
+    candidate, ranks from 1, scores with 6 decimals; queries in the given order. Without a
+    task id the line ends at run_id (the TREC run format)."""
     if not len(qids) == len(ranked_dids) == len(scores):
         raise ValueError(
             f"qids ({len(qids)}), ranked_dids ({len(ranked_dids)}) and scores ({len(scores)}) differ in length"
         )
     _check_token("run_id", run_id)
+    tail = "" if task_id is None else f" {task_id}"
     with atomic_path(path) as tmp, open(tmp, "w") as out:
         for qid, dids, row_scores in zip(qids, ranked_dids, scores):
             _check_token("qid", qid)
@@ -102,7 +105,59 @@ def write_run_file(
                 raise ValueError(f"query {qid}: {len(dids)} dids but {len(row_scores)} scores")
             for rank, (did, score) in enumerate(zip(dids, row_scores), start=1):
                 _check_token("did", did)
-                out.write(f"{qid} Q0 {did} {rank} {score:.6f} {run_id} {task_id}\n")
+                out.write(f"{qid} Q0 {did} {rank} {score:.6f} {run_id}{tail}\n")
+
+
+def write_metrics_report(out_dir: str | os.PathLike, benchmark, metrics: Mapping[str, float]) -> dict[str, Path]:
+    """results.json, results.md and results.png of a protocol benchmark's metrics (percent).
+
+    The paper's number stands beside ours only when the benchmark says its data is the
+    published set (`is_real_data`); otherwise the report says why it is left out.
+    """
+    out_dir = Path(out_dir)
+    paper = {name: benchmark.paper[name] for name in metrics if name in benchmark.paper} if benchmark.is_real_data else {}
+    paths = {name: out_dir / name for name in (RESULTS_JSON, RESULTS_MD, RESULTS_PNG)}
+    record = {"benchmark": benchmark.name, "metrics": {name: round(value, 2) for name, value in metrics.items()},
+              "real_data": benchmark.is_real_data}
+    if paper:
+        record["paper"] = paper
+    elif not benchmark.is_real_data:
+        record["note"] = NOT_REAL_DATA
+    atomic_write_json(paths[RESULTS_JSON], record)
+    header = ["metric", "ours", *(["paper", "ours - paper"] if paper else [])]
+    lines = [f"# {benchmark.name}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, value in metrics.items():
+        compared = [f"{paper[name]:.1f}", f"{value - paper[name]:+.2f}"] if name in paper else ["", ""] if paper else []
+        lines.append(f"| {name} | {value:.2f} | " + "".join(f"{cell} | " for cell in compared))
+    lines += ["", NOT_REAL_DATA if not benchmark.is_real_data else f"The paper's numbers are from {PAPER}."]
+    atomic_write_text(paths[RESULTS_MD], "\n".join(lines) + "\n")
+    series = [("ours", list(metrics.values()))]
+    if paper:
+        series.append(("paper", [paper.get(name, 0.0) for name in metrics]))
+    _bar_chart(paths[RESULTS_PNG], list(metrics), series, "percent", benchmark.name)
+    return paths
+
+
+NOT_REAL_DATA = ("The paper's numbers are not shown: this data is not the published set (a fixture, a subset or "
+                 "another release), so no number here compares to the paper's.")
+
+
+def _bar_chart(path: Path, labels: list[str], series: list[tuple[str, list[float]]], ylabel: str, title: str) -> None:
+    """Grouped bars, one group per label, one bar per series."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    width = 0.8 / len(series)
+    figure = Figure(figsize=(max(6.0, 0.75 * len(labels) + 2), 4.8), layout="constrained")
+    axes = figure.subplots()
+    for position, (name, values) in enumerate(series):
+        shift = (position - (len(series) - 1) / 2) * width
+        axes.bar([i + shift for i in range(len(labels))], values, width, label=name)
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
 
 
 class _Table:
@@ -191,25 +246,12 @@ class _Table:
 
     def write_chart(self, path: Path) -> None:
         """Grouped bars per row (and the average): ours, then each paper column."""
-        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
         labels = [r.row.name for r in self.results] + [self.average_label()]
         series = [("ours", [r.headline for r in self.results] + [self.average])]
         series += [
             (f"paper {c}", [self.paper(c, r.row) for r in self.results] + [self.paper_average(c)]) for c in self.columns
         ]
-        width = 0.8 / len(series)
-        figure = Figure(figsize=(max(6.0, 0.75 * len(labels) + 2), 4.8), layout="constrained")
-        axes = figure.subplots()
-        for position, (name, values) in enumerate(series):
-            shift = (position - (len(series) - 1) / 2) * width
-            axes.bar([i + shift for i in range(len(labels))], values, width, label=name)
-        axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        axes.set_ylabel("headline recall (%)")
-        axes.set_title(f"M-BEIR test, {self.pool} pool")
-        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=120)
+        _bar_chart(path, labels, series, "headline recall (%)", f"M-BEIR test, {self.pool} pool")
 
 
 def _ordered(results: Iterable[RowResult]) -> list[RowResult]:

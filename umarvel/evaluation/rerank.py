@@ -15,14 +15,14 @@ from functools import cached_property
 from pathlib import Path
 
 from umarvel import process
-from umarvel.config import EvalConfig
+from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.errors import DataError
-from umarvel.evaluation.mbeir import MBEIREvaluator, _concatenate, report_dir
+from umarvel.evaluation.mbeir import MBEIREvaluator, report_dir
 from umarvel.evaluation.metrics import RowResult, evaluate_row
 from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.retrieval.encode import EncodedSet
+from umarvel.retrieval.encode import EncodedSet, concatenate
 from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))
@@ -45,10 +45,11 @@ class PoolUnion:
 class RerankingEvaluator(MBEIREvaluator):
     """MBEIREvaluator whose ranking step re-scores each query's top-K with a reranker."""
 
-    def __init__(self, embedder, reranker, data_root: str | os.PathLike, config: EvalConfig, *, top_k: int,
-                 alpha: float | str = "auto", grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True,
-                 symlinks_outside_root: bool = False):
-        super().__init__(embedder, data_root, config, progress=progress, symlinks_outside_root=symlinks_outside_root)
+    def __init__(self, embedder, reranker, data_root: str | os.PathLike, encode: EncodeConfig,
+                 settings: MBEIREvalConfig, *, top_k: int, alpha: float | str = "auto",
+                 grid: tuple[float, ...] = ALPHA_GRID, progress: bool = True, symlinks_outside_root: bool = False):
+        super().__init__(embedder, data_root, encode, settings, progress=progress,
+                         symlinks_outside_root=symlinks_outside_root)
         if top_k < 1:
             raise ValueError(f"the reranked top-k must be positive, got {top_k}")
         if alpha != "auto" and not 0.0 <= float(alpha) <= 1.0:
@@ -77,7 +78,7 @@ class RerankingEvaluator(MBEIREvaluator):
 
     def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
         scores, ranked = super().rank(row, queries, pool, pool_name, max(k, self.top_k))
-        reranked = self.rerank_scores(row, self.config.split, queries.ids, ranked, pool_name)
+        reranked = self.rerank_scores(row, self.settings.split, queries.ids, ranked, pool_name)
         return fused_rankings(scores, ranked, reranked, self.alphas[pool_name])
 
     def choose_alpha(self, rows: list[EvalRow], pool_name: str) -> tuple[float, dict[str, float]] | None:
@@ -87,11 +88,11 @@ class RerankingEvaluator(MBEIREvaluator):
         local = {row.name: self.local_pool(row) for row in (EVAL_ROWS if pool_name == "global" else rows)}
         if process.rank() != 0:
             return None
-        union = _concatenate(list(local.values())) if pool_name == "global" else None
+        union = concatenate(list(local.values())) if pool_name == "global" else None
         averages = dict.fromkeys(self.grid, 0.0)
         for row in rows:
             encoded = queries[row.name]
-            k = max(self.config.top_k, max(row.recall_ks), self.top_k)
+            k = max(self.settings.top_k, max(row.recall_ks), self.top_k)
             scores, ranked = super().rank(row, encoded, local[row.name] if union is None else union, pool_name, k)
             reranked = self.rerank_scores(row, VALIDATION, encoded.ids, ranked, pool_name)
             qrels = self.mbeir.qrels(VALIDATION, row)
@@ -110,8 +111,8 @@ class RerankingEvaluator(MBEIREvaluator):
         use_instruction = self.reranker.settings.prompt.use_instruction
         query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
         candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
-        return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,
-                                 num_workers=self.config.num_workers, progress=self.progress)
+        return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
+                                 num_workers=self.encode.num_workers, progress=self.progress)
 
     @cached_property
     def union_pool(self) -> PoolUnion:

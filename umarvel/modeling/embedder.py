@@ -7,6 +7,7 @@ the directory named in the config, absolute and relative to the adapter) or, aft
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from contextlib import contextmanager
@@ -22,11 +23,11 @@ from umarvel.backbone import quiet_transformers, set_attention_mode
 from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
-from umarvel.modeling import batches
+from umarvel.modeling import batches, release
 from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
-from umarvel.modeling import release
+from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
 
@@ -48,8 +49,7 @@ class Embedder(AdaptedBackbone):
         self.rules = profiles.resolve(config, self.family.name)
         if self.rules.release_template:
             release.prepare_backbone(backbone, processor.tokenizer, self.rules.marker_rows)
-        self.collator = Collator(processor, config.prompt, self.family, mask_instruction=config.mask_instruction,
-                                 rules=self.rules)
+        self.collator = self._collator()
         if config.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -134,8 +134,57 @@ class Embedder(AdaptedBackbone):
         device = self.device
         return self(**{k: v.to(device) for k, v in batch.items()})
 
+    def encode(self, inputs, batch_size: int = 16, show_progress: bool = False, *, show_progress_bar: bool | None = None,
+               convert_to_numpy: bool = False, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
+               instruction: str | None = None, num_workers: int | None = None, bar=None):
+        """Unit vectors of `inputs`: strs (text), PIL images, pathlib.Paths (image files), item
+        dicts, or one of them alone (umarvel.modeling.inputs says how each is read).
+
+        Returns a float32 CPU tensor (n, d), or a numpy array with convert_to_numpy; 1-D for a
+        single input. The L2 normalisation is part of the model (as a sentence-transformers
+        Normalize module), so vectors are unit norm either way; normalize_embeddings renormalises.
+        `instruction` is given to every item without its own (see encode_query); `num_workers` and
+        `bar` are the input pipeline's (see `_encode_items`).
+        """
+        items, single = as_items(inputs, instruction)
+        progress = show_progress if show_progress_bar is None else show_progress_bar
+        embeddings = self._encode_items(items, check_batch_size(batch_size), progress, num_workers=num_workers, bar=bar)
+        return shaped(embeddings, single=single, convert_to_numpy=convert_to_numpy,
+                      convert_to_tensor=convert_to_tensor, normalize_embeddings=normalize_embeddings)
+
+    def encode_query(self, inputs, instruction: str | None = None, **kwargs):
+        """`encode` for queries: `instruction` (the task's, e.g. "Retrieve an image that matches the
+        caption.") leads every query without one of its own and is masked out of the pool."""
+        return self.encode(inputs, instruction=instruction, **kwargs)
+
+    def encode_document(self, inputs, **kwargs):
+        """`encode` for candidates, which carry no instruction (as in training)."""
+        return self.encode(inputs, **kwargs)
+
+    def _collator(self) -> Collator:
+        """The collator of the current prompt settings and profile rules."""
+        return Collator(self.processor, self.settings.prompt, self.family,
+                        mask_instruction=self.settings.mask_instruction, rules=self.rules)
+
+    @contextmanager
+    def prompt_overridden(self, **fields):
+        """Encode with these PromptConfig fields changed (a benchmark's own prompt choice, e.g. the
+        "in one word" suffix of Flickr and COCO), restored on exit."""
+        saved = self.settings.prompt, self.collator
+        self.settings.prompt = dataclasses.replace(saved[0], **fields)
+        self.collator = self._collator()
+        try:
+            yield self
+        finally:
+            self.settings.prompt, self.collator = saved
+
+    @staticmethod
+    def similarity(a, b) -> torch.Tensor:
+        """Cosine similarity matrix (len(a), len(b)) of two sets of embeddings."""
+        return cosine_similarity(a, b)
+
     @torch.inference_mode()
-    def encode(self, items: list[dict], batch_size: int = 16, show_progress: bool = False, *,
+    def _encode_items(self, items: list[dict], batch_size: int = 16, show_progress: bool = False, *,
                num_workers: int | None = None, bar=None) -> torch.Tensor:
         """(n, d) float32 unit vectors on CPU, in item order.
 

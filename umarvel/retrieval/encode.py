@@ -42,8 +42,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umarvel import process
-from umarvel.config import ConfigError, EvalConfig, to_dict
-from umarvel.errors import CacheError, UmarvelError
+from umarvel.config import ConfigError, to_dict
+from umarvel.errors import CacheError, DataError, UmarvelError
+from umarvel.evaluation.protocol import ItemSet
 from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("umarvel")
@@ -289,7 +290,7 @@ def _write_shard(directory: Path, index: int, vectors: np.ndarray, ids: list[str
     hold one finite unit vector per id is never written; one that does is noted as checked."""
     if vectors.ndim != 2 or len(vectors) != len(ids) or not len(ids):
         raise UmarvelError(f"{directory}: shard {index} would hold {vectors.shape} vectors for {len(ids)} items; "
-                           "nothing was written (check eval.batch_size and eval.shard_size)")
+                           "nothing was written (check encode.batch_size and encode.shard_size)")
     vectors = vectors.astype(np.float16, copy=False)
     bad = _first_bad_row(vectors)
     if bad is not None:
@@ -327,7 +328,7 @@ def encode_set(
     workers (see Embedder.encode), rank 0 writes the manifest and shows the progress.
     """
     if shard_size < 1 or batch_size < 1:
-        raise ConfigError(f"eval.shard_size={shard_size}, eval.batch_size={batch_size}: both must be >= 1")
+        raise ConfigError(f"encode.shard_size={shard_size}, encode.batch_size={batch_size}: both must be >= 1")
     directory = Path(directory)
     finished = load_encoded(directory, fingerprint)
     if finished is not None:
@@ -362,32 +363,60 @@ def default_embedding_cache() -> Path:
 class EmbeddingCache:
     """Encode named item sets of one embedder into the shared cache, each at most once."""
 
-    def __init__(self, embedder, config: EvalConfig, *, progress: bool = True):
+    def __init__(self, embedder, config, *, progress: bool = True):
+        """`config` holds the encoding settings: batch_size, shard_size, cache_dir."""
         self.embedder, self.config, self.progress = embedder, config, progress
         self.model = model_fingerprint(embedder)
         self.root = Path(config.cache_dir or default_embedding_cache()) / self.model
         if process.is_main_process():  # it can grow large (40 GB for the 7B global pool): say where
             logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root.absolute())
 
-    def encode(self, name: str, sources: Sequence[str | os.PathLike], items, count: int, id_key: str,
-               images: str = "") -> EncodedSet:
-        """`items(start, stop)` -> item dicts; `sources` are the files the items come from,
-        `images` the `images_fingerprint` of the images they name."""
-        fingerprint = set_fingerprint(self.model, sources, images)
+    def encode(self, item_set: ItemSet) -> EncodedSet:
+        """The set's vectors, fingerprinted by its sources; a union set is its parts' shards."""
+        if item_set.parts:
+            return concatenate([self.encode(part) for part in item_set.parts])
+        fingerprint = set_fingerprint(self.model, item_set.sources, item_set.images() if item_set.images else "")
         return encode_set(
-            self.embedder, items, count, id_key, self.root / f"{name}-{fingerprint}",
-            fingerprint=fingerprint, shard_size=self.config.shard_size, batch_size=self.config.batch_size,
-            num_workers=self.config.num_workers, desc=f"encode {name}", progress=self.progress,
+            self.embedder, item_set.items, len(item_set), item_set.id_key,
+            self.root / f"{item_set.name}-{fingerprint}", fingerprint=fingerprint,
+            shard_size=self.config.shard_size, batch_size=self.config.batch_size,
+            num_workers=self.config.num_workers, desc=f"encode {item_set.name}", progress=self.progress,
         )
 
     def queries(self, name: str, queries, sources: Sequence[str | os.PathLike]) -> EncodedSet:
-        """A query file's items with their evaluation-time (per-qid) instructions."""
-        use_instruction = self.embedder.settings.prompt.use_instruction
-        return self.encode(
-            name, sources, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
-            len(queries), "qid", query_images(queries),
-        )
+        return self.encode(query_set(name, queries, sources, self.embedder.settings.prompt.use_instruction))
 
     def pool(self, name: str, pool, source: str | os.PathLike) -> EncodedSet:
-        return self.encode(name, [source], lambda start, stop: list(pool.items(start, stop)), len(pool), "did",
-                           pool_images(pool))
+        return self.encode(pool_set(name, pool, source))
+
+
+def query_set(name: str, queries, sources: Sequence[str | os.PathLike], use_instruction: bool,
+              rows: Sequence[int] | None = None) -> ItemSet:
+    """An M-BEIR query file (or its `rows`) as an item set, with the evaluation-time (per-qid)
+    instructions."""
+    qids = queries.table.column("qid").to_pylist()
+    if rows is None:
+        return ItemSet(name, qids, lambda start, stop: list(queries.items(start, stop, use_instruction=use_instruction)),
+                       [Path(source) for source in sources], "qid", images=lambda: query_images(queries))
+    return ItemSet(name, [qids[i] for i in rows],
+                   lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
+                   [Path(source) for source in sources], "qid", images=lambda: query_images(queries))
+
+
+def pool_set(name: str, pool, source: str | os.PathLike) -> ItemSet:
+    """An M-BEIR candidate pool as an item set."""
+    return ItemSet(name, pool.table.column("did").to_pylist(), lambda start, stop: list(pool.items(start, stop)),
+                   [Path(source)], "did", images=lambda: pool_images(pool))
+
+
+def concatenate(sets: Sequence[EncodedSet]) -> EncodedSet:
+    """The union of encoded sets: their shards in order, never copied; ids must be unique."""
+    ids = [i for encoded in sets for i in encoded.ids]
+    if len(set(ids)) != len(ids):
+        seen, duplicates = set(), []
+        for i in ids:
+            if i in seen:
+                duplicates.append(i)
+            seen.add(i)
+        raise DataError(f"the sets share ids {duplicates[:5]}: their union needs unique ids")
+    return EncodedSet(sets[0].directory.parent, [shard for encoded in sets for shard in encoded.shards], ids)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from umarvel import process
-from umarvel.config import EvalConfig, MineConfig
+from umarvel.config import EncodeConfig, MineConfig
 from umarvel.data.mbeir import MBEIR, mbeir_root, open_pool, open_queries
 from umarvel.data.sources import write_hard_negatives
 from umarvel.data.tasks import DATASETS, GLOBAL_POOL, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES
@@ -98,7 +98,7 @@ def _candidate_rows(pool: EncodedSet, modality_of: list[str], key: tuple) -> np.
 
 
 def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_config: MineConfig,
-         eval_config: EvalConfig, *, progress: bool = True, symlinks_outside_root: bool = False) -> dict:
+         encode_config: EncodeConfig, *, progress: bool = True, symlinks_outside_root: bool = False) -> dict:
     """Mine, write the hard-negative file (+ `<out>.stats.json`) atomically; return the stats."""
     root = mbeir_root(data_root)
     instructions = MBEIR(root).instructions
@@ -106,7 +106,7 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
     pool_file = root / (mine_config.pool or GLOBAL_POOL.format(split="train"))
     queries = open_queries(query_file, root, instructions, upsampled=True, symlinks_outside_root=symlinks_outside_root)
     pool_table = open_pool(pool_file, root, symlinks_outside_root=symlinks_outside_root)
-    cache = EmbeddingCache(embedder, eval_config, progress=progress)
+    cache = EmbeddingCache(embedder, encode_config, progress=progress)
     encoded_queries = cache.queries(f"mine_{query_file.stem}", queries, [query_file, root / QUERY_INSTRUCTIONS])
     encoded_pool = cache.pool(f"mine_{pool_file.stem}", pool_table, pool_file)
     if process.rank() != 0:
@@ -132,7 +132,7 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
         candidates = encoded_pool.shards if subset is None else np.stack([encoded_pool.row(i) for i in subset])
         ids = encoded_pool.ids if subset is None else [encoded_pool.ids[i] for i in subset]
         vectors = query_vectors[[row_of_query[records[m]["qid"]] for m in members]]
-        scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(eval_config.use_gpu),
+        scores, ranked = search_ids(vectors, candidates, ids, mine_config.depth, use_gpu=gpu_choice(encode_config.use_gpu),
                                     progress=progress)
         for vector, member, row_scores, row_ranked in zip(vectors, members, scores.tolist(), ranked):
             record = records[member]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from umarvel import process
-from umarvel.config import EvalConfig, RerankConfig
+from umarvel.config import EncodeConfig, RerankConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.rerank import RerankPair
-from umarvel.retrieval.encode import EmbeddingCache, query_images
+from umarvel.retrieval.encode import EmbeddingCache, query_set
 from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
@@ -49,7 +49,7 @@ def first_rows(queries: Queries) -> list[int]:
 
 
 def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, config: RerankConfig,
-                          eval_config: EvalConfig, *, seed: int, progress: bool = True) -> tuple[list[RerankPair], dict]:
+                          encode_config: EncodeConfig, *, seed: int, progress: bool = True) -> tuple[list[RerankPair], dict]:
     """(pairs, statistics) from the embedder's top-N in `pool` for the training queries.
 
     Every rank of a launched job must call this (each encodes its shards); rank 0 searches
@@ -61,18 +61,15 @@ def recall_training_pairs(embedder, queries: Queries, pool: CandidatePool, confi
     sample = f"_sample{len(rows)}_seed{seed}" if config.max_queries else ""
     use_instruction = embedder.settings.prompt.use_instruction
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
-    cache = EmbeddingCache(embedder, eval_config, progress=progress)
-    encoded_queries = cache.encode(
-        f"rerank_{Path(queries.file).stem}{sample}", sources,
-        lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid", query_images(queries),
-    )
+    cache = EmbeddingCache(embedder, encode_config, progress=progress)
+    name = f"rerank_{Path(queries.file).stem}{sample}"
+    encoded_queries = cache.encode(query_set(name, queries, sources, use_instruction, rows))
     # The set name mining gives the pool, so a pool encoded for mining is re-used here.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
     if process.rank() != 0:
         return [], {}
     _, ranked = search_ids(encoded_queries.vectors(), encoded_pool.shards, encoded_pool.ids, config.top_n,
-                           use_gpu=gpu_choice(eval_config.use_gpu), progress=progress)
+                           use_gpu=gpu_choice(encode_config.use_gpu), progress=progress)
     pairs, skipped = [], []
     for row, row_ranked in zip(rows, ranked):
         record = queries.record(row)

@@ -32,12 +32,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umarvel import process
-from umarvel.config import Config, ConfigError, DistillConfig, EvalConfig
+from umarvel.config import Config, ConfigError, DistillConfig, EncodeConfig
 from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.sources import read_teacher_scores, write_teacher_scores
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_path, atomic_write_json
-from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint, query_images
+from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint, query_set
 from umarvel.retrieval.index import gpu_choice, search_ids
 from umarvel.retrieval.rerank import first_rows, fuse, rerank_candidates
 
@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], settings: DistillConfig,
-             eval_config: EvalConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
+             encode_config: EncodeConfig, *, seed: int, progress: bool = True) -> tuple[list[dict], list[str]]:
     """(records {"qid", "candidates", "recall"}, skipped qids) for the sampled `rows`.
 
     Every rank of a launched job must call this (each encodes its shards); rank 0 searches
@@ -98,20 +98,17 @@ def retrieve(embedder, queries: Queries, pool: CandidatePool, rows: list[int], s
         raise ConfigError(f"distill.top_k={settings.top_k} needs a pool of at least {settings.top_k + 1} candidates; "
                           f"{pool.file} has {len(pool)}")
     use_instruction = embedder.settings.prompt.use_instruction
-    cache = EmbeddingCache(embedder, eval_config, progress=progress)
+    cache = EmbeddingCache(embedder, encode_config, progress=progress)
     sources = [queries.file] + ([queries.instructions.file] if queries.instructions else [])
-    encoded_queries = cache.encode(
-        f"distill_{Path(queries.file).stem}_sample{len(rows)}_seed{seed}", sources,
-        lambda start, stop: [queries.item(rows[i], use_instruction=use_instruction) for i in range(start, stop)],
-        len(rows), "qid", query_images(queries),
-    )
+    name = f"distill_{Path(queries.file).stem}_sample{len(rows)}_seed{seed}"
+    encoded_queries = cache.encode(query_set(name, queries, sources, use_instruction, rows))
     # The set name mining gives the pool, so a pool encoded for mining or reranker pairs is re-used.
     encoded_pool = cache.pool(f"mine_{Path(pool.file).stem}", pool, pool.file)
     if process.rank() != 0:
         return [], []
     query_vectors = encoded_queries.vectors().astype(np.float32)
     scores, ranked = search_ids(query_vectors, encoded_pool.shards, encoded_pool.ids, settings.top_k + 1,
-                                use_gpu=gpu_choice(eval_config.use_gpu), progress=progress)
+                                use_gpu=gpu_choice(encode_config.use_gpu), progress=progress)
     records, skipped = [], []
     for i, row in enumerate(rows):
         record = queries.record(row)
@@ -209,7 +206,7 @@ class TeacherScoring:
             reranker = Reranker.from_pretrained(self.reranker_dir, device=self.device)
             started = time.perf_counter()
             scored = score_shards(reranker, self.queries, self.pool, retrieved, self.work, shard_size=shard_size,
-                                  batch_size=self.config.eval.batch_size, num_workers=self.config.eval.num_workers,
+                                  batch_size=self.config.encode.batch_size, num_workers=self.config.encode.num_workers,
                                   progress=self.progress)
             seconds = time.perf_counter() - started
             logger.info("teacher scores: rank %d reranked %d pairs in %.1f s (%.1f pairs/s)",
@@ -254,7 +251,7 @@ class TeacherScoring:
             embedder = Embedder.from_pretrained(self.recall_dir, device=self.device)
             settings = self.config.distill
             rows = sample_query_rows(self.queries, settings.fraction, self.config.run.seed)
-            records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.eval,
+            records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.encode,
                                         seed=self.config.run.seed, progress=self.progress)
             del embedder
             if process.rank() == 0:

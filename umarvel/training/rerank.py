@@ -72,7 +72,7 @@ def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device
 
     if not pairs_file.is_file():
         embedder = Embedder.from_pretrained(resolve_model_dir(config.rerank.recall_model), device=str(device))
-        pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.eval, seed=config.run.seed)
+        pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.encode, seed=config.run.seed)
         del embedder
         if process.is_main_process():
             params = {**to_dict(config.rerank), "query_file": queries.file, "pool_file": pool.file,

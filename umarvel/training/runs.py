@@ -31,7 +31,7 @@ import yaml
 from transformers import TrainerCallback
 
 from umarvel import process
-from umarvel.config import Config, save_config, to_dict
+from umarvel.config import Config, save_config, to_dict, upgrade_moved_keys
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json, atomic_write_text
 
@@ -43,8 +43,8 @@ COMPLETE = "COMPLETE"
 # Settings that change how a run is watched or where it runs, never what it learns.
 NOT_SHAPING = (
     "model.device", "data.num_workers", "train.logging_steps", "train.report_to", "train.save_steps",
-    "train.save_total_limit", "eval.batch_size", "eval.cache_dir", "eval.use_gpu", "eval.shard_size",
-    "distill.shard_size", "run.output_dir",
+    "train.save_total_limit", "encode.batch_size", "encode.cache_dir", "encode.use_gpu", "encode.shard_size",
+    "eval.mbeir.pools", "eval.zeroshot.tasks", "eval.zeroshot.data", "distill.shard_size", "run.output_dir",
 )
 
 
@@ -128,7 +128,7 @@ def _recorded_config(run_dir: Path) -> dict | None:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UmarvelError(f"{path}: not valid YAML ({err}); pass --force to train this run again") from None
-    return data if isinstance(data, dict) else None
+    return upgrade_moved_keys(data, str(path)) if isinstance(data, dict) else None
 
 
 def start(config: Config, *, resume: bool = False, force: bool = False) -> Run:

@@ -1,0 +1,96 @@
+"""The evaluator-protocol refactor changed no M-BEIR number: `umarvel eval mbeir --pool both`
+on the synthetic benchmark writes the same results.json and byte-identical run files as the
+code before it (tests/data/mbeir_before.json, written by that code with `python
+tests/test_mbeir_unchanged.py`).
+
+The embedder is a deterministic bag of words + image colour, so the stored outputs do not hang
+on float rounding of a neural model, and its many equal scores exercise the tie order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from umarvel.config import ModelConfig
+
+BEFORE = Path(__file__).parent / "data" / "mbeir_before.json"
+WORD_AXES = 48
+
+
+class WordColourEmbedder:
+    """Hashed word counts beside the image's mean colour, quantised to eighths."""
+
+    dtype = torch.float32
+
+    def __init__(self, weights_dir: Path):
+        self.settings = ModelConfig(backbone=str(weights_dir))
+        self.has_adapter = False
+
+    def encode(self, items: list[dict], batch_size: int = 16, **_) -> torch.Tensor:
+        vectors = torch.zeros(len(items), WORD_AXES + 3)
+        for row, item in enumerate(items):
+            for word in re.findall(r"[a-z]+", " ".join(filter(None, [item.get("text"), item.get("instruction")])).lower()):
+                vectors[row, zlib.crc32(word.encode()) % WORD_AXES] += 1
+            if item.get("image") is not None:
+                image = item["image"] if isinstance(item["image"], Image.Image) else Image.open(item["image"])
+                mean = np.asarray(image.convert("RGB"), dtype=np.float64).mean(axis=(0, 1)) / 255
+                vectors[row, WORD_AXES:] = torch.tensor(np.round(mean * 8) / 8 * 4)
+        return F.normalize(vectors, dim=-1)
+
+
+def mbeir_outputs(work: Path, monkeypatch=None) -> dict:
+    """{pool: {"results": results.json, "runs": {run file: sha256}}} of the CLI's evaluation."""
+    from umarvel.cli import main
+    from umarvel.data.synthetic import write_synthetic
+    from umarvel.modeling import embedder as embedder_module
+
+    data = write_synthetic(work / "synthetic", seed=0, size="tiny")
+    weights = work / "weights"
+    weights.mkdir(exist_ok=True)
+    fake = lambda *args, **kwargs: WordColourEmbedder(weights)  # noqa: E731
+    if monkeypatch is not None:
+        monkeypatch.setattr(embedder_module, "load_for_inference", fake)
+    else:
+        embedder_module.load_for_inference = fake
+    out = work / "eval"
+    code = main(["eval", "mbeir", "--pool", "both", "--model", str(weights), "--data", str(data),
+                 "--output-dir", str(out), "--cache-dir", str(work / "cache")])
+    assert code == 0
+    return {
+        pool: {
+            "results": json.loads((out / pool / "results.json").read_text()),
+            "runs": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                     for path in sorted((out / pool).glob("*_run.txt"))},
+        }
+        for pool in ("local", "global")
+    }
+
+
+def test_mbeir_results_and_run_files_are_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "umarvel-cache"))
+    before = json.loads(BEFORE.read_text())
+    after = mbeir_outputs(tmp_path, monkeypatch)
+    assert len(after["local"]["runs"]) == len(after["global"]["runs"]) == 16
+    assert after == before
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        import os
+
+        os.environ["UMARVEL_CACHE"] = str(Path(scratch) / "umarvel-cache")
+        outputs = mbeir_outputs(Path(scratch))
+    BEFORE.parent.mkdir(exist_ok=True)
+    BEFORE.write_text(json.dumps(outputs, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {BEFORE}", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""What `Embedder.encode` accepts, and the shape of what it returns (sentence-transformers style).
+
+Inputs follow sentence-transformers: a `str` is always text (never a file name, even when a
+file of that name exists: a caption may well look like a path) and a PIL image is an image.
+Beyond it, a `pathlib.Path` (any os.PathLike) is an image file, and a dict is an item as the
+collator reads it (`text`, `image` as a path, PIL image or list of them, `video`, optional
+`instruction`; umarvel/data/prompts.py). One input given alone, not in a list, gives one
+vector (1-D), as in sentence-transformers.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from umarvel.errors import DataError
+
+SINGLE = (str, dict, Image.Image, os.PathLike)
+CONTENT_KEYS = ("text", "image", "video")
+
+
+def as_items(inputs, instruction: str | None = None) -> tuple[list[dict], bool]:
+    """(item dicts, whether one input was given alone). `instruction` is set on every item
+    that has none of its own (queries; candidates carry no instruction)."""
+    single = isinstance(inputs, SINGLE)
+    values = [inputs] if single else list(inputs)
+    items = [item_of(value, index) for index, value in enumerate(values)]
+    if instruction is not None:
+        items = [item if item.get("instruction") else {**item, "instruction": instruction} for item in items]
+    return items, single
+
+
+def item_of(value, index: int) -> dict:
+    if isinstance(value, dict):
+        if all(value.get(key) is None for key in CONTENT_KEYS):
+            raise DataError(f"input {index}: an item dict needs a text, an image or a video, got keys {sorted(value)}")
+        return value
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, Image.Image):
+        return {"image": value}
+    if isinstance(value, os.PathLike):
+        path = Path(value)
+        if not path.is_file():
+            raise DataError(f"input {index}: image file {path} not found (a Path is read as an image; pass a str "
+                            "for text)")
+        return {"image": path}
+    raise DataError(f"input {index}: cannot encode a {type(value).__name__}; give a str (text), a PIL image, "
+                    "a pathlib.Path (image file) or an item dict")
+
+
+def shaped(embeddings: torch.Tensor, *, single: bool, convert_to_numpy: bool, convert_to_tensor: bool,
+           normalize_embeddings: bool):
+    """The encoded (n, d) float32 CPU tensor as asked: a numpy array with convert_to_numpy, a
+    tensor otherwise (convert_to_tensor wins over convert_to_numpy, as in sentence-transformers);
+    1-D for a single input."""
+    if normalize_embeddings:
+        embeddings = F.normalize(embeddings, dim=-1)
+    if single:
+        embeddings = embeddings[0]
+    if convert_to_numpy and not convert_to_tensor:
+        return embeddings.numpy()
+    return embeddings
+
+
+def cosine_similarity(a, b) -> torch.Tensor:
+    """(len(a), len(b)) cosine similarities of two sets of embeddings (arrays or tensors, 1-D
+    for one embedding)."""
+    a, b = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float() for x in (a, b))
+    a, b = (x.unsqueeze(0) if x.ndim == 1 else x for x in (a, b))
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
