@@ -1,7 +1,9 @@
 """The evaluator-protocol refactor changed no M-BEIR number: `umarvel eval mbeir --pool both`
 on the synthetic benchmark writes the same results.json and byte-identical run files as the
 code before it (tests/data/mbeir_before.json, written by that code with `python
-tests/test_mbeir_unchanged.py`).
+tests/test_mbeir_unchanged.py`). It was re-written once, by the pre-refactor evaluator with the
+fp32 re-normalising search of the release-profile work (scores in the run files moved in their
+last digits; every result and ranking stayed the same).
 
 The embedder is a deterministic bag of words + image colour, so the stored outputs do not hang
 on float rounding of a neural model, and its many equal scores exercise the tie order.
