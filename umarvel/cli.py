@@ -352,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
     p.add_argument("--data", help="directory holding the sets (default eval.zeroshot.data)")
     p.add_argument("--output-dir", required=True, help="results.json/md/png and run files go into its <task>/ folders")
+    _add_profile_arg(p)
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_zeroshot)
