@@ -77,3 +77,26 @@ def test_a_shard_interrupted_between_its_two_files_is_re_encoded(tmp_path, monke
     resumed = run(IdEmbedder(), directory, shard_size=2)
     assert resumed.ids == [item["did"] for item in ITEMS]
     np.testing.assert_array_equal(resumed.vectors(), straight.vectors())
+
+
+def test_every_rank_keys_an_adapter_to_the_same_cache_directory(tiny_model_dir, tmp_path):
+    """PEFT keeps target_modules as a set, whose order changes with each process's hash seed;
+    ranks that disagreed on the model fingerprint wrote and waited on different directories
+    (a launched eval of an adapter hung or died at a barrier)."""
+    import os
+    import subprocess
+    import sys
+
+    from umarvel.config import ModelConfig
+    from umarvel.modeling.embedder import Embedder
+
+    adapter = Embedder.from_config(ModelConfig(backbone=str(tiny_model_dir)), trainable=True).save_pretrained(tmp_path / "adapter")
+    script = ("import sys; from umarvel.modeling.embedder import Embedder; "
+              "from umarvel.retrieval.encode import model_fingerprint; "
+              "print(model_fingerprint(Embedder.from_pretrained(sys.argv[1])))")
+    fingerprints = {
+        subprocess.run([sys.executable, "-c", script, str(adapter)], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()[-1]
+        for seed in ("1", "2", "3")
+    }
+    assert len(fingerprints) == 1

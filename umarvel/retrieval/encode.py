@@ -130,7 +130,7 @@ def model_fingerprint(embedder) -> str:
     digest.update(directory_fingerprint(embedder.settings.backbone).encode())
     if embedder.has_adapter:
         adapters = {name: config.to_dict() for name, config in embedder.backbone.peft_config.items()}
-        digest.update(json.dumps(adapters, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(adapters, sort_keys=True, default=_stable).encode())
         for name, tensor in sorted(embedder.backbone.state_dict().items()):
             if "lora_" in name:
                 digest.update(name.encode())
@@ -139,6 +139,12 @@ def model_fingerprint(embedder) -> str:
     relevant["loaded_dtype"] = str(embedder.dtype)
     digest.update(json.dumps(relevant, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _stable(value) -> object:
+    """JSON form of what PEFT configs hold besides JSON types: a set (target_modules) sorted,
+    since its str order changes with each process's hash seed and ranks must agree on the key."""
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def set_fingerprint(model: str, sources: Sequence[str | os.PathLike], images: str = "") -> str:
