@@ -85,8 +85,15 @@ def _free_port() -> int:
 
 def _deepspeed(workdir: Path, arguments: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "umarvel", *arguments]
-    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    port = _free_port()
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "umarvel", *arguments]
+    try:
+        return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        # DeepSpeed's CPU backend leaves a 69 MB shared-memory buffer per rank in /dev/shm, which
+        # is RAM: some 30 launches would hold GBs of it and starve the later steps.
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            buffer.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
