@@ -211,8 +211,8 @@ CORRUPTIONS = [
                "webqa_task1", Where(query_file("webqa_task1"), 2, "has no line with relevance > 0")),
     Corruption("query whose only qrels line has relevance 0",
                lambda r: edit_line(r, qrels_file("webqa_task1"), 2, RELEVANCE_ZERO),
-               Where(query_file("webqa_task1"), 2, "has no line with relevance > 0"),
-               "webqa_task1", Where(query_file("webqa_task1"), 2, "has no line with relevance > 0")),
+               Where(qrels_file("webqa_task1"), 2, "has no line with relevance > 0, only this one"),
+               "webqa_task1", Where(qrels_file("webqa_task1"), 2, "has no line with relevance > 0, only this one")),
     Corruption("did in two local pools",
                lambda r: write_lines(r, pool_file("visualnews_task3"), lines_of(r, pool_file("visualnews_task3")) +
                                      lines_of(r, pool_file("webqa_task1"))[:1]),

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from umarvel.cli import main
+from umarvel.data.mbeir import MBEIR
 from umarvel.data.synthetic import write_synthetic
 from umarvel.data.tasks import EVAL_ROWS_BY_NAME
 from umarvel.data.validate import validate
+from umarvel.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,69 @@ def test_bad_sources_beside_mbeir_are_reported(data_dir, tmp_path):
     errors = validate(broken, images="exists").errors
     assert any(Path(e.file).name == "nli_for_simcse.csv" and "columns" in str(e) for e in errors)
     assert {Path(e.file).name for e in errors if "image not found" in str(e)} == {"llava_cc3m.json", "pairs.jsonl"}
+
+
+# ---- qrels: validate reports a line where evaluation's reader refuses it ----------------------
+
+QRELS_ROW = "edis_task2"  # synthetic tiny: lines 1-4 are `3:6 0 3:12 1 2` .. `3:9 0 3:18 1 2`, one per query
+
+
+@pytest.fixture
+def qrels_tree(data_dir, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("UMARVEL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "M-BEIR"
+    shutil.copytree(data_dir / "M-BEIR", root)
+    return root
+
+
+def _edit_qrels(root: Path, edit) -> Path:
+    """The row's test qrels with its lines (as lists of cells) replaced by edit(lines)."""
+    path = root / EVAL_ROWS_BY_NAME[QRELS_ROW].qrels_file("test")
+    lines = edit([line.split() for line in path.read_text().splitlines()])
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _refused_alike(root: Path, path: Path, line: int, field: str | None, phrase: str) -> None:
+    """`data validate` names path:line (field), and the reader evaluation uses refuses the same."""
+    reported = [e for e in validate(root, images="skip").errors if e.file == str(path)]
+    assert [(e.line, e.field) for e in reported] == [(line, field)], "\n".join(map(str, reported))
+    assert str(reported[0]).startswith(f"{path}:{line}: ") and phrase in str(reported[0]), str(reported[0])
+    with pytest.raises(DataError) as refused:
+        MBEIR(root).qrels("test", QRELS_ROW)
+    assert (refused.value.file, refused.value.line, refused.value.field) == (str(path), line, field), str(refused.value)
+    assert phrase in str(refused.value)
+
+
+@pytest.mark.parametrize("column", [1, 2, 3, 4, 5])
+def test_a_tab_separated_qrels_line_with_an_empty_field_is_named(qrels_tree, column):
+    """An empty cell of a TSV line is that field missing (whitespace splitting used to drop it
+    and report only a column count), also as the line's first or last cell."""
+    path = _edit_qrels(qrels_tree, lambda lines: [*map(" ".join, lines[:1]),
+                                                  "\t".join("" if i == column - 1 else c for i, c in enumerate(lines[1])),
+                                                  *map(" ".join, lines[2:])])
+    field = ("qid (column 1)", "iteration (column 2)", "did (column 3)", "relevance (column 4)", "task_id (column 5)")
+    _refused_alike(qrels_tree, path, 2, field[column - 1], "missing field")
+
+
+def test_a_qrels_line_short_of_a_field_is_named(qrels_tree):
+    path = _edit_qrels(qrels_tree, lambda lines: [" ".join(c for i, c in enumerate(line) if (n, i) != (2, 3))
+                                                  for n, line in enumerate(lines, 1)])
+    _refused_alike(qrels_tree, path, 2, None, "expected 5 columns 'qid 0 did relevance task_id', got 4")
+
+
+@pytest.mark.parametrize("relevance", ["0", "-1"])
+def test_a_query_judged_only_not_relevant_is_named_at_its_qrels_line(qrels_tree, relevance):
+    """Its only line judges its positive not relevant: the query could only score 0. The line to
+    fix is that qrels line (before: only the query's line was named, in both readers)."""
+    path = _edit_qrels(qrels_tree, lambda lines: [" ".join(relevance if (n, i) == (3, 3) else c for i, c in enumerate(line))
+                                                  for n, line in enumerate(lines, 1)])
+    _refused_alike(qrels_tree, path, 3, "relevance (column 4)", "query '3:8' has no line with relevance > 0")
+
+
+def test_judgments_of_non_relevance_beside_positives_are_not_errors(qrels_tree):
+    """A relevance-0 line for a query that has a positive, or for a qid of no query, changes no
+    recall: evaluation reads it, so validate must not call it a problem (one rule for both)."""
+    path = _edit_qrels(qrels_tree, lambda lines: [*map(" ".join, lines), "3:6 0 3:14 0 2", "3:99999 0 3:12 0 2"])
+    assert not [e for e in validate(qrels_tree, images="skip").errors if e.file == str(path)]
+    assert MBEIR(qrels_tree).qrels("test", QRELS_ROW)["3:6"] == {"3:12"}

@@ -110,21 +110,32 @@ def _template_regions(rendered: RenderedItem) -> list[tuple[int, int]]:
     return regions
 
 
-def _expand(rendered: RenderedItem, replacements: list[str], placeholder: re.Pattern) -> RenderedItem:
-    """`rendered` with its template's media placeholders replaced, in order, by `replacements`
-    (the processor's expansion: one token per merged patch, frame timestamps), spans moved along."""
-    text, supply, cuts = rendered.text, iter(replacements), []
-    for start, end in _template_regions(rendered):
-        cuts.extend((m.start(), m.end(), next(supply)) for m in placeholder.finditer(text, start, end))
+def _expand(rendered: RenderedItem, expansions: list[dict]) -> RenderedItem:
+    """`rendered` with the template pieces the processor replaced swapped for its replacements
+    (one token per merged patch, frame timestamps), spans moved along.
+
+    `expansions` are the processor's `text_replacement_offsets` for the template alone: each
+    says which characters it replaced (`span`, counted in the template without user text) and
+    by what. Taking the span from the processor rather than searching for the placeholder
+    ourselves keeps us right when a processor replaces more than the bare placeholder
+    (Qwen3-VL from transformers 5.25 replaces a video's whole
+    `<|vision_start|><|video_pad|><|vision_end|>`, as each frame brings its own pair).
+    """
+    # the character of `rendered.text` at each position of the template
+    in_text = [position for start, end in _template_regions(rendered) for position in range(start, end)]
+    cuts = []
+    for expansion in expansions:
+        start, end = expansion["span"]
+        cuts.append((in_text[start], in_text[start] + end - start, expansion["replacement"]))
 
     def moved(position: int) -> int:
         return position + sum(len(new) - (end - start) for start, end, new in cuts if end <= position)
 
     pieces, last = [], 0
     for start, end, new in cuts:
-        pieces += [text[last:start], new]
+        pieces += [rendered.text[last:start], new]
         last = end
-    pieces.append(text[last:])
+    pieces.append(rendered.text[last:])
     span = rendered.instruction_span
     return dataclasses.replace(rendered, text="".join(pieces),
                                user_spans=[(moved(a), moved(b)) for a, b in rendered.user_spans],
@@ -148,7 +159,6 @@ def encode_batch(processor, rendered: list[RenderedItem], images: list, videos: 
     row i to that many tokens (None: never); a cut may not reach into image or video tokens.
     """
     tokenizer = processor.tokenizer
-    placeholder = re.compile("|".join(re.escape(token) for token in (processor.image_token, processor.video_token)))
     media = {"images": images or None, **(_video_inputs(videos) if videos else {})}
     templates = ["".join(r.text[a:b] for a, b in _template_regions(r)) for r in rendered]
     outputs = processor(text=templates, padding=True, return_tensors="pt", return_text_replacement_offsets=True, **media)
@@ -156,8 +166,7 @@ def encode_batch(processor, rendered: list[RenderedItem], images: list, videos: 
     batch = {k: v for k, v in outputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     image_id, video_id = (tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, processor.video_token))
     media_ids = {image_id, video_id}
-    expanded = [_expand(item, [e["replacement"] for e in expansions], placeholder)
-                for item, expansions in zip(rendered, replacements)]
+    expanded = [_expand(item, expansions) for item, expansions in zip(rendered, replacements)]
     rows, row_offsets = [], []
     for index, (ids, offsets) in enumerate(tokenize_rendered(expanded, tokenizer, _added_tokens(tokenizer))):
         limit = max_tokens[index] if max_tokens else None

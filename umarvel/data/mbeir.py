@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
@@ -440,18 +441,32 @@ def open_pool(path: str | os.PathLike, root: str | os.PathLike, *, cache_dir: st
     return CandidatePool(table, Path(root), symlinks_outside_root=symlinks_outside_root)
 
 
+QRELS_FIELDS = ("qid (column 1)", "iteration (column 2)", "did (column 3)", "relevance (column 4)",
+                "task_id (column 5)")
+
+
+def qrels_cells(text: str) -> list[str]:
+    """The fields of one qrels line: separated by a run of spaces or by one tab (spaces around
+    it allowed), so an empty cell of a tab-separated line (also the first or last) stays a cell,
+    named as the missing field, rather than vanishing and moving the later fields into its column."""
+    return re.split(r" *\t *| +", text.strip(" \r\n"))
+
+
 def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, int, int]:
     """(qid, did, relevance, task_id) of one `qid 0 did relevance task_id` line."""
     if len(cells) != 5:
         raise DataError(f"expected 5 columns 'qid 0 did relevance task_id', got {len(cells)}", file, line)
+    for value, field in zip(cells, QRELS_FIELDS):
+        if not value.strip():
+            raise DataError("missing field (an empty cell of 'qid 0 did relevance task_id')", file, line, field)
     qid, _, did, relevance, task_id = cells
-    parse_id(qid, file, line, "qid (column 1)")
-    parse_id(did, file, line, "did (column 3)")
-    for value, field in ((relevance, "relevance (column 4)"), (task_id, "task_id (column 5)")):
+    parse_id(qid, file, line, QRELS_FIELDS[0])
+    parse_id(did, file, line, QRELS_FIELDS[2])
+    for value, field in ((relevance, QRELS_FIELDS[3]), (task_id, QRELS_FIELDS[4])):
         if not value.lstrip("-").isdigit():
             raise DataError(f"expected an integer, got '{value}'", file, line, field)
     if int(task_id) not in TASKS:
-        raise DataError(f"unknown task id {task_id}", file, line, "task_id (column 5)")
+        raise DataError(f"unknown task id {task_id}", file, line, QRELS_FIELDS[4])
     return qid, did, int(relevance), int(task_id)
 
 
@@ -459,13 +474,25 @@ def read_qrels_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[i
     """(line, qid, did, relevance, task_id) of every well-formed qrels line; bad ones go to `log`."""
     file = str(path)
     for line, text in text_lines(path, log):
-        cells = text.split()
-        if not cells:
+        if not text.strip():
             continue
         try:
-            yield (line, *parse_qrels_line(cells, file, line))
+            yield (line, *parse_qrels_line(qrels_cells(text), file, line))
         except DataError as err:
             log.add(err)
+
+
+def no_positive_error(qid: str, query_file: str, query_line: int, qrels_file: str,
+                      judged_line: int | None) -> DataError:
+    """A query without a qrels line of relevance > 0 could only ever score 0. The error names
+    the line to fix: the query's first qrels line when all of them judge relevance <= 0, else
+    the query itself (it has no qrels line at all)."""
+    if judged_line is not None:
+        return DataError(f"query '{qid}' has no line with relevance > 0, only this one and others judging it "
+                         "not relevant: it could only score 0; give its positive relevance 1 or remove the query",
+                         qrels_file, judged_line, QRELS_FIELDS[3])
+    return DataError(f"query '{qid}' has no line with relevance > 0 in {qrels_file}: it could only score 0; "
+                     "add its positive's qrels line or remove the query", query_file, query_line, "qid")
 
 
 def read_qrels(path: str | os.PathLike, log: ErrorLog) -> dict[str, set[str]]:
@@ -545,7 +572,7 @@ def check_row_qrels(lines: list[tuple[int, str, str, int, int]], file: str, row:
 
     Every line is of the row's task; every positive line names a query of the row's file (a
     relevance-0 line changes nothing); every query has a line with relevance > 0 (else it could
-    only score 0); every positive is in the row's own local pool (`pools[0]`) or, for OVEN and
+    only score 0: `no_positive_error`); every positive is in the row's own local pool (`pools[0]`) or, for OVEN and
     InfoSeek, in a pool `positive_pool_rows` allows: there it counts as a miss locally, as in the
     reference scorer (umarvel.evaluation.metrics).
     """
@@ -566,8 +593,8 @@ def check_row_qrels(lines: list[tuple[int, str, str, int, int]], file: str, row:
     table = queries.table.table
     unscored = _first(table, pc.invert(pc.is_in(table.column("qid"), value_set=pa.array(list(qrels), pa.string()))))
     if unscored is not None:
-        raise DataError(f"query '{unscored['qid']}' has no line with relevance > 0 in {file}: it could only score 0; "
-                        "add its positive's qrels line or remove the query", queries.file, unscored["line"], "qid")
+        judged = next((line for line, qid, _, _, _ in lines if qid == unscored["qid"]), None)
+        raise no_positive_error(unscored["qid"], queries.file, unscored["line"], file, judged)
     dids = [did for _, _, did, _, _ in positives]
     placed = np.zeros(len(dids), dtype=bool)
     for pool in pools:

@@ -10,8 +10,9 @@ rules that span files are checked here:
   (train: the union train pool; val/test: the local pools and the split's union pool), and a
   val/test positive is in its row's own local pool (OVEN/InfoSeek: or in the other's pool of
   the same task, umarvel.data.tasks.positive_pool_rows) - elsewhere it could never be a hit;
-- qrels name queries of their own row and task; every query has a qrels line with relevance
-  > 0; queries sit in the file of their dataset/row;
+- qrels lines are of their row's task and a positive one names a query of the row (a
+  relevance-0 line changes no recall); every query has a qrels line with relevance > 0, named at
+  its relevance-0 line when it has one; queries sit in the file of their dataset/row;
 - every query has an instruction for its (dataset, query modality, candidate modality);
 - every image path stays under the root, symlinks resolved (unless symlinks_outside_root),
   exists and decodes fully with PIL (`Image.verify` alone passes a truncated JPEG).
@@ -30,8 +31,8 @@ from PIL import Image
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
 from umarvel.data.mbeir import (
-    SPLITS, mbeir_root, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines, resolve_under,
-    train_query_file,
+    SPLITS, mbeir_root, no_positive_error, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines,
+    resolve_under, train_query_file,
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
 from umarvel.data.tasks import (
@@ -309,36 +310,38 @@ class MBEIRValidator:
                                   f"({DATASETS[dataset_id]}), {key[1]} -> {key[2]}", file, line, "task_id"))
 
     def check_qrels(self, row: EvalRow, split: str, known: np.ndarray | None, qids: _Ids | None) -> None:
+        """The rules of `check_row_qrels` (what evaluation refuses), for every line at once."""
         path = self._file(row.qrels_file(split), required=True)
         if path is None:
             return
-        file, count, scored = str(path), 0, set()
+        file, count, scored, judged = str(path), 0, set(), {}
         query_hashes = qids.sorted_hashes() if qids is not None else None
         for line, qid, did, relevance, task_id in read_qrels_lines(path, self.report):
             count += 1
             if task_id != row.task_id:
                 self.report.add(DataError(f"task {task_id} in the qrels of {row.name}", file, line, "task_id (column 5)"))
+            if relevance <= 0:
+                judged.setdefault(stable_hash64(qid), line)
+                continue
+            scored.add(stable_hash64(qid))
             if query_hashes is not None and not _contains(query_hashes, qid):
                 self.report.add(DataError(f"qid '{qid}' is not in {row.query_file(split)}", file, line, "qid (column 1)"))
-            if relevance > 0:
-                scored.add(stable_hash64(qid))
-                if known is not None:
-                    self._check_positive(did, row, split, known, file, line, "did (column 3)")
+            if known is not None:
+                self._check_positive(did, row, split, known, file, line, "did (column 3)")
         if qids is not None:
-            self._report_unscored(row, split, qids, scored, file)
+            self._report_unscored(row, split, qids, scored, judged, file)
         if split == "test":
             self.report.row_counts[(row.name, "qrels")] = count
 
-    def _report_unscored(self, row: EvalRow, split: str, qids: _Ids, scored: set[int], qrels_file: str) -> None:
+    def _report_unscored(self, row: EvalRow, split: str, qids: _Ids, scored: set[int], judged: dict[int, int],
+                         qrels_file: str) -> None:
         """Queries without a qrels line of relevance > 0: they could only ever score 0."""
-        lines = {line for key, line in zip(qids.hashes, qids.lines) if key not in scored}
+        lines = {line: key for key, line in zip(qids.hashes, qids.lines) if key not in scored}
         if not lines:
             return
         query_file = self.root / row.query_file(split)
-        for line, qid in sorted(_values_at(query_file, lines, "qid").items()):
-            self.report.add(DataError(f"query '{qid}' has no line with relevance > 0 in {qrels_file}: it could only "
-                                      "score 0; add its positive's qrels line or remove the query",
-                                      str(query_file), line, "qid"))
+        for line, qid in sorted(_values_at(query_file, set(lines), "qid").items()):
+            self.report.add(no_positive_error(qid, str(query_file), line, qrels_file, judged.get(lines[line])))
 
 
 def _values_at(path: Path, lines: set[int], field: str) -> dict[int, str]:
