@@ -23,9 +23,15 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
-REQUIREMENTS = [Requirement(line) for line in [*PYPROJECT["build-system"]["requires"],
-                                               *PYPROJECT["project"]["dependencies"],
+BUILD_REQUIREMENTS = [Requirement(line) for line in PYPROJECT["build-system"]["requires"]]
+REQUIREMENTS = [Requirement(line) for line in [*PYPROJECT["project"]["dependencies"],
                                                *(line for lines in EXTRAS.values() for line in lines)]]
+
+
+@pytest.mark.parametrize("requirement", BUILD_REQUIREMENTS, ids=str)
+def test_every_build_requirement_is_capped(requirement):
+    """pip builds in an isolated environment, so the setuptools installed here says nothing of it."""
+    assert [spec for spec in requirement.specifier if spec.operator == "<"], f"{requirement}: needs a '<' bound"
 
 
 @pytest.mark.parametrize("requirement", REQUIREMENTS, ids=str)
