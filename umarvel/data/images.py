@@ -36,6 +36,8 @@ MAX_ASPECT_RATIO = 200
 # Integer modes whose samples are 16-bit (PIL reads 16-bit PNG and TIFF greyscale as these).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 PREMULTIPLIED_MODES = ("RGBa", "La")
+# How a file PIL cannot decode is reported (data validate words it its own way).
+UNREADABLE = "cannot read image"
 
 _max_pixels = DEFAULT_MAX_PIXELS
 
@@ -60,7 +62,7 @@ def _opened(path: Path):
     try:
         image = Image.open(path)
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read image: {err}", file=str(path)) from None
+        raise DataError(f"{UNREADABLE}: {err}", file=str(path)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     with image:
@@ -85,7 +87,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         try:
             image.load()
         except (OSError, ValueError) as err:
-            raise DataError(f"cannot read image: {err}", file=str(path)) from None
+            raise DataError(f"{UNREADABLE}: {err}", file=str(path)) from None
         return to_rgb(image, file=str(path))
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
-from umarvel.data.images import check_aspect, open_image
+from umarvel.data.images import UNREADABLE, check_aspect, open_image
 from umarvel.data.mbeir import (
     SPLITS, mbeir_root, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines, resolve_under,
     train_query_file,
@@ -129,7 +129,9 @@ class _ImageChecker:
             try:
                 check_aspect(open_image(full).size, full)
             except DataError as err:  # read as training reads it: what fails here would fail there
-                self.report.add(DataError(f"image {full}: {err.message}", file, line, field))
+                unreadable = err.message.startswith(UNREADABLE)
+                message = f"image cannot be read by PIL ({err.message})" if unreadable else f"image {full}: {err.message}"
+                self.report.add(DataError(message, file, line, field))
             except Exception as err:  # noqa: BLE001 - any failure to decode means training would fail here
                 self.report.add(DataError(f"image cannot be read by PIL ({err})", file, line, field))
 
