@@ -120,8 +120,10 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from umarvel.data.images import set_max_pixels
     from umarvel.data.validate import validate
 
+    set_max_pixels(args.max_image_pixels)
     report = validate(args.data, images=args.images, symlinks_outside_root=args.allow_symlinks_outside_root,
                       emit=lambda err: print(err, file=sys.stderr))
     if not report.ok:
@@ -157,9 +159,12 @@ def _launched_embedder(args: argparse.Namespace):
     from umarvel.launcher import launched_job
     from umarvel.modeling.embedder import load_for_inference
 
+    from umarvel.data.images import set_max_pixels
+
     config = load_config(args.config, args.overrides)
     if args.cache_dir:
         config.encode.cache_dir = args.cache_dir
+    set_max_pixels(config.data.max_image_pixels)
     with launched_job() as device:
         if device:
             config.model.device = device
@@ -255,6 +260,12 @@ def _fusion_weight(value: str) -> float | str:
     return alpha
 
 
+def _positive_int(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from umarvel.retrieval.mining import format_stats, mine
 
@@ -283,6 +294,7 @@ def _setup_logging() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from umarvel import backbones, profiles
+    from umarvel.config import DataConfig
     from umarvel.training.registry import STAGES
 
     parser = argparse.ArgumentParser(
@@ -385,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-symlinks-outside-root", action="store_true",
                    help="accept image symlinks that resolve outside the data root (training and eval then need "
                    "--set data.allow_symlinks_outside_root=true)")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=DataConfig.max_image_pixels,
+                   help="refuse image files of more pixels than this (training and eval: --set data.max_image_pixels)")
     p.set_defaults(func=_cmd_data_validate)
     for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
         for command in choices.values():

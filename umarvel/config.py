@@ -172,6 +172,11 @@ class DataConfig:
         "Read image paths that are symlinks resolving outside the data root (a tree linking mbeir_images/ from "
         "another disk); off: such images are refused. Training, eval and mining read images under it.", False
     )
+    max_image_pixels: int = doc(
+        "Largest image file read, in pixels (width x height, from its header, before decoding); larger files are "
+        "an error naming them (default: the limit PIL itself refuses at). Training, eval and mining read images "
+        "under it.", 178_956_970, at_least=1,
+    )
     max_samples: int = doc("Use only the first N training pairs (0 = all); for smoke runs.", 0, at_least=0)
     num_workers: int = doc("DataLoader worker processes (0 = load in the training process).", 0, at_least=0)
 

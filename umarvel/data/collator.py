@@ -17,27 +17,27 @@ from PIL import Image
 from umarvel import profiles
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
+from umarvel.data.images import check_aspect, open_image, to_rgb
 from umarvel.data.prompts import RenderedItem, is_query, render
 from umarvel.data.video import load_video
 from umarvel.errors import DataError
 
 
 def load_image(image, prompt: PromptConfig, family: Family) -> Image.Image:
-    """Open (if a path) and resize an image into the prompt's pixel bounds, in whole visual
-    tokens of the family's `pixel_unit`, as its processor expects."""
+    """Open (if a path) as RGB (umarvel.data.images) and resize an image into the prompt's pixel
+    bounds, in whole visual tokens of the family's `pixel_unit`, as its processor expects; a
+    shape the processor refuses is a DataError naming the file, before and after rounding."""
     from qwen_vl_utils import fetch_image
 
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read image: {err}", file=str(path)) from None
+    file = str(image) if isinstance(image, (str, Path)) else None
+    image = open_image(image) if file is not None else to_rgb(image)
+    check_aspect(image.size, file)
     min_pixels, max_pixels = family.pixel_bounds(prompt)
     # qwen_vl_utils rounds sides to image_patch_size x its 2x2 merge: the family's pixel unit
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
-                       image_patch_size=family.patch_size)
+    resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                          image_patch_size=family.patch_size)
+    check_aspect(resized.size, file, resized=True)
+    return resized
 
 
 def _added_tokens(tokenizer) -> tuple[re.Pattern, dict[str, int]]:

@@ -113,11 +113,22 @@ def _field(obj: dict, name: str, kinds: tuple[type, ...], file: str, line: int, 
     return value
 
 
+def ascii_int(value: str, file: str, line: int, field: str, *, signed: bool = False) -> int:
+    """An integer written in ASCII digits (with `signed`, an optional leading '-'). Python's
+    int() also reads Arabic-Indic ('٣') and fullwidth ('３') digits, so a number written in them
+    would silently equal another; str.isdigit() admits superscripts ('²') that int() rejects."""
+    digits = value[1:] if signed and value.startswith("-") else value
+    if not (digits.isascii() and digits.isdigit()):
+        raise DataError(f"expected an integer in ASCII digits, got '{value}'", file, line, field)
+    return int(value)
+
+
 def parse_id(value: str, file: str, line: int, field: str) -> int:
-    """Check an id is '<dataset_id>:<index>' with a known dataset id; return the dataset id."""
+    """Check an id is '<dataset_id>:<index>', both ASCII digits (UniIR keys ids by their two
+    numbers), with a known dataset id; return the dataset id."""
     prefix, sep, rest = value.partition(":")
-    if not sep or not rest or not prefix.isascii() or not prefix.isdigit():
-        raise DataError(f"id '{value}' is not of the form '<dataset_id>:<index>'", file, line, field)
+    if not sep or not all(part.isascii() and part.isdigit() for part in (prefix, rest)):
+        raise DataError(f"id '{value}' is not of the form '<dataset_id>:<index>' in ASCII digits", file, line, field)
     if int(prefix) not in DATASETS:
         raise DataError(f"id '{value}' names unknown dataset id {prefix} (known: 0-9)", file, line, field)
     return int(prefix)
@@ -274,9 +285,10 @@ def read_instruction_rows(path: str | os.PathLike, log: ErrorLog) -> dict[Instru
                 raise DataError(f"expected at least 5 tab-separated columns, got {len(cells)}", file, line)
             query_modality = parse_modality(cells[0], file, line, "query modality (column 1)")
             cand_modality = parse_modality(cells[1], file, line, "candidate modality (column 2)")
-            if not cells[3].strip().isdigit() or int(cells[3]) not in DATASETS:
+            dataset_id = ascii_int(cells[3].strip(), file, line, "dataset_id (column 4)")
+            if dataset_id not in DATASETS:
                 raise DataError(f"unknown dataset id '{cells[3]}'", file, line, "dataset_id (column 4)")
-            key = (int(cells[3]), query_modality, cand_modality)
+            key = (dataset_id, query_modality, cand_modality)
             if key in table:
                 raise DataError(f"instructions for {key} already given on line {first_line[key]}", file, line)
             instructions = tuple(cell.strip() for cell in cells[4:] if cell.strip())
@@ -462,12 +474,11 @@ def parse_qrels_line(cells: list[str], file: str, line: int) -> tuple[str, str, 
     qid, _, did, relevance, task_id = cells
     parse_id(qid, file, line, QRELS_FIELDS[0])
     parse_id(did, file, line, QRELS_FIELDS[2])
-    for value, field in ((relevance, QRELS_FIELDS[3]), (task_id, QRELS_FIELDS[4])):
-        if not value.lstrip("-").isdigit():
-            raise DataError(f"expected an integer, got '{value}'", file, line, field)
-    if int(task_id) not in TASKS:
+    relevance_value = ascii_int(relevance, file, line, QRELS_FIELDS[3], signed=True)
+    task = ascii_int(task_id, file, line, QRELS_FIELDS[4], signed=True)
+    if task not in TASKS:
         raise DataError(f"unknown task id {task_id}", file, line, QRELS_FIELDS[4])
-    return qid, did, int(relevance), int(task_id)
+    return qid, did, relevance_value, task
 
 
 def read_qrels_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[int, str, str, int, int]]:

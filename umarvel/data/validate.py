@@ -15,7 +15,8 @@ rules that span files are checked here:
   its relevance-0 line when it has one; queries sit in the file of their dataset/row;
 - every query has an instruction for its (dataset, query modality, candidate modality);
 - every image path stays under the root, symlinks resolved (unless symlinks_outside_root),
-  exists and decodes fully with PIL (`Image.verify` alone passes a truncated JPEG).
+  exists, decodes fully with PIL (`Image.verify` alone passes a truncated JPEG) as training reads
+  it (umarvel.data.images: within the pixel limit, a side ratio Qwen2-VL accepts).
 A directory holding M-BEIR/ (the data/ layout) also gets nli_for_simcse.csv and cc3m/ checked.
 """
 from __future__ import annotations
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import numpy as np
-from PIL import Image
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
+from umarvel.data.images import UNREADABLE, check_aspect, open_image
 from umarvel.data.mbeir import (
     SPLITS, mbeir_root, no_positive_error, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines,
     resolve_under, train_query_file,
@@ -127,9 +128,12 @@ class _ImageChecker:
             self.report.add(DataError(f"image not found: {full}", file, line, field))
         elif self.mode == "open":
             try:
-                with Image.open(full) as image:
-                    image.load()
-            except Exception as err:  # any failure to decode means training would fail here
+                check_aspect(open_image(full).size, full)
+            except DataError as err:  # read as training reads it: what fails here would fail there
+                unreadable = err.message.startswith(UNREADABLE)
+                message = f"image cannot be read by PIL ({err.message})" if unreadable else f"image {full}: {err.message}"
+                self.report.add(DataError(message, file, line, field))
+            except Exception as err:  # noqa: BLE001 - any failure to decode means training would fail here
                 self.report.add(DataError(f"image cannot be read by PIL ({err})", file, line, field))
 
 

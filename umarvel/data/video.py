@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from umarvel.data.images import open_image, to_rgb
 from umarvel.errors import DataError
 
 FRAME_FACTOR = 2
@@ -79,13 +80,7 @@ def parse_video(value) -> tuple[Path | None, list | None, Sampling]:
 
 
 def _open_frame(frame) -> Image.Image:
-    if isinstance(frame, Image.Image):
-        return frame.convert("RGB")
-    try:
-        with Image.open(frame) as opened:
-            return opened.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read video frame: {err}", file=str(frame)) from None
+    return to_rgb(frame) if isinstance(frame, Image.Image) else open_image(frame)
 
 
 def decode(path: Path, sampling: Sampling) -> tuple[list[Image.Image], dict]:
@@ -104,7 +99,7 @@ def decode(path: Path, sampling: Sampling) -> tuple[list[Image.Image], dict]:
             targets = set(wanted)
             for index, frame in enumerate(container.decode(stream)):
                 if index in targets:
-                    kept[index] = frame.to_image().convert("RGB")
+                    kept[index] = to_rgb(frame.to_image())
                 if index >= wanted[-1]:
                     break
     except (av.error.FFmpegError, IndexError, OSError) as err:

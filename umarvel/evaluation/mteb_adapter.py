@@ -44,9 +44,10 @@ class MTEBEncoder(AbsEncoder):
         if prompt_type == PromptType.query:
             instruction = self.get_instruction(task_metadata, prompt_type) or None
         batch_size = self.batch_size or kwargs.get("batch_size") or 16
-        blocks = []
+        blocks, rows = [], 0
         for batch in inputs:
-            items = batch_items(batch)
+            items = batch_items(batch, start=rows)
+            rows += len(items)
             if items:
                 blocks.append(self.model.encode(items, batch_size=batch_size, instruction=instruction,
                                                 convert_to_numpy=True))
@@ -55,11 +56,23 @@ class MTEBEncoder(AbsEncoder):
         return np.concatenate(blocks)
 
 
-def batch_items(batch: Mapping[str, list]) -> list[dict]:
-    """An mteb batch (dict of equal-length lists) as our item dicts; an empty text is no text."""
+def batch_items(batch: Mapping[str, list], start: int = 0) -> list[dict]:
+    """An mteb batch (dict of equal-length lists) as our item dicts, one per input; an empty text
+    is no text. An input with neither text nor image is an error naming its row (`start` + its
+    place in the batch), never a row left out: mteb pairs vectors with inputs by position."""
     texts, images = batch.get("text"), batch.get("image")
-    size = len(texts) if texts is not None else len(images) if images is not None else 0
     if texts is not None and images is not None and len(texts) != len(images):
         raise UmarvelError(f"an mteb batch has {len(texts)} texts but {len(images)} images")
-    return [{"text": texts[i] if texts is not None and texts[i] else None,
-             "image": images[i] if images is not None else None} for i in range(size)]
+    sizes = [len(column) for column in (texts, images, *batch.values())
+             if column is not None and hasattr(column, "__len__") and not isinstance(column, str)]
+    if not sizes:
+        raise UmarvelError(f"the mteb batch from input {start} on has no text or image column (columns: "
+                           f"{', '.join(sorted(batch)) or 'none'}); this encoder embeds text and images")
+    size = sizes[0]
+    items = [{"text": texts[i] if texts is not None and texts[i] else None,
+              "image": images[i] if images is not None else None} for i in range(size)]
+    for index, item in enumerate(items):
+        if item["text"] is None and item["image"] is None:
+            raise UmarvelError(f"mteb input {start + index} has neither a text nor an image (batch columns: "
+                               f"{', '.join(sorted(batch)) or 'none'}); this encoder embeds text and images")
+    return items

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from umarvel.data.images import image_size
 from umarvel.errors import DataError
 
 # Most worker processes a device gets by default: 4 prepare ~250-550 image items/s (BENCHMARKS.md),
@@ -50,15 +51,15 @@ def worker_count(setting: int | None, device: torch.device, batches: int) -> int
 
 
 def image_area(image) -> int:
-    """Pixels of an image or image file, from the header alone; 0 when it cannot be read (the
-    collator then reports the file)."""
+    """Pixels of an image or image file, from the header alone; 0 when it cannot be read or is
+    over the pixel limit (the collator then reports the file)."""
     if isinstance(image, Image.Image):
         return image.width * image.height
     try:
-        with Image.open(Path(image)) as opened:
-            return opened.width * opened.height
-    except (OSError, ValueError):
+        width, height = image_size(image)
+    except DataError:
         return 0
+    return width * height
 
 
 def estimated_tokens(item: dict, pixel_bounds: tuple[int, int], pixel_unit: int) -> tuple[int, int]:

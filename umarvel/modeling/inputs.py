@@ -10,6 +10,7 @@ vector (1-D), as in sentence-transformers.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,20 @@ from PIL import Image
 from umarvel.errors import DataError
 
 SINGLE = (str, dict, Image.Image, os.PathLike)
-CONTENT_KEYS = ("text", "image", "video")
+IMAGE_TYPES = (str, Image.Image, os.PathLike)
+ACCEPTED = "a str (text), a PIL image, a pathlib.Path (image file) or an item dict"
 
 
 def as_items(inputs, instruction: str | None = None) -> tuple[list[dict], bool]:
     """(item dicts, whether one input was given alone). `instruction` is set on every item
-    that has none of its own (queries; candidates carry no instruction)."""
+    that has none of its own (queries; candidates carry no instruction). Anything else than
+    the inputs the module docstring lists is a DataError saying what is accepted, never a
+    vector of something else."""
+    if instruction is not None and not isinstance(instruction, str):
+        raise DataError(f"instruction must be a str, got {type(instruction).__name__}")
     single = isinstance(inputs, SINGLE)
+    if not single and (isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Iterable)):
+        raise DataError(f"cannot encode a {type(inputs).__name__}; give {ACCEPTED}, or a list of them")
     values = [inputs] if single else list(inputs)
     items = [item_of(value, index) for index, value in enumerate(values)]
     if instruction is not None:
@@ -36,10 +44,11 @@ def as_items(inputs, instruction: str | None = None) -> tuple[list[dict], bool]:
 
 def item_of(value, index: int) -> dict:
     if isinstance(value, dict):
-        if all(value.get(key) is None for key in CONTENT_KEYS):
-            raise DataError(f"input {index}: an item dict needs a text, an image or a video, got keys {sorted(value)}")
+        check_item(value, f"input {index}")
         return value
     if isinstance(value, str):
+        if not value:
+            raise DataError(f"input {index}: empty text; the model embeds a non-empty text, an image or both")
         return {"text": value}
     if isinstance(value, Image.Image):
         return {"image": value}
@@ -49,8 +58,28 @@ def item_of(value, index: int) -> dict:
             raise DataError(f"input {index}: image file {path} not found (a Path is read as an image; pass a str "
                             "for text)")
         return {"image": path}
-    raise DataError(f"input {index}: cannot encode a {type(value).__name__}; give a str (text), a PIL image, "
-                    "a pathlib.Path (image file) or an item dict")
+    raise DataError(f"input {index}: cannot encode a {type(value).__name__}; give {ACCEPTED}")
+
+
+def check_item(item: dict, where: str) -> None:
+    """An item dict's fields have the types the collator reads, and it has something to encode:
+    a non-empty text, an image (a path, PIL image or non-empty list of them) or a video."""
+    text, image, instruction = item.get("text"), item.get("image"), item.get("instruction")
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be a str, got {type(text).__name__}")
+    if instruction is not None and not isinstance(instruction, str):
+        raise DataError(f"{where}: 'instruction' must be a str, got {type(instruction).__name__}")
+    if image is not None:
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise DataError(f"{where}: 'image' is an empty list; give an image or leave the key out")
+        for one in images:
+            if not isinstance(one, IMAGE_TYPES):
+                raise DataError(f"{where}: 'image' must be an image file path (str or pathlib.Path), a PIL image or a "
+                                f"list of them, got {type(one).__name__}")
+    if not text and image is None and item.get("video") is None:
+        raise DataError(f"{where}: an item dict needs a text, an image or a video, got "
+                        f"{ {key: item[key] for key in sorted(item)}!r:.120}")
 
 
 def shaped(embeddings: torch.Tensor, *, single: bool, convert_to_numpy: bool, convert_to_tensor: bool,

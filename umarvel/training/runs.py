@@ -42,7 +42,7 @@ RUN_FILE = "run.json"
 COMPLETE = "COMPLETE"
 # Settings that change how a run is watched or where it runs, never what it learns.
 NOT_SHAPING = (
-    "model.device", "data.num_workers", "train.logging_steps", "train.report_to", "train.save_steps",
+    "model.device", "data.num_workers", "data.max_image_pixels", "train.logging_steps", "train.report_to", "train.save_steps",
     "train.save_total_limit", "encode.batch_size", "encode.cache_dir", "encode.use_gpu", "encode.shard_size",
     "eval.mbeir.pools", "eval.zeroshot.tasks", "eval.zeroshot.data", "distill.shard_size", "run.output_dir",
 )
@@ -133,8 +133,11 @@ def _recorded_config(run_dir: Path) -> dict | None:
 
 def start(config: Config, *, resume: bool = False, force: bool = False) -> Run:
     """Decide what to do with `config.run.output_dir` (see the module docstring), record the
-    config and seed everything. Call it after the process group exists (all ranks)."""
+    config, seed everything and set the image pixel limit. Call it after the process group exists
+    (all ranks)."""
     from transformers import set_seed
+
+    from umarvel.data.images import set_max_pixels
 
     run_dir = Path(config.run.output_dir)
     recorded = _recorded_config(run_dir)
@@ -160,6 +163,7 @@ def start(config: Config, *, resume: bool = False, force: bool = False) -> Run:
         atomic_write_json(run_dir / RUN_FILE, {"config_fingerprint": config_fingerprint(config),
                                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     set_seed(config.run.seed)
+    set_max_pixels(config.data.max_image_pixels)
     return Run(run_dir, resume_from=found[-1] if found else None)
 
 
