@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
+from umarvel.data.files import resolve_under
 from umarvel.data.mbeir import (
-    SPLITS, mbeir_root, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines, resolve_under,
-    train_query_file,
+    SPLITS, mbeir_root, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines, train_query_file,
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
 from umarvel.data.tasks import (
