@@ -35,7 +35,7 @@ class ToyBenchmark(Benchmark):
     name = "toy"
     paper = {"R@1": 90.0}
 
-    def __init__(self, data_root: Path, settings=None, *, real: bool = False):
+    def __init__(self, data_root: Path, settings=None, *, real: bool = False, symlinks_outside_root: bool = False):
         source = data_root / "toy.txt"
         source.write_text(json.dumps([CAPTIONS, QUERIES]))
         self.is_real_data = real

@@ -283,9 +283,8 @@ def test_duplicate_query_id_named(root):
     records = json.loads(path.read_text())
     records[1]["id"] = 0
     path.write_text(json.dumps(records))
-    circo = TASKS["circo"](root, None)
-    with pytest.raises(DataError, match=r"val.json: circo-val-queries: id '0' occurs more than once"):
-        circo.retrievals()
+    with pytest.raises(DataError, match=r"val.json: record 1: id 0 repeats record 0$"):
+        TASKS["circo"](root, None)
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,9 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
             raise UmarvelError("umarvel eval zeroshot needs --data DIR (or eval.zeroshot.data): the directory "
                                "holding each set in its public release's layout")
         runner = Runner(embedder, config.encode)
-        results = {name: runner.run(cls(Path(data), settings), Path(args.output_dir) / name) for name, cls in tasks.items()}
+        links = config.data.allow_symlinks_outside_root
+        results = {name: runner.run(cls(Path(data), settings, symlinks_outside_root=links),
+                                    Path(args.output_dir) / name) for name, cls in tasks.items()}
     for name, metrics in results.items():
         if metrics is not None:
             shown = ", ".join(f"{metric} {value:.2f}" for metric, value in metrics.items())

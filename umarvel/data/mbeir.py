@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from umarvel.data.arrowtable import (
     ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, require_rows, stable_hash64,
 )
+from umarvel.data.files import decode_utf8, resolve_under
 from umarvel.data.tasks import (
     DATASET_IDS, DATASETS, EVAL_ROWS_BY_NAME, GLOBAL_POOL, MODALITIES, QUERY_INSTRUCTIONS, TASKS, UNION_TRAIN_QUERIES,
     EvalRow, positive_pool_rows,
@@ -209,47 +210,6 @@ def jsonl_rows(path: Path, parse, progress: bool | None = None):
     return produce
 
 
-# ---- images -------------------------------------------------------------------------------
-
-SYMLINK_SWITCH = "data.allow_symlinks_outside_root=true (umarvel data validate: --allow-symlinks-outside-root)"
-
-
-def resolve_under(root: str | os.PathLike, rel_path: str, *, file: str | None = None, line: int | None = None,
-                  field: str | None = None, must_exist: bool = True, symlinks_outside_root: bool = False) -> str:
-    """Absolute path of `rel_path` inside `root`; absolute paths and `..` escapes are refused.
-
-    Symlinks are resolved too: a link that leads out of the root (where a tree could read any
-    file on the machine) is refused unless `symlinks_outside_root` (config key
-    data.allow_symlinks_outside_root), for trees that link mbeir_images/ from another disk on
-    purpose. Every reader of image paths (queries, pools, CC3M, validate) comes through here.
-    """
-    base = os.path.normpath(os.path.abspath(root))
-    full = os.path.normpath(os.path.join(base, rel_path))
-    if os.path.isabs(rel_path) or os.path.commonpath([base, full]) != base:
-        raise DataError(f"image path '{rel_path}' resolves outside the data root {base}", file, line, field)
-    if not symlinks_outside_root:
-        real, real_base = _real_file(full), _real_dir(base)
-        if not real.startswith(real_base.rstrip(os.sep) + os.sep):
-            raise DataError(f"image path '{rel_path}' is a symlink to {real}, outside the data root {base}: copy the "
-                            f"images into the root, or set {SYMLINK_SWITCH}", file, line, field)
-    if must_exist and not os.path.isfile(full):
-        raise DataError(f"image not found: {full}", file, line, field)
-    return full
-
-
-def _real_file(full: str) -> str:
-    """realpath of a file, with its directory's resolved once per process: images sit in few
-    directories, and a full realpath per image costs 4x the rest of resolve_under."""
-    if os.path.islink(full):
-        return os.path.realpath(full)
-    return os.path.join(_real_dir(os.path.dirname(full)), os.path.basename(full))
-
-
-@functools.lru_cache(maxsize=4096)
-def _real_dir(directory: str) -> str:
-    return os.path.realpath(directory)
-
-
 # ---- text files ---------------------------------------------------------------------------
 
 def text_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[int, str]]:
@@ -259,10 +219,9 @@ def text_lines(path: str | os.PathLike, log: ErrorLog) -> Iterator[tuple[int, st
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                log.add(DataError(f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at column {err.start + 1}; "
-                                  "re-save the file as UTF-8", file, number))
+                yield number, decode_utf8(raw, file, number)
+            except DataError as err:
+                log.add(err)
 
 
 # ---- instructions -------------------------------------------------------------------------

@@ -47,7 +47,8 @@ import pyarrow as pa
 from umarvel.data.arrowtable import (
     ArrowTable, ErrorLog, OnError, TableFormat, open_table, parse_json_object, read_lines, require_rows, stable_hash64,
 )
-from umarvel.data.mbeir import format_text, parse_id, resolve_under
+from umarvel.data.files import resolve_under
+from umarvel.data.mbeir import format_text, parse_id
 from umarvel.errors import DataError
 from umarvel.io import atomic_path
 

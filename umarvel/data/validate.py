@@ -30,10 +30,11 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from umarvel.data.arrowtable import parse_json_object, read_lines, stable_hash64
+from umarvel.data.files import resolve_under
 from umarvel.data.images import UNREADABLE, check_aspect, open_image
 from umarvel.data.mbeir import (
     SPLITS, mbeir_root, no_positive_error, parse_candidate, parse_query, read_instruction_rows, read_qrels_lines,
-    resolve_under, train_query_file,
+    train_query_file,
 )
 from umarvel.data.sources import CC3MPairs, NLIPairs
 from umarvel.data.tasks import (

@@ -378,7 +378,12 @@ class EmbeddingCache:
             logger.info("embedding cache: %s (re-used by later runs of this model; safe to delete)", self.root.absolute())
 
     def encode(self, item_set: ItemSet) -> EncodedSet:
-        """The set's vectors, fingerprinted by its sources; a union set is its parts' shards."""
+        """The set's vectors, fingerprinted by its sources; a union set is its parts' shards.
+        An empty set is refused before anything is written: it would be cached as a set of no
+        shards, and searching it fails far from the file that was empty."""
+        if not len(item_set):
+            raise DataError(f"item set {item_set.name!r} is empty: nothing to encode or search (read from "
+                            f"{', '.join(map(str, item_set.sources)) or 'no file'})")
         if item_set.parts:
             return concatenate([self.encode(part) for part in item_set.parts])
         fingerprint = set_fingerprint(self.model, item_set.sources, item_set.images() if item_set.images else "")

@@ -2,7 +2,8 @@
 its public release under one data root (README, "Zero-shot evaluation").
 
 `TASKS` maps each task name (the CLI's `--task`) to its class, constructed as
-`cls(data_root, settings)`; the shared runner encodes, searches and reports.
+`cls(data_root, settings, symlinks_outside_root=...)` (data.allow_symlinks_outside_root); the
+shared runner encodes, searches and reports.
 """
 from __future__ import annotations
 

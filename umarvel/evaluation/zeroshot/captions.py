@@ -9,16 +9,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from umarvel.data.files import read_utf8
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
 from umarvel.evaluation.zeroshot.base import (
+    Ids,
     ZeroShotBenchmark,
     field,
     item_set,
+    json_records,
     query_item,
     ranked_ids,
-    read_json,
-    require_file,
 )
 from umarvel.evaluation.zeroshot.metrics import hit_rates
 
@@ -73,16 +74,13 @@ class FiveCaptionBenchmark(CaptionImageBenchmark):
 
     def read(self) -> None:
         text_path = self.root / self.folder / self.text_file
-        texts = read_json(text_path)
-        if not isinstance(texts, list):
-            raise DataError(f"expected a JSON list of captions, got {type(texts).__name__}", file=str(text_path))
+        texts = json_records(text_path)
         if len(texts) % 5:
             raise DataError(f"{len(texts)} captions is not five per image", file=str(text_path))
         for index, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"record {index}: a caption must be a non-empty string", file=str(text_path))
-        image_dir = self.root / self.folder / self.image_dir
-        self.images = [(str(i), require_file(image_dir / f"{i}.png", "image", text_path, record=5 * i))
+        self.images = [(str(i), self.media(self.folder, self.image_dir, f"{i}.png", where=text_path, record=5 * i))
                        for i in range(len(texts) // 5)]
         self.captions = [(f"c{index}", text, str(index // 5)) for index, text in enumerate(texts)]
         self.sources = [text_path]
@@ -113,14 +111,13 @@ class ShareGPT4V(CaptionImageBenchmark):
 
     def read(self) -> None:
         path = self.root / "sharegpt4v" / "datas_for_validation.json"
-        records = read_json(path)
-        if not isinstance(records, list):
-            raise DataError(f"expected a JSON list, got {type(records).__name__}", file=str(path))
         self.images, self.captions = [], []
-        for index, record in enumerate(records):
+        names = Ids("image", path)
+        for index, record in enumerate(json_records(path)):
             name = field(record, "image_name", str, path, index)
             caption = field(record, "caption", str, path, index)
-            image = require_file(self.root / "sharegpt4v" / "val_data" / name, "image", path, record=index)
+            image = self.media("sharegpt4v", "val_data", name, where=path, record=index)
+            names.add(str(image), index)
             self.images.append((str(index), image))
             self.captions.append((f"c{index}", caption, str(index)))
         self.sources = [path]
@@ -138,7 +135,9 @@ class Urban1K(CaptionImageBenchmark):
         image_dir = self.root / "Urban1k" / "image"
         if not image_dir.is_dir():
             raise DataError("folder not found; see README (Zero-shot evaluation)", file=str(image_dir))
-        numbers = sorted(int(m.group(1)) for p in image_dir.iterdir() if (m := re.fullmatch(r"(\d+)\.jpg", p.name)))
+        numbers = sorted(int(m.group(1)) for p in image_dir.iterdir() if (m := re.fullmatch(r"([0-9]+)\.jpg", p.name)))
+        if not numbers:
+            raise DataError("no queries: the folder holds no images 1.jpg..N.jpg", file=str(image_dir))
         if numbers != list(range(1, len(numbers) + 1)):
             gap = next(i for i, n in enumerate(numbers, start=1) if i != n) if numbers else 1
             raise DataError(f"images must be 1.jpg..N.jpg; {gap}.jpg is missing", file=str(image_dir))
@@ -147,9 +146,9 @@ class Urban1K(CaptionImageBenchmark):
             caption_path = self.root / "Urban1k" / "caption" / f"{number}.txt"
             if not caption_path.is_file():
                 raise DataError(f"caption of image {number}.jpg not found", file=str(caption_path))
-            caption = caption_path.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+            caption = read_utf8(caption_path).split("\n", 1)[0].strip()
             if not caption:
                 raise DataError("first line (the caption) is empty", file=str(caption_path), line=1)
-            self.images.append((str(number), image_dir / f"{number}.jpg"))
+            self.images.append((str(number), self.media("Urban1k", "image", f"{number}.jpg", where=image_dir)))
             self.captions.append((f"c{number}", caption, str(number)))
             self.sources.append(caption_path)

@@ -11,22 +11,15 @@ from pathlib import Path
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
 from umarvel.evaluation.zeroshot.base import (
+    Ids,
     ZeroShotBenchmark,
     field,
     item_set,
+    json_records,
     query_item,
     ranked_ids,
-    read_json,
-    require_file,
 )
 from umarvel.evaluation.zeroshot.metrics import hit_rates, mean_average_precision
-
-
-def _json_list(path: Path) -> list:
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise DataError(f"expected a JSON list of records, got {type(records).__name__}", file=str(path))
-    return records
 
 
 class CIRCO(ZeroShotBenchmark):
@@ -40,27 +33,35 @@ class CIRCO(ZeroShotBenchmark):
     def read(self) -> None:
         folder = self.root / "circo"
         info_path = folder / "annotations" / "image_info_unlabeled2017.json"
-        info = read_json(info_path)
+        info = json_records(info_path, dict)
         images = field(info, "images", list, info_path, None)
         self.image_paths: dict[str, Path] = {}
+        ids, names = Ids("image id", info_path), Ids("file_name", info_path)
         for index, record in enumerate(images):
             image_id = field(record, "id", int, info_path, index)
             name = field(record, "file_name", str, info_path, index)
-            self.image_paths[str(image_id)] = folder / "images" / "unlabeled2017" / name
+            ids.add(image_id, index)
+            names.add(name, index)
+            self.image_paths[str(image_id)] = self.media("circo", "images", "unlabeled2017", name, where=info_path,
+                                                         record=index)
         self.queries_path = folder / "annotations" / "val.json"
         self.queries = []
-        for index, record in enumerate(_json_list(self.queries_path)):
+        qids = Ids("id", self.queries_path)
+        for index, record in enumerate(json_records(self.queries_path)):
             qid = field(record, "id", int, self.queries_path, index)
+            qids.add(qid, index)
             reference = str(field(record, "reference_img_id", int, self.queries_path, index))
             caption = field(record, "relative_caption", str, self.queries_path, index)
             target = str(field(record, "target_img_id", int, self.queries_path, index))
-            gt = [str(i) for i in field(record, "gt_img_ids", list, self.queries_path, index)]
-            for image_id in (reference, target, *gt):
+            gt = field(record, "gt_img_ids", list, self.queries_path, index)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in gt):
+                raise DataError(f"record {index}: expected a list of image ids (int)", file=str(self.queries_path),
+                                field="gt_img_ids")
+            for image_id in (reference, target, *map(str, gt)):
                 if image_id not in self.image_paths:
                     raise DataError(f"record {index}: image id {image_id} is not in {info_path.name}",
                                     file=str(self.queries_path))
-            require_file(self.image_paths[reference], "reference image", self.queries_path, record=index)
-            self.queries.append((str(qid), reference, caption, {target, *gt}))
+            self.queries.append((str(qid), reference, caption, {target, *map(str, gt)}))
         self.sources = [self.queries_path, info_path]
 
     @property
@@ -103,10 +104,15 @@ class GeneCIS(ZeroShotBenchmark):
     def _read_task(self, task: str) -> dict:
         path = self.root / "genecis" / "annotations" / f"{task}.json"
         queries, images = [], {}
-        for index, record in enumerate(_json_list(path)):
+        for index, record in enumerate(json_records(path)):
             condition = field(record, "condition", str, path, index)
+            gallery = field(record, "gallery", list, path, index)
+            if not gallery:
+                raise DataError(f"record {index}: the gallery is empty, so the target would be the only candidate "
+                                "(a hit by construction); every GeneCIS query ranks its target among distractors",
+                                file=str(path), field="gallery")
             roles = [field(record, "reference", dict, path, index), field(record, "target", dict, path, index),
-                     *field(record, "gallery", list, path, index)]
+                     *gallery]
             ids = [self._image(task, path, index, k, entry, images) for k, entry in enumerate(roles)]
             queries.append({"id": f"{task}:{index}", "image": ids[0], "text": condition,
                             "target": ids[1], "gallery": ids[1:]})
@@ -115,13 +121,13 @@ class GeneCIS(ZeroShotBenchmark):
     def _image(self, task: str, path: Path, index: int, k: int, entry, images: dict[str, Path]) -> str:
         if task.endswith("object"):
             image_id = str(field(entry, "val_image_id", (int, str), path, index))
-            image_path = self.root / "genecis" / "val2017" / f"{image_id.zfill(12)}.jpg"
             cid = image_id
+            parts = ("val2017", f"{image_id.zfill(12)}.jpg")
         else:
             image_id = str(field(entry, "image_id", (int, str), path, index))
             cid = f"{image_id}_{index}_{k}.jpg"
-            image_path = self.root / "genecis" / "vg" / task / cid
-        images[cid] = require_file(image_path, "image", path, record=index)
+            parts = ("vg", task, cid)
+        images[cid] = self.media("genecis", *parts, where=path, record=index)
         return cid
 
     @property
@@ -167,21 +173,21 @@ class MultiTurnFashionIQ(ZeroShotBenchmark):
     REAL_MIN_QUERIES, REAL_MIN_CANDIDATES = 2000, 6000  # about 2.4K queries over 6.2K images
 
     def _image(self, name: str, where: Path, index) -> Path:
-        return require_file(self.root / "M-BEIR" / "mbeir_images" / "fashioniq_images" / f"{name}.jpg", "image",
-                            where, record=index)
+        return self.media("M-BEIR", "mbeir_images", "fashioniq_images", f"{name}.jpg", where=where, record=index)
 
     def read(self) -> None:
         folder = self.root / "multiturnfashion"
         self.query_path = folder / "data" / "all.val.json"
         self.candidate_path = folder / "image_splits" / "split.all.val.json"
-        names = _json_list(self.candidate_path)
         self.candidates = {}
-        for index, name in enumerate(names):
+        names = Ids("image name", self.candidate_path)
+        for index, name in enumerate(json_records(self.candidate_path, what="candidates")):
             if not isinstance(name, str):
                 raise DataError(f"record {index}: an image name must be a string", file=str(self.candidate_path))
+            names.add(name, index)
             self.candidates[name] = self._image(name, self.candidate_path, index)
         self.queries = []
-        for index, record in enumerate(_json_list(self.query_path)):
+        for index, record in enumerate(json_records(self.query_path)):
             turns = field(record, "reference", list, self.query_path, index)
             target = field(record, "target", list, self.query_path, index)
             if not turns or len(target) < 2 or not isinstance(target[1], str):
@@ -193,7 +199,7 @@ class MultiTurnFashionIQ(ZeroShotBenchmark):
             images, texts = [], []
             for turn_number, turn in enumerate(turns, start=1):
                 if not (isinstance(turn, list) and len(turn) >= 3 and isinstance(turn[1], list)
-                        and isinstance(turn[2], str)):
+                        and all(isinstance(t, str) for t in turn[1]) and isinstance(turn[2], str)):
                     raise DataError(f"record {index}: turn {turn_number} must be [_, [texts], image name]",
                                     file=str(self.query_path))
                 images.append(str(self._image(turn[2], self.query_path, index)))

@@ -4,13 +4,13 @@ from __future__ import annotations
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
 from umarvel.evaluation.zeroshot.base import (
+    Ids,
     ZeroShotBenchmark,
     field,
     item_set,
+    json_records,
     query_item,
     ranked_ids,
-    read_json,
-    require_file,
 )
 from umarvel.evaluation.zeroshot.metrics import hit_rates
 
@@ -29,12 +29,22 @@ class VisDial(ZeroShotBenchmark):
 
     def read(self) -> None:
         self.path = self.root / "visdial" / "visdial_1.0_val.json"
-        data = field(read_json(self.path), "data", dict, self.path, None)
+        data = field(json_records(self.path, dict), "data", dict, self.path, None)
         questions = field(data, "questions", list, self.path, "data")
         answers = field(data, "answers", list, self.path, "data")
+        for name, texts in (("questions", questions), ("answers", answers)):
+            bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise DataError(f"record data.{name}[{bad}]: expected str, got {type(texts[bad]).__name__}",
+                                file=str(self.path))
+        dialogs = field(data, "dialogs", list, self.path, "data")
+        if not dialogs:
+            raise DataError("no queries: data.dialogs is empty", file=str(self.path))
         self.dialogs = []
-        for index, dialog in enumerate(field(data, "dialogs", list, self.path, "data")):
+        image_ids = Ids("image_id", self.path)
+        for index, dialog in enumerate(dialogs):
             image_id = field(dialog, "image_id", int, self.path, f"dialogs[{index}]")
+            image_ids.add(image_id, f"dialogs[{index}]")
             parts = [field(dialog, "caption", str, self.path, f"dialogs[{index}]").strip()]
             for turn, entry in enumerate(field(dialog, "dialog", list, self.path, f"dialogs[{index}]")):
                 where = f"dialogs[{index}].dialog[{turn}]"
@@ -43,8 +53,8 @@ class VisDial(ZeroShotBenchmark):
                     raise DataError(f"record {where}: question {q} / answer {a} outside the "
                                     f"{len(questions)} questions / {len(answers)} answers", file=str(self.path))
                 parts.append(f"Q: {questions[q]}? A: {answers[a]}.")
-            image = self.root / "visdial" / "VisualDialog_val2018" / f"VisualDialog_val2018_{image_id:012d}.jpg"
-            require_file(image, "image", self.path, record=f"dialogs[{index}]")
+            image = self.media("visdial", "VisualDialog_val2018", f"VisualDialog_val2018_{image_id:012d}.jpg",
+                               where=self.path, record=f"dialogs[{index}]")
             self.dialogs.append((str(image_id), " ".join(parts), image))
 
     @property

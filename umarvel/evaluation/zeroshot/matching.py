@@ -13,9 +13,8 @@ from umarvel.evaluation.zeroshot.base import (
     ZeroShotBenchmark,
     field,
     item_set,
+    json_records,
     query_item,
-    read_json,
-    require_file,
     scores_by_candidate,
 )
 from umarvel.evaluation.zeroshot.metrics import pairwise_accuracy
@@ -63,6 +62,8 @@ class CCNeg(ZeroShotBenchmark):
         annotations = field(data, "annotations", list, self.path, None)
         if len(paths) != len(annotations):
             raise DataError(f"{len(paths)} image paths but {len(annotations)} annotations", file=str(self.path))
+        if not paths:
+            raise DataError("no queries: image_paths and annotations are empty", file=str(self.path))
         self.rows = len(paths)
         start = max(0, self.rows - self.TEST_ROWS)
         self.examples = []
@@ -77,8 +78,7 @@ class CCNeg(ZeroShotBenchmark):
     def _image(self, value, index: int) -> Path:
         if not isinstance(value, str):
             raise DataError(f"record {index}: an image path must be a string", file=str(self.path))
-        relative = value.removeprefix(self.RELEASE_PREFIX)
-        return require_file(self.root / "ccneg" / relative, "image", self.path, record=index)
+        return self.media("ccneg", value.removeprefix(self.RELEASE_PREFIX), where=self.path, record=index)
 
     @property
     def is_real_data(self) -> bool:
@@ -104,14 +104,10 @@ class SugarCrepe(ZeroShotBenchmark):
         self.subsets = {}
         for subset in self.SUBSETS:
             path = self.root / "sugar-crepe" / "data" / f"{subset}.json"
-            records = read_json(path)
-            if not isinstance(records, dict):
-                raise DataError(f"expected a JSON object keyed by example id, got {type(records).__name__}",
-                                file=str(path))
             examples = []
-            for key, record in records.items():
+            for key, record in json_records(path, dict).items():
                 name = field(record, "filename", str, path, key)
-                image = require_file(self.root / "sugar-crepe" / "images" / "val2017" / name, "image", path, key)
+                image = self.media("sugar-crepe", "images", "val2017", name, where=path, record=key)
                 examples.append((f"{subset}:{key}", image, field(record, "caption", str, path, key),
                                  field(record, "negative_caption", str, path, key)))
             self.subsets[subset] = (path, examples)

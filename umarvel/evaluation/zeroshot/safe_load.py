@@ -28,8 +28,16 @@ def load_torch_plain(path: Path):
         raise DataError(f"refused: the file needs objects beyond tensors and plain containers to load ({first}); "
                         "umarvel never unpickles arbitrary objects. Convert it to plain dicts/lists/str/tensors "
                         "with a trusted tool first", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise _not_utf8(err, path) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise DataError(f"not a readable torch file: {err}", file=str(path)) from None
+
+
+def _not_utf8(err: UnicodeDecodeError, path: Path) -> DataError:
+    """A pickled string whose bytes are not UTF-8 (a pickle has no lines: the bad byte is named)."""
+    return DataError(f"not UTF-8 text: a string in it holds byte {err.object[err.start:err.start + 1]!r} at "
+                     f"position {err.start + 1} of the string; re-write the file with UTF-8 strings", file=str(path))
 
 
 _CONTAINERS = {"set": set, "frozenset": frozenset}  # the containers older protocols name as globals
@@ -51,5 +59,7 @@ def load_plain_pickle(path: Path):
     except pickle.UnpicklingError as err:
         raise DataError(f"refused: the pickle asks for {err}; only builtin containers, strings and numbers "
                         "are loaded (umarvel never unpickles arbitrary objects)", file=str(path)) from None
+    except UnicodeDecodeError as err:
+        raise _not_utf8(err, path) from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as err:
         raise DataError(f"not a readable pickle: {err}", file=str(path)) from None

@@ -6,8 +6,10 @@ settings say, fps 2 and at least 4 frames for MSR-VTT, 12 frames for MSVD).
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from umarvel.data.files import read_utf8
 from umarvel.errors import DataError
 from umarvel.evaluation.protocol import Retrieval
 from umarvel.evaluation.zeroshot.base import (
@@ -62,24 +64,45 @@ class MSRVTT(TextToVideo):
         if not path.is_file():
             raise DataError("file not found; see README (Zero-shot evaluation)", file=str(path))
         self.captions, self.videos, self.sources = [], {}, [path]
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for column in ("video_id", "sentence"):
-                if column not in (reader.fieldnames or []):
-                    raise DataError(f"header has no column {column!r} (has {reader.fieldnames})", file=str(path),
-                                    line=1)
-            for row in reader:
-                line = reader.line_num
-                vid, sentence = (row["video_id"] or "").strip(), (row["sentence"] or "").strip()
-                if not vid or not sentence:
-                    raise DataError("empty video_id or sentence", file=str(path), line=line)
-                video = self.root / "msrvtt" / "videos" / f"{vid}.mp4"
-                if not video.is_file():
-                    raise DataError(f"video {video} does not exist", file=str(path), line=line)
-                self.videos[vid] = video
-                self.captions.append((f"l{line}", sentence, vid))
+        for line, row in csv_rows(path, ("video_id", "sentence")):
+            vid, sentence = row["video_id"].strip(), row["sentence"].strip()
+            if not vid or not sentence:
+                raise DataError("empty video_id or sentence", file=str(path), line=line)
+            self.videos[vid] = self.media("msrvtt", "videos", f"{vid}.mp4", where=path, line=line, what="video")
+            self.captions.append((f"l{line}", sentence, vid))
         if not self.captions:
-            raise DataError("no test rows", file=str(path))
+            raise DataError("no queries: the file has a header and no rows", file=str(path))
+
+
+def csv_rows(path: Path, columns: tuple[str, ...]):
+    """(line, {column: value}) of each row of a UTF-8 CSV file with a header naming `columns`.
+
+    Strict where the csv module is lenient: an unbalanced quote would swallow the rows after it
+    into one field, and a row with missing or extra cells would be padded or cut, both silently
+    changing the test set; here a record spanning lines, or one whose cell count differs from
+    the header's, is an error naming its first line."""
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), strict=True)
+    last = 0
+    try:
+        header = next(reader, [])
+        for column in columns:
+            if column not in header:
+                raise DataError(f"header has no column {column!r} (has {header})", file=str(path), line=1)
+        last = reader.line_num
+        for cells in reader:
+            line, last = last + 1, reader.line_num
+            if last != line:
+                raise DataError(f"a quoted field runs from this line to line {last} (an unbalanced quote?); a record "
+                                "must stay on one line", file=str(path), line=line)
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise DataError(f"{len(cells)} fields, the header has {len(header)}", file=str(path), line=line)
+            yield line, dict(zip(header, cells))
+    except csv.Error as err:
+        runs_on = reader.line_num > last + 1
+        span = f" (the record runs on to line {reader.line_num}: an unbalanced quote?)" if runs_on else ""
+        raise DataError(f"not valid CSV: {err}{span}", file=str(path), line=last + 1) from None
 
 
 class MSVD(TextToVideo):
@@ -102,7 +125,7 @@ class MSVD(TextToVideo):
             raise DataError(f"expected a dict of video id -> captions, got {type(captions).__name__}",
                             file=str(captions_path))
         self.captions, self.videos, self.sources = [], {}, [list_path, captions_path]
-        for line, raw in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line, raw in enumerate(read_utf8(list_path).splitlines(), start=1):
             vid = raw.strip()
             if not vid:
                 continue
@@ -111,14 +134,14 @@ class MSVD(TextToVideo):
             if vid not in captions:
                 raise DataError(f"video {vid} has no captions in {captions_path.name}", file=str(list_path),
                                 line=line)
-            video = folder / "YouTubeClips" / f"{vid}.avi"
-            if not video.is_file():
-                raise DataError(f"video {video} does not exist", file=str(list_path), line=line)
-            self.videos[vid] = video
+            self.videos[vid] = self.media("MSVD", "YouTubeClips", f"{vid}.avi", where=list_path, line=line,
+                                          what="video")
+            if not isinstance(captions[vid], list) or not captions[vid]:
+                raise DataError(f"video {vid}: expected a non-empty list of captions", file=str(captions_path))
             for number, words in enumerate(captions[vid]):
                 if isinstance(words, str) or not all(isinstance(w, str) for w in words) or not words:
                     raise DataError(f"video {vid}: caption {number} must be a non-empty list of words",
                                     file=str(captions_path))
                 self.captions.append((f"{vid}#{number}", " ".join(words), vid))
         if not self.videos:
-            raise DataError("no test videos", file=str(list_path))
+            raise DataError("no queries: no test videos are listed", file=str(list_path))
