@@ -166,7 +166,11 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
 
     Our model section lives in `settings`; `config` is the backbone's transformers config,
     which the Trainer's integrations (TensorBoard, wandb, DeepSpeed's `auto` sizes) read.
+    A saved one is a directory holding its `record` file (what makes it a saved `kind`).
     """
+
+    record: str
+    kind: str
 
     @property
     def config(self):
@@ -205,7 +209,8 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
             raise UmarvelError(f"this {type(self).__name__.lower()} has no adapter to save")
         with gathered(self.trainable_parameters()):
             if write:
-                with atomic_dir(directory) if atomic else nullcontext(Path(directory)) as target:
+                with (atomic_dir(directory, record=self.record, kind=self.kind) if atomic
+                      else nullcontext(Path(directory))) as target:
                     target.mkdir(parents=True, exist_ok=True)
                     with quiet_transformers():
                         self.backbone.save_pretrained(target)

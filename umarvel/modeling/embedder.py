@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 class Embedder(AdaptedBackbone):
     """Encode items (`text`, `image`, optional `instruction`) into unit vectors."""
 
+    record, kind = EMBEDDER_CONFIG, "embedder"
+
     def __init__(self, backbone, processor, config: ModelConfig):
         super().__init__()
         self.backbone = backbone
@@ -271,7 +273,7 @@ class Embedder(AdaptedBackbone):
         state = {key: value.contiguous() for key, value in self._merged_tensors() if write}
         with gathered(self.temperature.parameters()):
             if write:
-                with atomic_dir(directory) as tmp, quiet_transformers():
+                with atomic_dir(directory, record=self.record, kind=self.kind) as tmp, quiet_transformers():
                     base.save_pretrained(tmp, state_dict=state)
                     self._write_common(tmp, merged=True)
         return Path(directory)

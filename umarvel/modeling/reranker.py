@@ -53,6 +53,8 @@ def resolve_reranker_dir(path: str | os.PathLike) -> Path:
 class Reranker(AdaptedBackbone):
     """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
 
+    record, kind = RERANKER_CONFIG, "reranker"
+
     # The loss is a mean over rows (one answer token each): the Trainer divides by accumulation.
     accepts_loss_kwargs = False
 
