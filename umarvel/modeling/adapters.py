@@ -16,6 +16,7 @@ from umarvel.backbone import language_model, load_backbone, load_processor, quie
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
+from umarvel.weights import SAVED_MODEL, check_safetensors
 
 
 def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
@@ -129,9 +130,7 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     if adapter_dir is not None:
         from peft import PeftModel
 
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise UmarvelError(f"{adapter_dir} has no adapter_model.safetensors: the saved model is incomplete; "
-                               "save or train it again")
+        check_safetensors(adapter_dir / "adapter_model.safetensors", SAVED_MODEL)
         try:
             with quiet_transformers():
                 backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
