@@ -140,7 +140,7 @@ def test_a_corrupt_saved_embedder_config_names_the_file(tiny_model_dir, tmp_path
 # damage to a saved adapter -> what the error must say
 ADAPTERS = {
     "corrupt adapter_config.json": r"adapter does not load .*save or train it again",
-    "no adapter weights": r"has no adapter_model\.safetensors: the saved model is incomplete",
+    "no adapter weights": r"adapter_model\.safetensors: missing; the saved model is damaged or incomplete",
 }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from umarvel import backbones
 from umarvel.errors import UmarvelError
+from umarvel.weights import check_model_weights
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,6 +81,7 @@ def check_backbone_dir(path: str | Path) -> backbones.Family:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UmarvelError(f"backbone {path} has no weights (no *.safetensors file): the model directory is "
                            "incomplete; copy or download it again")
+    check_model_weights(path)
     return family
 
 

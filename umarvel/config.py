@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -447,6 +448,10 @@ def check_values(obj: Any, where: str = "") -> None:
     prefix = f"{where}." if where else ""
     for f in dataclasses.fields(obj):
         bounds, value = f.metadata.get("range"), getattr(obj, f.name)
+        # NaN passes every comparison with a bound, and no setting means anything at infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is not a finite number"
+                              + (f"; it must be {bounds}" if bounds is not None else ""))
         if bounds is not None and isinstance(value, (int, float)) and not bounds.admits(value):
             raise ConfigError(f"{prefix}{f.name}: {value!r} is out of range; it must be {bounds}")
     for key, message in obj.check() if hasattr(obj, "check") else []:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 
@@ -38,3 +39,22 @@ def cache_root() -> Path:
     """Where umarvel keeps what it can rebuild (parsed tables, embeddings): $UMARVEL_CACHE, else
     ~/.cache/umarvel. Safe to delete; everything in it is re-made on the next run."""
     return Path(os.environ.get("UMARVEL_CACHE") or Path.home() / ".cache" / "umarvel")
+
+
+def from_main(value):
+    """The main process's `value` on every rank (itself in a single process): what rank 0
+    decided, e.g. what to do with a run directory, so that no rank decides otherwise."""
+    if not _group_ready():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any (so that all stop together, none hangs)."""
+    if not _group_ready():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())

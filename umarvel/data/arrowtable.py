@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow as pa
 
 from umarvel import process
 from umarvel.errors import DataError
+from umarvel.io import temporary_dir
 
 CACHE_VERSION = 1
 BATCH_ROWS = 16_384
@@ -244,7 +244,7 @@ def _cache_path(source: Path, fmt: TableFormat, cache_dir: Path) -> Path:
 
 def _build(source: Path, fmt: TableFormat, produce: RowProducer, cache: Path, log: ErrorLog) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+    work = temporary_dir(cache.parent, prefix=f".{cache.name}.")
     try:
         meta: dict = {}
         hashes = _write_rows(work / "rows.arrow", fmt, produce(log, meta))

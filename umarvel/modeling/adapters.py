@@ -16,6 +16,7 @@ from umarvel.backbone import language_model, load_backbone, load_processor, quie
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
+from umarvel.weights import SAVED_MODEL, check_safetensors
 
 
 def _lora_targets(backbone, suffixes: list[str]) -> list[str]:
@@ -129,9 +130,7 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     if adapter_dir is not None:
         from peft import PeftModel
 
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise UmarvelError(f"{adapter_dir} has no adapter_model.safetensors: the saved model is incomplete; "
-                               "save or train it again")
+        check_safetensors(adapter_dir / "adapter_model.safetensors", SAVED_MODEL)
         try:
             with quiet_transformers():
                 backbone = PeftModel.from_pretrained(backbone, adapter_dir, is_trainable=trainable)
@@ -166,7 +165,11 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
 
     Our model section lives in `settings`; `config` is the backbone's transformers config,
     which the Trainer's integrations (TensorBoard, wandb, DeepSpeed's `auto` sizes) read.
+    A saved one is a directory holding its `record` file (what makes it a saved `kind`).
     """
+
+    record: str
+    kind: str
 
     @property
     def config(self):
@@ -205,7 +208,8 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
             raise UmarvelError(f"this {type(self).__name__.lower()} has no adapter to save")
         with gathered(self.trainable_parameters()):
             if write:
-                with atomic_dir(directory) if atomic else nullcontext(Path(directory)) as target:
+                with (atomic_dir(directory, record=self.record, kind=self.kind) if atomic
+                      else nullcontext(Path(directory))) as target:
                     target.mkdir(parents=True, exist_ok=True)
                     with quiet_transformers():
                         self.backbone.save_pretrained(target)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from umarvel import profiles
@@ -30,6 +30,7 @@ from umarvel.modeling.adapters import (
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
+from umarvel.weights import CHECKPOINT, SAVED_MODEL, load_tensors
 
 EMBEDDER_CONFIG = "embedder_config.json"
 TEMPERATURE_FILE = "temperature.safetensors"
@@ -38,6 +39,8 @@ FORMAT_VERSION = 1
 
 class Embedder(AdaptedBackbone):
     """Encode items (`text`, `image`, optional `instruction`) into unit vectors."""
+
+    record, kind = EMBEDDER_CONFIG, "embedder"
 
     def __init__(self, backbone, processor, config: ModelConfig):
         super().__init__()
@@ -88,7 +91,7 @@ class Embedder(AdaptedBackbone):
             backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
             config = model_config(saved["model"], overrides, where)
             embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
-        embedder.temperature.load_state(load_file(path / TEMPERATURE_FILE))
+        embedder.temperature.load_state(load_tensors(path / TEMPERATURE_FILE, SAVED_MODEL))
         return embedder
 
     @classmethod
@@ -226,8 +229,8 @@ class Embedder(AdaptedBackbone):
         from peft import set_peft_model_state_dict
 
         directory = Path(directory)
-        set_peft_model_state_dict(self.backbone, load_file(directory / "adapter_model.safetensors"))
-        self.temperature.load_state(load_file(directory / TEMPERATURE_FILE))
+        set_peft_model_state_dict(self.backbone, load_tensors(directory / "adapter_model.safetensors", CHECKPOINT))
+        self.temperature.load_state(load_tensors(directory / TEMPERATURE_FILE, CHECKPOINT))
 
     def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
         """Adapter + embedder config + temperature (a merged checkpoint when there is no adapter).
@@ -271,7 +274,7 @@ class Embedder(AdaptedBackbone):
         state = {key: value.contiguous() for key, value in self._merged_tensors() if write}
         with gathered(self.temperature.parameters()):
             if write:
-                with atomic_dir(directory) as tmp, quiet_transformers():
+                with atomic_dir(directory, record=self.record, kind=self.kind) as tmp, quiet_transformers():
                     base.save_pretrained(tmp, state_dict=state)
                     self._write_common(tmp, merged=True)
         return Path(directory)

@@ -16,6 +16,7 @@ import torch
 
 from umarvel import profiles
 from umarvel.errors import UmarvelError
+from umarvel.weights import load_tensors
 
 TEMPERATURE_KEY = "sim.temp"  # the released checkpoints' InfoNCE temperature
 MARKER_STD = 0.02  # transformers 4.45 initialises resized embedding rows with normal(0, initializer_range=0.02)
@@ -48,9 +49,7 @@ def marker_rows(spec: str, hidden: int, count: int = 2) -> torch.Tensor:
     if path.suffix == ".npy":
         rows = torch.from_numpy(np.load(path, allow_pickle=False))
     else:
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
+        tensors = load_tensors(path, "it is named by model.rules.marker_rows: give a whole file")
         if len(tensors) != 1:
             raise UmarvelError(f"model.rules.marker_rows: {path} holds {len(tensors)} tensors, expected one")
         rows = next(iter(tensors.values()))

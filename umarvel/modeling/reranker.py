@@ -29,6 +29,7 @@ from umarvel.modeling.adapters import (
     AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
+from umarvel.weights import CHECKPOINT, load_tensors
 
 RERANKER_CONFIG = "reranker_config.json"
 FORMAT_VERSION = 1
@@ -52,6 +53,8 @@ def resolve_reranker_dir(path: str | os.PathLike) -> Path:
 
 class Reranker(AdaptedBackbone):
     """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
+
+    record, kind = RERANKER_CONFIG, "reranker"
 
     # The loss is a mean over rows (one answer token each): the Trainer divides by accumulation.
     accepts_loss_kwargs = False
@@ -155,9 +158,8 @@ class Reranker(AdaptedBackbone):
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:
         """Load a saved adapter's weights into this reranker (resume)."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.backbone, load_file(Path(directory) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.backbone, load_tensors(Path(directory) / "adapter_model.safetensors", CHECKPOINT))
 
     def save_pretrained(self, directory: str | os.PathLike, *, write: bool = True) -> Path:
         """Collective under ZeRO-3, like `write_adapter`."""

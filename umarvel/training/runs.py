@@ -1,13 +1,19 @@
 """One lifecycle for every training run directory: start (or skip, or refuse), then finish.
 
-A run directory records the resolved `config.yaml` and, in `run.json`, the fingerprint of
-the settings that shape what is trained. Starting a run compares them with the new config:
+A run directory records, in `run.json`, the fingerprint of the settings that shape what is
+trained, and the resolved `config.yaml`. Starting a run compares the fingerprint with the new
+config's (config.yaml names the differing keys):
   finished (DONE), same settings         -> nothing to do (a re-run of a recipe skips it)
   finished, other settings               -> error naming the differing keys; `force` re-trains
   unfinished with checkpoints, no resume -> error; `resume` continues only a matching run
   unfinished without checkpoints         -> started afresh (cleared if its config differs)
+  run.json unreadable                    -> error: what cannot be compared is never "the same"
 `force` deletes the directory's contents first, so no file of other settings (pairs, teacher
-scores, checkpoints) is ever read back. Finishing writes log_history.json and
+scores, checkpoints) is ever read back. Only a run of ours is ever cleared or trained into: a
+directory that holds anything but has no run.json is refused, `force` or not (an empty one is
+fine). The main process decides, under `run.lock` (its pid and host), held from start to
+finish, so a second training started into a live run's directory is refused rather than
+clearing it; other ranks follow its decision. Finishing writes log_history.json and
 metrics.json, then DONE last, on the main process, and waits for every rank.
 
 A checkpoint counts only once it is complete: the Trainer writes checkpoint-N/ in place (adapter,
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +40,13 @@ from transformers import TrainerCallback
 from umarvel import process
 from umarvel.config import Config, save_config, to_dict, upgrade_moved_keys
 from umarvel.errors import UmarvelError
-from umarvel.io import atomic_write_json, atomic_write_text
+from umarvel.io import atomic_write_json, atomic_write_text, create_exclusive, describe_contents
 
 logger = logging.getLogger("umarvel")
 
 DONE = "DONE"
 RUN_FILE = "run.json"
+LOCK = "run.lock"
 COMPLETE = "COMPLETE"
 # Settings that change how a run is watched or where it runs, never what it learns.
 NOT_SHAPING = (
@@ -120,59 +128,193 @@ class Run:
     finished: bool = False
 
 
-def _recorded_config(run_dir: Path) -> dict | None:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+def _refuse_foreign(run_dir: Path) -> None:
+    """A directory that holds anything but is not a run of ours (no run.json) is never used,
+    cleared or deleted: it may be anything, named by a typo in run.output_dir."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UmarvelError(f"{run_dir} is a file, not a umarvel run: choose another run.output_dir")
+    if run_dir.is_dir() and not (run_dir / RUN_FILE).is_file() and any(p.name != LOCK for p in run_dir.iterdir()):
+        raise UmarvelError(f"{run_dir} holds {describe_contents(run_dir)}; it is not a umarvel run (no {RUN_FILE}): "
+                           "choose another run.output_dir or remove it yourself")
+
+
+def _lock(run_dir: Path) -> None:
+    """Take the directory's `run.lock` (pid, host, start time) for this process, so that a second
+    training started into it cannot clear or overwrite a live run. A lock left by a process
+    that is gone (same host, no such pid), or by this very process (an earlier run in it that
+    stopped with an error), is taken over; one of another host cannot be checked, so it holds."""
+    path = run_dir / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    while not create_exclusive(path, json.dumps(mine) + "\n"):
+        holder = _lock_holder(path)
+        if holder is None:
+            continue  # released meanwhile
+        if _alive(holder):
+            raise UmarvelError(
+                f"{run_dir} is in use by a run started {holder.get('started', '?')} (pid {holder['pid']} on "
+                f"{holder['host']}): wait for it, or choose another run.output_dir; if that process is gone, "
+                f"remove {path}"
+            )
+        logger.info("%s: taking over the lock of pid %s on %s, which is gone", run_dir, holder["pid"], holder["host"])
+        path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """The lock's record (None once it is gone); a damaged one is refused, not taken over."""
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        holder = None
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int) or not isinstance(holder.get("host"), str):
+        raise UmarvelError(f"{path}: damaged run lock (expected pid and host); if no run uses "
+                           f"{path.parent}, remove {path}")
+    return holder
+
+
+def _alive(holder: dict) -> bool:
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _unlock(run_dir: Path) -> None:
+    """Release the lock if this process holds it."""
+    path = run_dir / LOCK
+    holder = _lock_holder(path) if path.exists() else None
+    if holder is not None and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _recorded_config(run_dir: Path) -> tuple[dict | None, str]:
+    """(the run's config.yaml as a mapping, "") or (None, what is wrong with it)."""
+    path = run_dir / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UmarvelError(f"{path}: not valid YAML ({err}); pass --force to train this run again") from None
-    return upgrade_moved_keys(data, str(path)) if isinstance(data, dict) else None
+    except FileNotFoundError:
+        return None, "is missing"
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        return None, f"is not readable YAML ({type(err).__name__})"
+    if not isinstance(data, dict):
+        return None, f"holds a {type(data).__name__}, not a mapping"
+    return upgrade_moved_keys(data, str(path)), ""
+
+
+def _differences(run_dir: Path, config: Config) -> list[str]:
+    """The shaping settings in which the run differs from `config` ([] when the same).
+
+    `run.json`'s fingerprint decides; config.yaml names the differing keys (and, read through
+    today's schema, accepts a run whose fingerprint changed only because keys moved). What
+    cannot be compared is an error, never taken for "the same".
+    """
+    path = run_dir / RUN_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        recorded = f"not valid JSON ({err})"
+    fingerprint = recorded.get("config_fingerprint") if isinstance(recorded, dict) else None
+    if not isinstance(fingerprint, str):
+        problem = recorded if isinstance(recorded, str) else "no config_fingerprint"
+        raise UmarvelError(f"{path}: {problem}; this run's settings cannot be compared with this config: pass --force "
+                           "to train it again (its contents are deleted), or set another run.output_dir")
+    if fingerprint == config_fingerprint(config):
+        return []
+    old, problem = _recorded_config(run_dir)
+    if old is None:
+        return [f"fingerprint {fingerprint} -> {config_fingerprint(config)} (its config.yaml {problem}, "
+                "so the differing keys cannot be named)"]
+    return config_differences(old, to_dict(config))
 
 
 def start(config: Config, *, resume: bool = False, force: bool = False) -> Run:
     """Decide what to do with `config.run.output_dir` (see the module docstring), record the
     config, seed everything and set the image pixel limit. Call it after the process group exists
-    (all ranks)."""
+    (all ranks): the main process alone inspects, locks, clears and records the directory; the
+    other ranks follow its decision, or raise its error."""
     from transformers import set_seed
 
     from umarvel.data.images import set_max_pixels
 
-    run_dir = Path(config.run.output_dir)
-    recorded = _recorded_config(run_dir)
-    differences = config_differences(recorded, to_dict(config)) if recorded is not None else []
-    found = checkpoints(run_dir)
-    if run_dir.exists() and (force or (differences and not found and not is_done(run_dir))):
-        _clear(run_dir, "--force" if force else "an unfinished run of another config without checkpoints")
-        differences, found = [], []
-    elif is_done(run_dir):
+    decision: Run | str | None = None
+    if process.is_main_process():
+        try:
+            decision = _decide(Path(config.run.output_dir), config, resume, force)
+        except Exception as err:
+            process.from_main(f"the main process could not start the run: {err}")
+            raise
+    decision = process.from_main(decision)
+    if isinstance(decision, str):
+        raise UmarvelError(decision)
+    if not decision.finished:
+        set_seed(config.run.seed)
+        set_max_pixels(config.data.max_image_pixels)
+    return decision
+
+
+def _decide(run_dir: Path, config: Config, resume: bool, force: bool) -> Run:
+    """The main process's half of `start`, under the directory's lock (released again unless
+    the run goes on)."""
+    _refuse_foreign(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _lock(run_dir)
+    try:
+        run = _choose(run_dir, config, resume, force)
+    except BaseException:
+        _unlock(run_dir)
+        raise
+    if run.finished:
+        _unlock(run_dir)
+        return run
+    # run.json first: a kill before config.yaml leaves a run that is still compared by fingerprint
+    atomic_write_json(run_dir / RUN_FILE, {"config_fingerprint": config_fingerprint(config),
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    save_config(config, run_dir)
+    return run
+
+
+def _choose(run_dir: Path, config: Config, resume: bool, force: bool) -> Run:
+    if force:
+        _clear(run_dir, "--force")
+        return Run(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        return Run(run_dir)
+    differences, found = _differences(run_dir, config), checkpoints(run_dir)
+    if is_done(run_dir):
         if differences:
             raise UmarvelError(_mismatch(run_dir, "is a finished run of another config", differences))
         logger.info("%s is finished (DONE) with this config; skipping", run_dir)
         return Run(run_dir, finished=True)
-    elif found and not resume:
+    if found and not resume:
         raise UmarvelError(
             f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, "
             "or --force to train it again from scratch"
         )
-    elif found and differences:
+    if found and differences:
         raise UmarvelError(_mismatch(run_dir, "holds checkpoints of another config", differences))
-    if process.is_main_process():
-        save_config(config, run_dir)
-        atomic_write_json(run_dir / RUN_FILE, {"config_fingerprint": config_fingerprint(config),
-                                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    set_seed(config.run.seed)
-    set_max_pixels(config.data.max_image_pixels)
+    if differences:
+        _clear(run_dir, "an unfinished run of another config without checkpoints")
     return Run(run_dir, resume_from=found[-1] if found else None)
 
 
 def _clear(run_dir: Path, why: str) -> None:
-    process.barrier()
-    if process.is_main_process():
-        logger.info("%s: deleting %s to train it afresh", why, run_dir)
-        shutil.rmtree(run_dir)
-    process.barrier()
+    """Delete a run directory's contents but its lock (only ever a run of ours: see `_refuse_foreign`)."""
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK]
+    if entries:
+        logger.info("%s: deleting the contents of %s to train it afresh", why, run_dir)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _mismatch(run_dir: Path, what: str, differences: list[str]) -> str:
@@ -187,4 +329,5 @@ def finish(run: Run, metrics: dict, log_history: list) -> None:
         atomic_write_json(run.directory / "log_history.json", log_history)
         atomic_write_json(run.directory / "metrics.json", metrics)
         atomic_write_text(run.directory / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        _unlock(run.directory)
     process.barrier()

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from umarvel.io import atomic_write_json
+from umarvel.training.guards import FiniteWeights, check_loss
 from umarvel.training.runs import CheckpointCompletion
 
 logger = logging.getLogger("umarvel")
@@ -37,7 +38,8 @@ SHOWN = (
 
 
 class TelemetryTrainer(Trainer):
-    """A Trainer whose step logs carry samples/s and whose progress is logged as lines."""
+    """A Trainer whose step logs carry samples/s and whose progress is logged as lines, and
+    which stops on a non-finite loss or non-finite weights (`umarvel.training.guards`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,6 +47,7 @@ class TelemetryTrainer(Trainer):
         self.lines = LogLines(Path(self.args.output_dir))
         self.add_callback(self.lines)
         self.add_callback(CheckpointCompletion())
+        self.add_callback(FiniteWeights())
         if sys.stderr.isatty():
             self.add_callback(_QuietProgressBar())
 
@@ -52,6 +55,11 @@ class TelemetryTrainer(Trainer):
     def samples_per_update(self) -> int:
         args = self.args
         return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_loss(loss, self.state.global_step + 1, self.args.learning_rate)
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
