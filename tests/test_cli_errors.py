@@ -2,7 +2,8 @@
 exit 2, no traceback: a full disk, an unwritable output directory, an output path that is (or
 runs through) a file, a config that is not UTF-8 or not YAML. Ctrl-C ends it as one line, exit
 130, in the main process and its DataLoader workers alike. A programming error keeps its
-traceback.
+traceback. Each system error class (several paths, read-only file system, missing file, text
+not UTF-8, PIL's pixel limit) has its one line checked exactly.
 """
 from __future__ import annotations
 
@@ -227,3 +228,29 @@ def test_dataloader_workers_leave_ctrl_c_to_the_main_process():
     out = list(batches(items, _collate_interrupted_in_workers, keys=list(range(6)), batch_size=1,
                        device=torch.device("cpu"), num_workers=2))
     assert sorted(float(batch["values"][0]) for _, batch in out) == [float(i) for i in range(6)]
+
+
+def _pixel_limit_error() -> Exception:
+    from PIL import Image
+
+    return Image.DecompressionBombError("Image size (200000000 pixels) exceeds limit of 178956970 pixels, "
+                                        "could be decompression bomb DOS attack.")
+
+
+@pytest.mark.parametrize("error, line", [
+    (lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/a.json", None, "/out/.a.json.x.tmp"),
+     "/out/a.json -> /out/.a.json.x.tmp: No space left on device (the disk is full: free space there or write elsewhere)"),
+    (lambda: OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/results.json"),
+     "/mnt/ro/results.json: Read-only file system (a read-only file system: choose a writable directory)"),
+    (lambda: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/data/pool.jsonl"),
+     "/data/pool.jsonl: No such file or directory (check the path)"),
+    (lambda: UnicodeDecodeError("utf-8", b"ok\n\xff", 3, 4, "invalid start byte"),
+     "a file is not UTF-8 text: invalid start byte at byte 3 (convert it to UTF-8, e.g. with iconv)"),
+    (_pixel_limit_error, "Image size (200000000 pixels) exceeds limit of 178956970 pixels, could be decompression "
+                         "bomb DOS attack. (an image larger than PIL's pixel limit)"),
+], ids=["disk full, two paths", "read-only file system", "missing file", "not UTF-8", "PIL pixel limit"])
+def test_the_systems_errors_become_one_line(error, line):
+    from umarvel.errors import system_error_message
+
+    assert system_error_message(error()) == line
+    assert system_error_message(RuntimeError("a bug")) is None and system_error_message(KeyError("k")) is None
