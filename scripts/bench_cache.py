@@ -1,6 +1,7 @@
 """What the embedding cache's checks cost: a verified load (manifest schema, shard rows and dim,
-ids, finite unit norms; the norms once per shard file version) against a bare memory-mapped
-load and against one search over the same pool; and the set fingerprint's per-image stat against the per-item encoding it guards.
+ids, finite unit norms, checksum; norms and checksum once per version of a shard's files)
+against a bare memory-mapped load and against one search over the same pool; and the set
+fingerprint's per-image stat against the per-item encoding it guards.
 
 One random fp16 pool of unit vectors in shards (default 400k x 1024, 50k per shard, in a
 temporary directory), loaded from a warm page cache, each way best of --repeats rounds:
@@ -30,9 +31,12 @@ def write_pool(directory: Path, count: int, dim: int, shard_size: int) -> None:
         rows = min(shard_size, count - start)
         vectors = rng.standard_normal((rows, dim), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        np.save(directory / f"shard-{index:05d}.npy", vectors.astype(np.float16))
-        (directory / f"shard-{index:05d}.ids.txt").write_text("".join(f"0:{start + i}\n" for i in range(rows)))
-        shards.append({"file": f"shard-{index:05d}.npy", "ids": f"shard-{index:05d}.ids.txt", "rows": rows})
+        vectors = vectors.astype(np.float16)
+        ids_text = "".join(f"0:{start + i}\n" for i in range(rows)).encode()
+        np.save(directory / f"shard-{index:05d}.npy", vectors)
+        (directory / f"shard-{index:05d}.ids.txt").write_bytes(ids_text)
+        shards.append({"file": f"shard-{index:05d}.npy", "ids": f"shard-{index:05d}.ids.txt", "rows": rows,
+                       "checksum": encode.shard_checksum(ids_text, vectors)})
     atomic_write_json(directory / encode.MANIFEST, {"format": encode.CACHE_FORMAT, "fingerprint": "f",
                                                     "rows": count, "dim": dim, "shards": shards})
 
@@ -90,8 +94,8 @@ def main() -> None:
     print("| step | seconds | / bare load | / one search |")
     print("|---|---|---|---|")
     for name, seconds in (("bare load (mmap + ids)", bare),
-                          ("first load of shard files not noted as checked (schema, ids, norms)", verified),
-                          ("later loads (schema, ids; norms noted as checked)", noted),
+                          ("first load of shard files not noted as checked (schema, ids, norms, checksum)", verified),
+                          ("later loads (schema, ids; norms and checksum noted as checked)", noted),
                           (f"search of {args.queries} queries", searched)):
         print(f"| {name} | {seconds:.3f} | {seconds / bare:.1f} | {seconds / searched:.2f} |")
     print(f"\nverification reads {gb / max(verified - bare, 1e-9):.2f} GB/s "

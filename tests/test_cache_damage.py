@@ -3,7 +3,9 @@ delete, never shifted ids or silently wrong vectors; a shard that does not hold 
 per item is never written; and every input that shapes a vector (or a parsed table) changes the
 cache key, so a stale entry is never re-used.
 
-DAMAGE: 19 classes of damaged cache entry (ids, vectors, manifest), each caught on load.
+DAMAGE: 23 classes of damaged cache entry (ids, vectors, manifest), each caught on load, among
+them rows swapped inside a shard (ids and vectors together, or either alone), which leave every
+count and norm intact and only the checksum recorded at write time sees.
 EMPTY_WRITES: 3 classes of encoder output that must not become a finished shard (no vectors,
 too few, a NaN one), and 2 classes of encoding setting given in code (shard_size 0,
 batch_size -1) refused before any write.
@@ -93,6 +95,21 @@ def _zeroed_in_place_keeping_mtime(directory):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def _swap_rows(vectors: bool, ids: bool):
+    """Rows 0 and 2 of the shard exchanged, in the vectors file, the ids file or both (each
+    rewritten in place, so only the row order changes); the shard passed its check before."""
+    def damage(directory):
+        load_encoded(directory)
+        if vectors:
+            rows = np.load(directory / f"{SHARD}.npy", mmap_mode="r+")
+            rows[[0, 2]] = rows[[2, 0]]
+            rows.flush()
+            del rows
+        if ids:
+            _edit_ids(lambda lines: [lines[2], lines[1], lines[0]])(directory)
+    return damage
+
+
 def _header_length(data: bytes) -> int:
     return 10 + int.from_bytes(data[8:10], "little")  # npy v1: magic (6) + version (2) + length (2) + header
 
@@ -123,6 +140,14 @@ DAMAGE = {
                              "expected fingerprint, rows, dim and shards"),
     "manifest rows disagree with its shards": (_edit_manifest(lambda m: {**m, "rows": 5}), encode.MANIFEST,
                                                "its shards hold 6 rows, it says 5"),
+    "rows swapped, ids and vectors together": (_swap_rows(vectors=True, ids=True), f"{SHARD}.npy",
+                                                rf"{SHARD}.ids.txt: checksum \w+, the manifest recorded \w+ when they "
+                                                r"were written \(rows reordered"),
+    "vectors of two rows swapped": (_swap_rows(vectors=True, ids=False), f"{SHARD}.npy", "rows reordered"),
+    "ids of two rows swapped": (_swap_rows(vectors=False, ids=True), f"{SHARD}.ids.txt", "rows reordered"),
+    "manifest without a shard's checksum": (_edit_manifest(lambda m: {**m, "shards": [
+        {k: v for k, v in shard.items() if k != "checksum"} for shard in m["shards"]]}), encode.MANIFEST,
+        r"each with file, ids, rows, checksum"),
     "manifest of another fingerprint": (_edit_manifest(lambda m: {**m, "fingerprint": "other"}), encode.MANIFEST,
                                         "fingerprint other, expected f"),
 }
@@ -140,6 +165,29 @@ def test_a_damaged_cache_entry_names_the_file_and_the_directory_to_delete(tmp_pa
     assert f"delete {directory} and run again" in str(err.value)
     shutil.rmtree(directory)  # what the message says to do: the set is encoded afresh
     assert _encode(directory).ids == [item["did"] for item in ITEMS]
+
+
+class _Recording(IdEmbedder):
+    def __init__(self):
+        self.encoded: list[str] = []
+
+    def encode(self, items, batch_size=32, **options):
+        self.encoded += [item["did"] for item in items]
+        return super().encode(items)
+
+
+def test_a_shard_without_its_checksum_is_encoded_again_on_resume(tmp_path):
+    """A run killed between a shard's vectors and its checksum left no finished shard: resuming
+    encodes it again, and the manifest then holds every shard's checksum."""
+    directory = tmp_path / "set"
+    _encode(directory)
+    (directory / encode.MANIFEST).unlink()
+    (directory / f"{SHARD}.checksum").unlink()
+    embedder = _Recording()
+    assert _encode(directory, embedder).ids == [item["did"] for item in ITEMS]
+    assert embedder.encoded == ["0:3", "0:4", "0:5"]
+    manifest = json.loads((directory / encode.MANIFEST).read_text())
+    assert all(len(shard["checksum"]) == 32 for shard in manifest["shards"])
 
 
 class _Returns:

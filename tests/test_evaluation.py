@@ -267,7 +267,7 @@ def test_interrupted_encoding_resumes_from_its_finished_shards(tiny_model_dir, m
     embedder = Embedder.from_pretrained(tiny_model_dir)
     straight = evaluator(embedder, mini, tmp_path / "straight", rows=[INFOSEEK], shard_size=2).local_pool(row)
     set_dir = interrupt_after_first_shard(embedder, mini, tmp_path / "resumed", monkeypatch)
-    assert sorted(p.name for p in set_dir.iterdir()) == ["shard-00000.ids.txt", "shard-00000.npy"]
+    assert sorted(p.name for p in set_dir.iterdir()) == ["shard-00000.checksum", "shard-00000.ids.txt", "shard-00000.npy"]
     assert load_encoded(set_dir) is None  # no manifest: never read as complete
     first_shard = set_dir / "shard-00000.npy"
     stamp = first_shard.read_bytes(), first_shard.stat().st_mtime_ns

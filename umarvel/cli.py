@@ -9,9 +9,11 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 
-from umarvel.errors import UmarvelError
+from umarvel.errors import UmarvelError, system_error_message
 
 
 DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
@@ -448,17 +450,55 @@ def _require_config(args: argparse.Namespace) -> None:
         )
 
 
+def _interrupt_once() -> None:
+    """The first Ctrl-C stops the command (KeyboardInterrupt, so files are left complete or not
+    at all); a second one during the clean-up (DataLoader workers shutting down, a launcher's
+    process group leaving) ends the process at once, without a traceback from the clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupted(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def _say(line: str) -> None:
+    """Print the command's last line on a line of its own: the progress bars the error or the
+    interrupt left open are closed first (each ends its line), instead of the line being
+    appended to a bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(tqdm.tqdm._instances):
+            bar.close()
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
+    """Run one command; user errors (ours, and the system's: a full disk, a read-only directory,
+    a file that is not UTF-8) end as one line and exit 2, Ctrl-C as one line and exit 130. Any other
+    exception is a bug and keeps its traceback."""
     try:
+        _interrupt_once()
+        args = build_parser().parse_args(argv)
+        logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
         _require_config(args)
         code = args.func(args) or 0
     except UmarvelError as err:
-        print(f"umarvel: error: {err}", file=sys.stderr)
+        _say(f"umarvel: error: {err}")
         code = 2
     except BrokenPipeError:
         code = 0
+    except KeyboardInterrupt:
+        _say("umarvel: interrupted")
+        code = 130
+    except Exception as err:  # noqa: BLE001 - only the system's errors are caught; the rest re-raised
+        message = system_error_message(err)
+        if message is None:
+            raise
+        _say(f"umarvel: error: {message}")
+        code = 2
     return _leave_process_group(code)
 
 

@@ -483,10 +483,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: inherit cycle through {' -> '.join(map(str, _seen))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = yaml_text(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err, text)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     data = upgrade_moved_keys(data, str(path))
@@ -497,6 +498,32 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     for parent in parents:
         merged = deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
     return deep_merge(merged, data)
+
+
+def yaml_text(path: Path) -> str:
+    """A YAML file's text, decoded as UTF-8 (what YAML files are; not the locale's encoding)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text at byte {err.start} (line {line}): {err.reason}; "
+                          "save it as UTF-8") from None
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """A YAML error in one line: where (line and column, 1-based) and what; PyYAML's own text
+    spans several lines and names the file as "<unicode string>"."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({err.context})" if err.context else ""
+        return f"{where}{err.problem}{context}"
+    if isinstance(err, yaml.reader.ReaderError):
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        return f"line {line}, column {column}: character #x{err.character:04x}: {err.reason}"
+    return " ".join(str(err).split())
 
 
 def apply_override(data: dict, assignment: str) -> dict:

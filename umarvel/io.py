@@ -38,16 +38,41 @@ def describe_contents(directory: Path, shown: int = 3) -> str:
 
 
 @contextmanager
+def naming(target: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write into a full disk) or only a temporary
+    stand-in for `target` (`.<name>.*` beside it) as the same error naming `target`, the path the
+    user gave and can act on."""
+    target = Path(target)
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None and not _stand_in(err.filename, target):
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(target)) from err
+
+
+def _stand_in(path: str | os.PathLike, target: Path) -> bool:
+    """Whether `path` is, or lies under, a temporary of the atomic writers for `target`."""
+    try:
+        first = Path(os.path.abspath(path)).relative_to(target.parent.absolute()).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first.startswith(f".{target.name}.")
+
+
+@contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())
+    with naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
+        with naming(target):
+            yield Path(tmp)
+            os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -97,10 +122,12 @@ def atomic_dir(target: str | os.PathLike, *, record: str, kind: str) -> Iterator
                            "it is not replaced: choose another directory or remove it yourself")
     if target.exists() and not target.is_dir():
         raise UmarvelError(f"{target} is a file, not a saved {kind}: choose another directory or remove it yourself")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_dir(target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_dir(target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        yield tmp
+        with naming(target):
+            yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
             os.replace(target, old)

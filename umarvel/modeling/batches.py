@@ -12,6 +12,7 @@ evaluation, mining, reranker pairs and teacher retrieval; Reranker.score) goes t
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -156,6 +157,12 @@ def _name(item: dict) -> str:
     return ", ".join(parts) or repr(item)[:120]
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """Workers ignore Ctrl-C, which the terminal sends to every process of the command: the main
+    process stops and shuts them down, and a worker does not print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batches(
     items: Sequence[dict],
     collate: Callable[[list[dict]], dict],
@@ -176,6 +183,7 @@ def batches(
     loader = DataLoader(
         _Indexed(items), batch_sampler=groups, collate_fn=SafeCollate(collate), num_workers=workers,
         pin_memory=cuda, prefetch_factor=PREFETCH_BATCHES if workers else None,
+        worker_init_fn=_ignore_interrupts if workers else None,
     )
     for out in loader:
         if isinstance(out, _Failed):

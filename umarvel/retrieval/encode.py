@@ -2,18 +2,21 @@
 
 An encoded set lives in `<cache>/<model fingerprint>/<name>-<set fingerprint>/`:
     shard-00000.npy        fp16 (rows, d) unit vectors
+    shard-00000.checksum   SHA-256 of the ids file and the vector bytes, taken before writing
     shard-00000.ids.txt    one id per row, same order
-    manifest.json          written last: format, fingerprint, rows, dim, the shard list
-Each shard is written atomically (vectors, then ids, each renamed into place), so a killed run
-resumes from its finished shards; under a launcher, shard i is encoded by rank i mod world size.
+    manifest.json          written last: format, fingerprint, rows, dim, the shard list (with checksums)
+Each shard is written atomically (vectors, checksum, then ids, each renamed into place), so a
+killed run resumes from its finished shards; under a launcher, shard i is encoded by rank i mod
+world size.
 
 What is loaded is verified (manifest schema, rows and dim of every shard, one id per vector,
-finite unit norms): a damaged entry is a CacheError naming the directory to delete, never
-silently shifted ids or zero vectors. The norm check reads the whole shard (~0.6 GB/s on one
-core, BENCHMARKS.md), so it runs once per shard file version: on the vectors in memory when a
-shard is written (an encoder giving NaN is an error then, not a damaged cache later), and on
-load only for a file not noted as checked under the cache root by its stat signature, which
-any rewrite (even one that sets the mtime back) changes.
+finite unit norms, the checksum): a damaged entry is a CacheError naming the directory to
+delete, never silently shifted ids, swapped rows or zero vectors. The norm check reads the
+whole shard (~0.6 GB/s on one core; the checksum adds ~20%, BENCHMARKS.md), so both run once
+per version of a shard's files: on the vectors in memory when a shard is written (an encoder
+giving NaN is an error then, not a damaged cache later), and on load only for a pair of files
+not noted as checked under the cache root by their stat signatures, which any rewrite (even
+one that sets the mtime back) changes.
 
 The fingerprints cover what shapes a vector, so a change never re-uses stale vectors:
   model: every top-level file of the backbone directory (weights, config, tokenizer,
@@ -49,8 +52,10 @@ from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
-# Bumped when what a cache entry holds, or how its fingerprints are made, changes.
-CACHE_FORMAT = 2
+# Bumped when what a cache entry holds, or how its fingerprints are made, changes (3: per-shard
+# checksums). The model fingerprint includes it, so entries of an older format are not found
+# and their sets are encoded afresh into new directories.
+CACHE_FORMAT = 3
 HASH_BLOCK = 1 << 22
 # fp16 rounding moves a unit vector's norm by ~1e-3; anything further is damage.
 NORM_TOLERANCE = 1e-2
@@ -61,12 +66,14 @@ VERIFY_ELEMENTS = 1 << 24
 NOT_AFFECTING_EMBEDDINGS = {"device", "dtype", "gradient_checkpointing", "temperature", "backbone", "lora"}
 
 
-def _stat_memo(kind: str, path: Path) -> Path:
-    """Where a fact about `path` is kept under the cache root, keyed by its stat signature: any
-    write, replacement or mtime reset changes ctime or inode, so the fact is then re-derived."""
-    stat = path.stat()
-    signature = json.dumps([kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
-    return process.cache_root() / "hashes" / hashlib.blake2b(signature.encode(), digest_size=16).hexdigest()
+def _stat_memo(kind: str, *paths: Path) -> Path:
+    """Where a fact about `paths` is kept under the cache root, keyed by their stat signatures:
+    any write, replacement or mtime reset changes ctime or inode, so the fact is then re-derived."""
+    signature: list = [kind]
+    for path in paths:
+        stat = path.stat()
+        signature += [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    return process.cache_root() / "hashes" / hashlib.blake2b(json.dumps(signature).encode(), digest_size=16).hexdigest()
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -207,10 +214,11 @@ def _read_manifest(directory: Path) -> dict | None:
                  and _count(manifest.get("dim")) and isinstance(shards, list))
     if fields_ok:
         fields_ok = all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("ids"), str)
-                        and _count(s.get("rows")) and "/" not in s["file"] + s["ids"] for s in shards)
+                        and _count(s.get("rows")) and isinstance(s.get("checksum"), str)
+                        and "/" not in s["file"] + s["ids"] for s in shards)
     if not fields_ok:
         raise _damaged(directory, f"{manifest_file}: expected fingerprint, rows, dim and shards "
-                                  "(each with file, ids, rows)")
+                                  "(each with file, ids, rows, checksum)")
     if sum(s["rows"] for s in shards) != manifest["rows"]:
         raise _damaged(directory, f"{manifest_file}: its shards hold {sum(s['rows'] for s in shards)} rows, "
                                   f"it says {manifest['rows']}")
@@ -232,19 +240,34 @@ def _open_shard(directory: Path, shard: dict, dim: int) -> tuple[np.ndarray, lis
         raise _damaged(directory, f"{file}: holds {vectors.dtype} {vectors.shape}, the manifest says float16 "
                                   f"({rows}, {dim})")
     try:
-        ids = ids_file.read_text().splitlines()
+        ids_text = ids_file.read_bytes()
+        ids = ids_text.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise _damaged(directory, f"{ids_file}: not readable ({err})") from None
     if len(ids) != rows or not all(ids):
         raise _damaged(directory, f"{ids_file}: {len(ids)} lines ({sum(not i for i in ids)} empty) "
                                   f"for {rows} vectors")
-    verified = _stat_memo("unit rows", file)
+    verified = _stat_memo(f"verified {shard['checksum']}", file, ids_file)
     if not verified.is_file():
         bad = _first_bad_row(vectors)
         if bad is not None:
             raise _damaged(directory, f"{file}: row {bad[0]} has norm {bad[1]:.4g} (unit vectors expected)")
-        atomic_write_text(verified, "unit rows\n")
+        found = shard_checksum(ids_text, vectors)
+        if found != shard["checksum"]:
+            raise _damaged(directory, f"{file} with {ids_file}: checksum {found}, the manifest recorded "
+                                      f"{shard['checksum']} when they were written (rows reordered, replaced or edited)")
+        atomic_write_text(verified, "verified\n")
     return vectors, ids
+
+
+def shard_checksum(ids_text: bytes, vectors: np.ndarray) -> str:
+    """SHA-256 (first 128 bits) of a shard's id file and its fp16 vector bytes, in row order: rows
+    swapped (ids and vectors together, or either alone), replaced or edited change it, where the
+    norm check sees no swap of unit vectors. SHA-256 because OpenSSL runs it on the CPU's SHA
+    instructions: 6x blake2b's speed on Python 3.11, 5x the norm check's (BENCHMARKS.md)."""
+    digest = hashlib.sha256(ids_text)
+    digest.update(np.ascontiguousarray(vectors, dtype=np.float16))
+    return digest.hexdigest()[:32]
 
 
 def _first_bad_row(vectors: np.ndarray) -> tuple[int, float] | None:
@@ -276,11 +299,13 @@ def load_encoded(directory: str | os.PathLike, fingerprint: str | None = None) -
 
 
 def _finished_shard(directory: Path, index: int, start: int, stop: int, items, id_key: str) -> bool:
-    """Shard `index` was written with these bounds. An interrupted run with another shard_size
-    left shards of other bounds under the same names; re-using them would drop or repeat items.
-    Its vectors are verified with the whole set when the manifest is read back."""
+    """Shard `index` was written with these bounds (and its checksum). An interrupted run with
+    another shard_size left shards of other bounds under the same names; re-using them would drop
+    or repeat items. Its rows are verified with the whole set when the manifest is read back."""
     ids_file = directory / f"shard-{index:05d}.ids.txt"
     if not (directory / f"shard-{index:05d}.npy").is_file() or not ids_file.is_file():
+        return False
+    if _written_checksum(directory, index) is None:
         return False
     try:
         rows = np.load(directory / f"shard-{index:05d}.npy", mmap_mode="r").shape[0]
@@ -290,10 +315,23 @@ def _finished_shard(directory: Path, index: int, start: int, stop: int, items, i
     return rows == len(ids) == stop - start and ids[0] == items(start, start + 1)[0][id_key]
 
 
+def _checksum_file(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:05d}.checksum"
+
+
+def _written_checksum(directory: Path, index: int) -> str | None:
+    """The checksum shard `index` was written with (the manifest collects them), or None."""
+    try:
+        return _checksum_file(directory, index).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _write_shard(directory: Path, index: int, vectors: np.ndarray, ids: list[str]) -> None:
-    """Vectors, then ids, each renamed into place; the ids file (which the resume check reads)
-    is removed first, so a finished-looking pair always belongs together. A shard that does not
-    hold one finite unit vector per id is never written; one that does is noted as checked."""
+    """Vectors, their checksum, then ids, each renamed into place; the ids file (which the resume
+    check reads) is removed first, so a finished-looking shard always belongs together. A shard
+    that does not hold one finite unit vector per id is never written; one that does is noted as
+    checked."""
     if vectors.ndim != 2 or len(vectors) != len(ids) or not len(ids):
         raise UmarvelError(f"{directory}: shard {index} would hold {vectors.shape} vectors for {len(ids)} items; "
                            "nothing was written (check encode.batch_size and encode.shard_size)")
@@ -303,14 +341,17 @@ def _write_shard(directory: Path, index: int, vectors: np.ndarray, ids: list[str
         raise UmarvelError(f"{directory}: the encoder gave item {ids[bad[0]]} a vector of norm {bad[1]:.4g} (NaN, "
                            "inf or zero); nothing was written. float16 weights overflow on some inputs: try "
                            "model.dtype=bfloat16 or float32")
-    ids_file = directory / f"shard-{index:05d}.ids.txt"
+    ids_file, vectors_file = directory / f"shard-{index:05d}.ids.txt", directory / f"shard-{index:05d}.npy"
+    ids_text = "".join(f"{i}\n" for i in ids).encode("utf-8")
+    checksum = shard_checksum(ids_text, vectors)
     ids_file.unlink(missing_ok=True)
-    with atomic_path(directory / f"shard-{index:05d}.npy") as tmp:
+    with atomic_path(vectors_file) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, vectors)
-    atomic_write_text(_stat_memo("unit rows", directory / f"shard-{index:05d}.npy"), "unit rows\n")
+    atomic_write_text(_checksum_file(directory, index), checksum + "\n")
     with atomic_path(ids_file) as tmp:
-        tmp.write_text("".join(f"{i}\n" for i in ids))
+        tmp.write_bytes(ids_text)
+    atomic_write_text(_stat_memo(f"verified {checksum}", vectors_file, ids_file), "verified\n")
 
 
 def encode_set(
@@ -353,8 +394,11 @@ def encode_set(
     bar.close()
     process.barrier()
     if rank == 0:
-        shards = [{"file": f"shard-{i:05d}.npy", "ids": f"shard-{i:05d}.ids.txt", "rows": stop - start}
-                  for i, (start, stop) in enumerate(bounds)]
+        shards = [{"file": f"shard-{i:05d}.npy", "ids": f"shard-{i:05d}.ids.txt", "rows": stop - start,
+                   "checksum": _written_checksum(directory, i)} for i, (start, stop) in enumerate(bounds)]
+        missing = [i for i, shard in enumerate(shards) if shard["checksum"] is None]
+        if missing:
+            raise _damaged(directory, f"{_checksum_file(directory, missing[0])}: missing or unreadable")
         dim = int(np.load(directory / shards[0]["file"], mmap_mode="r").shape[1]) if shards else 0
         atomic_write_json(directory / MANIFEST, {"format": CACHE_FORMAT, "fingerprint": fingerprint, "rows": count,
                                                  "dim": dim, "shards": shards})
