@@ -25,7 +25,8 @@ from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling import batches, release
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, gathered, inference_overrides, load_adapted,
+    model_config, model_kind, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
@@ -300,33 +301,21 @@ def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True) if hasattr(like, "ds_id") else tensor.detach()
 
 
-RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
-
-
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter; otherwise the directory itself."""
     return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
-def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
-                       backbone: str | None = None, profile: str | None = None) -> "Embedder":
-    """Load for encoding: a saved embedder keeps its own settings but for device (always taken
-    from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
-    file was given); a plain backbone takes the whole model section of a given config.
-    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now;
-    `profile` (the user's --profile) is the embedding profile, whatever was saved."""
+def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Embedder":
+    """Load for encoding with the settings `given` for this command on top of the saved ones
+    (a plain backbone: on the defaults), by the rule of `adapters.inference_overrides`; a saved
+    embedder keeps every saved setting nothing given changes."""
     directory = resolve_model_dir(path)
-    settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
-    saved = (directory / EMBEDDER_CONFIG).is_file()
-    if saved or not from_config:
-        settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
-    if saved and backbone:
-        settings["backbone"] = backbone
-    if profile:
-        settings["profile"] = profile
-    elif not saved:
-        _hint_release_profile(directory, settings.get("profile", profiles.DEFAULT))
-    return Embedder.from_pretrained(directory, **settings)
+    kind = model_kind(directory, read_saved(directory, EMBEDDER_CONFIG, FORMAT_VERSION))
+    overrides = inference_overrides(given or GivenSettings(), kind, directory)
+    if kind == "released":
+        _hint_release_profile(directory, overrides.get("profile", profiles.DEFAULT))
+    return Embedder.from_pretrained(directory, **overrides)
 
 
 def _hint_release_profile(directory: Path, profile: str) -> None:

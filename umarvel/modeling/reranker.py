@@ -26,7 +26,8 @@ from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
 from umarvel.modeling import batches
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, inference_overrides, load_adapted, model_config,
+    model_kind, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 
@@ -48,6 +49,14 @@ def resolve_reranker_dir(path: str | os.PathLike) -> Path:
     if (path / EMBEDDER_CONFIG).is_file() or (path / "model" / EMBEDDER_CONFIG).is_file():
         raise UmarvelError(f"{path} is an embedder, not a reranker (train one with `umarvel train --stage reranker`)")
     return resolve_saved_dir(path, RERANKER_CONFIG, "reranker")
+
+
+def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Reranker":
+    """Load for scoring with the settings `given` for this command on top of the saved ones, by
+    the embedder's rule (`adapters.inference_overrides`)."""
+    directory = resolve_reranker_dir(path)
+    kind = model_kind(directory, read_saved(directory, RERANKER_CONFIG, FORMAT_VERSION))
+    return Reranker.from_pretrained(directory, **inference_overrides(given or GivenSettings(), kind, directory))
 
 
 class Reranker(AdaptedBackbone):
