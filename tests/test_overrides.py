@@ -166,6 +166,16 @@ def test_a_config_file_applies_to_a_saved_adapter_but_for_its_training_keys(mode
     assert (plain.settings.mask_instruction, plain.settings.prompt.max_text_tokens) == (True, 480)
 
 
+def test_the_python_api_follows_the_same_rule(models, tmp_path):
+    """from_pretrained's keyword settings are given now, like --set; training keeps its own rule
+    (a saved adapter continues with its LoRA shape)."""
+    with pytest.raises(ConfigError, match=r"^model\.lora\.r: shapes training only"):
+        Embedder.from_pretrained(models["run"], lora={"r": 2})
+    with pytest.raises(ConfigError, match=r"^model\.rules\.marker_rows: .*nonexistent.npy is neither"):
+        Embedder.from_pretrained(models["backbone"], rules={"marker_rows": str(tmp_path / "nonexistent.npy")})
+    assert Embedder.from_pretrained(models["run"], trainable=True, lora={"r": 2}).settings.lora.r == 4
+
+
 def test_eval_mbeir_keys_each_given_setting_to_its_own_cache(models, synthetic_dir, tmp_path):
     cache = tmp_path / "cache"
     common = ["--data", str(synthetic_dir), "--set", "eval.mbeir.rows=[mscoco_task0]", "--cache-dir", str(cache)]

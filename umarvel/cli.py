@@ -242,12 +242,12 @@ def _rerank_evaluator(args: argparse.Namespace, embedder, config):
     import dataclasses
 
     from umarvel.evaluation.rerank import RerankingEvaluator
-    from umarvel.modeling.reranker import load_for_inference
+    from umarvel.modeling.reranker import Reranker
 
     given = _given_model(args, config)
     # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's
     given = dataclasses.replace(given, command={k: v for k, v in given.command.items() if k != "backbone"})
-    reranker = load_for_inference(args.rerank, given)
+    reranker = Reranker.from_pretrained(args.rerank, given=given)
     return RerankingEvaluator(embedder, reranker, args.data, config.encode, config.eval.mbeir, top_k=args.rerank_top_k,
                               alpha=args.alpha, symlinks_outside_root=config.data.allow_symlinks_outside_root)
 

@@ -103,6 +103,10 @@ class GivenSettings:
     file: dict = field(default_factory=dict)
     command: dict = field(default_factory=dict)
 
+    def and_now(self, overrides: dict) -> "GivenSettings":
+        """These settings with a call's keyword overrides on top (given now, like `--set`)."""
+        return GivenSettings(self.file, deep_merge(self.command, overrides))
+
 
 def model_kind(directory: Path, saved: dict | None) -> str:
     """A key of KINDS: a saved record says adapter or merged; a plain directory is a released

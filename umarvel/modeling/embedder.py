@@ -61,19 +61,27 @@ class Embedder(AdaptedBackbone):
         return cls._build(config, Path(config.backbone), adapter_dir=None, trainable=trainable)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Embedder":
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
+                        **overrides) -> "Embedder":
         """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}, profile="umarvel-release"); on a saved adapter the adapter's own LoRA
-        settings win, and backbone=PATH names the backbone of an adapter moved away from it. A
-        run directory means its final adapter, `model/`. A released checkpoint's `sim.temp`
-        weight is its temperature.
+        profile="umarvel-release"), on top of `given` (a command's settings by origin). For
+        inference they follow `adapters.inference_overrides`: each applies to any directory,
+        but a training-only one (lora={...}) for a trained model is an error, and backbone=PATH
+        names the backbone of an adapter moved away from it. For training (`trainable`) they
+        configure the run, and a saved adapter keeps its own LoRA settings. A run directory
+        means its final adapter, `model/`. A released checkpoint's `sim.temp` weight is its
+        temperature.
         """
         path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
+        if not trainable:
+            overrides = inference_overrides((given or GivenSettings()).and_now(overrides), model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path)}, overrides, str(path))
+            if not trainable:
+                _hint_release_profile(path, config.profile)
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
             tau = release.checkpoint_temperature(path)
             if tau is not None:
@@ -307,15 +315,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Embedder":
-    """Load for encoding with the settings `given` for this command on top of the saved ones
-    (a plain backbone: on the defaults), by the rule of `adapters.inference_overrides`; a saved
-    embedder keeps every saved setting nothing given changes."""
-    directory = resolve_model_dir(path)
-    kind = model_kind(directory, read_saved(directory, EMBEDDER_CONFIG, FORMAT_VERSION))
-    overrides = inference_overrides(given or GivenSettings(), kind, directory)
-    if kind == "released":
-        _hint_release_profile(directory, overrides.get("profile", profiles.DEFAULT))
-    return Embedder.from_pretrained(directory, **overrides)
+    """The embedder of `path` for encoding, with the settings `given` for a command (the CLI's
+    one entry to the model)."""
+    return Embedder.from_pretrained(path, given=given)
 
 
 def _hint_release_profile(directory: Path, profile: str) -> None:

@@ -51,14 +51,6 @@ def resolve_reranker_dir(path: str | os.PathLike) -> Path:
     return resolve_saved_dir(path, RERANKER_CONFIG, "reranker")
 
 
-def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Reranker":
-    """Load for scoring with the settings `given` for this command on top of the saved ones, by
-    the embedder's rule (`adapters.inference_overrides`)."""
-    directory = resolve_reranker_dir(path)
-    kind = model_kind(directory, read_saved(directory, RERANKER_CONFIG, FORMAT_VERSION))
-    return Reranker.from_pretrained(directory, **inference_overrides(given or GivenSettings(), kind, directory))
-
-
 class Reranker(AdaptedBackbone):
     """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
 
@@ -80,15 +72,17 @@ class Reranker(AdaptedBackbone):
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Reranker":
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
+                        **overrides) -> "Reranker":
         """Load a saved reranker, or wrap a plain backbone directory (a new adapter if trainable).
 
-        `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
-        its own LoRA settings win, and backbone=PATH names the backbone of an adapter moved away
-        from it.
+        `overrides` are model-config fields (device="cuda:1", prompt={...}) on top of `given`,
+        by the embedder's rule (`Embedder.from_pretrained`, `adapters.inference_overrides`).
         """
         path = resolve_reranker_dir(path)
         saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
+        if not trainable:
+            overrides = inference_overrides((given or GivenSettings()).and_now(overrides), model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
