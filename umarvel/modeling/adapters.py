@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from umarvel import backbones, profiles
-from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel.backbone import (
+    check_backbone_dir, language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype,
+)
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
@@ -115,6 +117,7 @@ def model_kind(directory: Path, saved: dict | None) -> str:
 
     if saved is not None:
         return "merged" if saved.get("merged") else "adapter"
+    check_backbone_dir(directory)  # a damaged directory is named as such before its config.json is read here
     return "released" if profiles.released_profile(release.architectures(directory)) else "backbone"
 
 

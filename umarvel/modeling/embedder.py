@@ -77,7 +77,8 @@ class Embedder(AdaptedBackbone):
         path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
         if not trainable:
-            overrides = inference_overrides((given or GivenSettings()).and_now(overrides), model_kind(path, saved), path)
+            given = (given or GivenSettings()).and_now(overrides)
+            overrides = inference_overrides(given, model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path)}, overrides, str(path))
             if not trainable:

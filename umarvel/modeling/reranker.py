@@ -82,7 +82,8 @@ class Reranker(AdaptedBackbone):
         path = resolve_reranker_dir(path)
         saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
         if not trainable:
-            overrides = inference_overrides((given or GivenSettings()).and_now(overrides), model_kind(path, saved), path)
+            given = (given or GivenSettings()).and_now(overrides)
+            overrides = inference_overrides(given, model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
