@@ -170,16 +170,21 @@ def _launched_embedder(args: argparse.Namespace):
     with launched_job() as device:
         if device:
             config.model.device = device
-        yield config, load_for_inference(args.model, config.model, from_config=bool(args.config),
-                                         backbone=_given_backbone(args.overrides), profile=args.profile)
+        yield config, load_for_inference(args.model, _given_model(args, config))
 
 
-def _given_backbone(overrides: list[str]) -> str | None:
-    """`--set model.backbone=PATH`: where a saved adapter's backbone is now (a config file's
-    backbone is the start of training, not the backbone of an adapter under evaluation)."""
+def _given_model(args: argparse.Namespace, config):
+    """The model settings given for this command, raw and by origin (adapters.GivenSettings):
+    the config file's model section; `--set model.*`, --profile and the device (the launcher's
+    rank device, else the configured one) as given now."""
     from umarvel.config import read_raw
+    from umarvel.modeling.adapters import GivenSettings
 
-    return (read_raw(None, overrides).get("model") or {}).get("backbone") or None
+    file = (read_raw(args.config).get("model") or {}) if args.config else {}
+    command = read_raw(None, args.overrides).get("model") or {}
+    if args.profile:
+        command["profile"] = args.profile
+    return GivenSettings(file=file, command={**command, "device": config.model.device})
 
 
 def _cmd_eval_mbeir(args: argparse.Namespace) -> int:
@@ -241,13 +246,17 @@ def _zeroshot_tasks(names: str) -> dict[str, type]:
 
 
 def _rerank_evaluator(args: argparse.Namespace, embedder, config):
-    """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model and fused."""
+    """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model (given the same
+    model settings as the embedder) and fused."""
+    import dataclasses
+
     from umarvel.evaluation.rerank import RerankingEvaluator
-    from umarvel.modeling.embedder import RUNTIME_FIELDS
     from umarvel.modeling.reranker import Reranker
 
-    runtime = RUNTIME_FIELDS if args.config else ("device",)
-    reranker = Reranker.from_pretrained(args.rerank, **{field: getattr(config.model, field) for field in runtime})
+    given = _given_model(args, config)
+    # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's
+    given = dataclasses.replace(given, command={k: v for k, v in given.command.items() if k != "backbone"})
+    reranker = Reranker.from_pretrained(args.rerank, given=given)
     return RerankingEvaluator(embedder, reranker, args.data, config.encode, config.eval.mbeir, top_k=args.rerank_top_k,
                               alpha=args.alpha, symlinks_outside_root=config.data.allow_symlinks_outside_root)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from umarvel.config import ConfigError, ModelConfig
 
@@ -95,7 +96,23 @@ def resolve(config: ModelConfig, family: str | None = None) -> Rules:
     overrides = {k: v for k, v in dataclasses.asdict(config.rules).items() if v is not None}
     if overrides.get("candidate_max_tokens", 1) < 1:
         raise ConfigError("model.rules.candidate_max_tokens must be positive")
-    return dataclasses.replace(rules, **overrides)
+    resolved = dataclasses.replace(rules, **overrides)
+    marker_source(resolved.marker_rows)
+    return resolved
+
+
+def marker_source(spec: str) -> int | Path:
+    """The seed of a 'seed:N' marker_rows spec, or the file it names; checked whatever the
+    template, so that a mistyped path is an error at load, not a setting that silently measures
+    nothing (release.marker_rows reads what this returns)."""
+    if spec.startswith("seed:"):
+        try:
+            return int(spec.removeprefix("seed:"))
+        except ValueError:
+            raise ConfigError(f"model.rules.marker_rows: {spec!r} is not 'seed:N' with an integer N") from None
+    if not Path(spec).is_file():
+        raise ConfigError(f"model.rules.marker_rows: {spec} is neither 'seed:N' nor an existing file")
+    return Path(spec)
 
 
 def released_profile(architectures: list[str] | None) -> Profile | None:

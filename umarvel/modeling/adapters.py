@@ -6,13 +6,16 @@ import json
 import os
 from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from umarvel import backbones
-from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel import backbones, profiles
+from umarvel.backbone import (
+    check_backbone_dir, language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype,
+)
 from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
@@ -83,6 +86,77 @@ def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
         return from_dict(ModelConfig, deep_merge(base, overrides), "model")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+# Model settings that shape training only: a trained model's are fixed by its training (the
+# adapter's shape, the learned temperature), so at inference they could only be ignored.
+TRAINING_ONLY = ("lora", "temperature", "gradient_checkpointing")
+# What a model directory holds, as far as settings go: an untrained backbone takes every setting.
+KINDS = {"backbone": "a backbone", "adapter": "a trained adapter", "merged": "a merged checkpoint",
+         "released": "a released checkpoint"}
+
+
+@dataclass(frozen=True)
+class GivenSettings:
+    """The model settings given for one command, raw (what was written, not the schema's
+    defaults) and kept apart by origin: `file`, a config file's model section (a training
+    recipe: its training-only keys and backbone describe training, not the model loaded now);
+    `command`, what was asked for this command (`--set model.*`, --profile, the device)."""
+
+    file: dict = field(default_factory=dict)
+    command: dict = field(default_factory=dict)
+
+    def and_now(self, overrides: dict) -> "GivenSettings":
+        """These settings with a call's keyword overrides on top (given now, like `--set`)."""
+        return GivenSettings(self.file, deep_merge(self.command, overrides))
+
+
+def model_kind(directory: Path, saved: dict | None) -> str:
+    """A key of KINDS: a saved record says adapter or merged; a plain directory is a released
+    checkpoint when its config.json names a released architecture, else a backbone."""
+    from umarvel.modeling import release
+
+    if saved is not None:
+        return "merged" if saved.get("merged") else "adapter"
+    check_backbone_dir(directory)  # a damaged directory is named as such before its config.json is read here
+    return "released" if profiles.released_profile(release.architectures(directory)) else "backbone"
+
+
+def inference_overrides(given: GivenSettings, kind: str, directory: Path) -> dict:
+    """The one rule for saved vs given settings of a model loaded for inference (embedder and
+    reranker alike): the overrides for `from_pretrained`, which lays them over the saved
+    settings (or, for a plain directory, the defaults).
+
+    Every inference setting given applies, `command` over `file`. A training-only setting
+    (TRAINING_ONLY) in `command` for a trained model is an error naming it; in `file` it is
+    left out. `backbone` from `command` is where an adapter's backbone is now (an error for
+    any other kind: they hold their weights); from `file` it is left out. What is kept is
+    validated here, before any weights load, and errors name the key.
+    """
+    file = {key: value for key, value in given.file.items() if key != "backbone"}
+    command = dict(given.command)
+    trained = kind != "backbone"
+    if trained:
+        fixed = [key for key in _dotted(command) if key.split(".")[0] in TRAINING_ONLY]
+        if fixed:
+            raise ConfigError(f"model.{fixed[0]}: shapes training only, and {directory} is {KINDS[kind]} whose "
+                              f"{fixed[0].split('.')[0]} is fixed by its training; leave it out")
+        file = {key: value for key, value in file.items() if key not in TRAINING_ONLY}
+    backbone = command.pop("backbone", None)
+    if backbone and kind != "adapter":
+        raise ConfigError(f"model.backbone: {directory} is {KINDS[kind]}, not an adapter; it holds its own "
+                          "weights, so no backbone can be given for it")
+    overrides = deep_merge(file, command)
+    profiles.resolve(model_config({}, overrides, f"settings given for {directory}"))
+    return {**overrides, "backbone": backbone} if backbone else overrides
+
+
+def _dotted(section: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of a nested mapping, dotted (`lora.r`), in order."""
+    keys = []
+    for key, value in section.items():
+        keys.extend(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"])
+    return keys
 
 
 def backbone_record(backbone: str, adapter_dir: Path) -> dict:

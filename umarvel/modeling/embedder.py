@@ -25,7 +25,8 @@ from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling import batches, release
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, backbone_record, find_backbone, gathered, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, gathered, inference_overrides, load_adapted,
+    model_config, model_kind, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
@@ -63,19 +64,28 @@ class Embedder(AdaptedBackbone):
         return cls._build(config, Path(config.backbone), adapter_dir=None, trainable=trainable)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Embedder":
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
+                        **overrides) -> "Embedder":
         """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
 
         `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        lora={"r": 16}, profile="umarvel-release"); on a saved adapter the adapter's own LoRA
-        settings win, and backbone=PATH names the backbone of an adapter moved away from it. A
-        run directory means its final adapter, `model/`. A released checkpoint's `sim.temp`
-        weight is its temperature.
+        profile="umarvel-release"), on top of `given` (a command's settings by origin). For
+        inference they follow `adapters.inference_overrides`: each applies to any directory,
+        but a training-only one (lora={...}) for a trained model is an error, and backbone=PATH
+        names the backbone of an adapter moved away from it. For training (`trainable`) they
+        configure the run, and a saved adapter keeps its own LoRA settings. A run directory
+        means its final adapter, `model/`. A released checkpoint's `sim.temp` weight is its
+        temperature.
         """
         path = resolve_model_dir(path)
         saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
+        if not trainable:
+            given = (given or GivenSettings()).and_now(overrides)
+            overrides = inference_overrides(given, model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path)}, overrides, str(path))
+            if not trainable:
+                _hint_release_profile(path, config.profile)
             embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
             tau = release.checkpoint_temperature(path)
             if tau is not None:
@@ -303,33 +313,15 @@ def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True) if hasattr(like, "ds_id") else tensor.detach()
 
 
-RUNTIME_FIELDS = ("device", "dtype", "attn_implementation")
-
-
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A run directory means its final adapter; otherwise the directory itself."""
     return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
 
 
-def load_for_inference(path: str | os.PathLike, model_config: ModelConfig, *, from_config: bool,
-                       backbone: str | None = None, profile: str | None = None) -> "Embedder":
-    """Load for encoding: a saved embedder keeps its own settings but for device (always taken
-    from `model_config`, which a launcher sets per rank), dtype and kernel (taken when a config
-    file was given); a plain backbone takes the whole model section of a given config.
-    `backbone` (the user's `--set model.backbone`) is where a saved adapter's backbone is now;
-    `profile` (the user's --profile) is the embedding profile, whatever was saved."""
-    directory = resolve_model_dir(path)
-    settings = {k: v for k, v in to_dict(model_config).items() if k != "backbone"}
-    saved = (directory / EMBEDDER_CONFIG).is_file()
-    if saved or not from_config:
-        settings = {k: settings[k] for k in (RUNTIME_FIELDS if from_config else ("device",))}
-    if saved and backbone:
-        settings["backbone"] = backbone
-    if profile:
-        settings["profile"] = profile
-    elif not saved:
-        _hint_release_profile(directory, settings.get("profile", profiles.DEFAULT))
-    return Embedder.from_pretrained(directory, **settings)
+def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Embedder":
+    """The embedder of `path` for encoding, with the settings `given` for a command (the CLI's
+    one entry to the model)."""
+    return Embedder.from_pretrained(path, given=given)
 
 
 def _hint_release_profile(directory: Path, profile: str) -> None:

@@ -36,16 +36,11 @@ def add_release_tokens(tokenizer) -> dict[str, int]:
 def marker_rows(spec: str, hidden: int, count: int = 2) -> torch.Tensor:
     """(count, hidden) float32 rows: 'seed:N' draws normal(0, 0.02) with seed N; otherwise
     `spec` is a .npy or .safetensors file (one tensor) holding at least `count` rows."""
-    if spec.startswith("seed:"):
-        try:
-            seed = int(spec.removeprefix("seed:"))
-        except ValueError:
-            raise UmarvelError(f"model.rules.marker_rows: {spec!r} is not 'seed:N' with an integer N") from None
-        generator = torch.Generator().manual_seed(seed)
+    source = profiles.marker_source(spec)
+    if isinstance(source, int):
+        generator = torch.Generator().manual_seed(source)
         return torch.normal(0.0, MARKER_STD, (count, hidden), generator=generator)
-    path = Path(spec)
-    if not path.is_file():
-        raise UmarvelError(f"model.rules.marker_rows: {spec} is neither 'seed:N' nor an existing file")
+    path = source
     if path.suffix == ".npy":
         rows = torch.from_numpy(np.load(path, allow_pickle=False))
     else:

@@ -26,7 +26,8 @@ from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
 from umarvel.modeling import batches
 from umarvel.modeling.adapters import (
-    AdaptedBackbone, backbone_record, find_backbone, load_adapted, model_config, read_saved, resolve_saved_dir,
+    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, inference_overrides, load_adapted, model_config,
+    model_kind, read_saved, resolve_saved_dir,
 )
 from umarvel.modeling.embedder import EMBEDDER_CONFIG
 from umarvel.weights import CHECKPOINT, load_tensors
@@ -74,15 +75,18 @@ class Reranker(AdaptedBackbone):
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, **overrides) -> "Reranker":
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
+                        **overrides) -> "Reranker":
         """Load a saved reranker, or wrap a plain backbone directory (a new adapter if trainable).
 
-        `overrides` are model-config fields (device="cuda:1", prompt={...}); on a saved reranker
-        its own LoRA settings win, and backbone=PATH names the backbone of an adapter moved away
-        from it.
+        `overrides` are model-config fields (device="cuda:1", prompt={...}) on top of `given`,
+        by the embedder's rule (`Embedder.from_pretrained`, `adapters.inference_overrides`).
         """
         path = resolve_reranker_dir(path)
         saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
+        if not trainable:
+            given = (given or GivenSettings()).and_now(overrides)
+            overrides = inference_overrides(given, model_kind(path, saved), path)
         if saved is None:
             config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
             reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)

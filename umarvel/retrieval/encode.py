@@ -21,8 +21,9 @@ one that sets the mtime back) changes.
 The fingerprints cover what shapes a vector, so a change never re-uses stale vectors:
   model: every top-level file of the backbone directory (weights, config, tokenizer,
     processor, chat template) by content; the adapter's LoRA tensors and its PEFT config; the
-    model settings but device and the training-only ones; the dtype the weights are in (auto
-    means bf16 on CUDA and fp32 on CPU); CACHE_FORMAT.
+    model settings but device and the training-only ones (a model.rules.marker_rows file by
+    content); the dtype the weights are in (auto means bf16 on CUDA and fp32 on CPU);
+    CACHE_FORMAT.
   set: the model fingerprint, the source files (queries or pool, instructions) by content,
     and every image the items name by (path under the root, size, mtime_ns).
 File contents are hashed whole, once: the digest is kept under the cache root keyed by
@@ -131,7 +132,7 @@ def _values(column) -> Iterable[str | None]:
 
 def model_fingerprint(embedder) -> str:
     """The backbone directory, the adapter (tensors and config), the loaded dtype and every
-    model setting that shapes an embedding."""
+    model setting that shapes an embedding (a marker-rows file by content)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"format {CACHE_FORMAT}\n".encode())
     digest.update(directory_fingerprint(embedder.settings.backbone).encode())
@@ -144,6 +145,9 @@ def model_fingerprint(embedder) -> str:
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
     relevant = {k: v for k, v in to_dict(embedder.settings).items() if k not in NOT_AFFECTING_EMBEDDINGS}
     relevant["loaded_dtype"] = str(embedder.dtype)
+    markers = embedder.settings.rules.marker_rows
+    if markers and not markers.startswith("seed:"):  # a file of rows: by content, like the backbone's files
+        relevant["marker_rows_file"] = file_fingerprint(markers)
     digest.update(json.dumps(relevant, sort_keys=True).encode())
     return digest.hexdigest()
 
