@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from mmeb_fixtures import SUBSETS, image, readme, rows, write_mmeb, write_parquet
@@ -18,6 +21,7 @@ from umarvel.evaluation.mmeb import DATASETS, MMEB, REFERENCE, _prediction, aver
 from umarvel.evaluation.mmeb_layout import split_instruction
 from umarvel.evaluation.protocol import Ranking
 
+ROOT = Path(__file__).resolve().parents[1]
 VLM2VEC_KEYS = {f"{metric}@{k}" for metric in ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "f1",
                                                "map", "mrr") for k in (1, 5, 10)} | {"num_pred", "num_data"}
 
@@ -178,6 +182,30 @@ def test_cli_end_to_end_on_the_tiny_model(data, tmp_path, tiny_model_dir, capsys
     assert (out / "results.png").stat().st_size > 0 and (out / "results.md").is_file()
 
 
+@pytest.mark.slow
+def test_two_ranks_shard_the_encoding_and_match_one_process(data, tmp_path, tiny_model_dir):
+    """Under torchrun every rank encodes its shards (shard i on rank i mod 2); rank 0's report
+    equals a single process's."""
+    def run(name, launcher):
+        (tmp_path / name).mkdir()
+        args = ["eval", "mmeb", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir",
+                str(tmp_path / name / "out"), "--cache-dir", str(tmp_path / name / "cache"), "--set", "encode.shard_size=1"]
+        result = subprocess.run([*launcher, *args], cwd=tmp_path / name, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return tmp_path / name / "out"
+
+    one = run("one", [sys.executable, "-m", "umarvel"])
+    two = run("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      str(ROOT / "tests" / "eval_rank_recorder.py"), str(tmp_path / "two")])
+    assert json.loads((one / "results.json").read_text()) == json.loads((two / "results.json").read_text())
+    for name in SUBSETS:
+        for suffix in ("_score.json", "_pred.jsonl", "_run.txt"):
+            assert (one / f"{name}{suffix}").read_text() == (two / f"{name}{suffix}").read_text()
+    ranks = [(tmp_path / "two" / f"rank-{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert ranks[0] and ranks[1]  # both ranks encoded shards
+
+
 # ---- bad inputs: one line, exit 2, naming file / row / column --------------------------------
 
 def _rewrite(data: Path, name: str, **changes) -> Path:
@@ -204,6 +232,11 @@ BAD_INPUTS = {
         readme(["OK-VQA"]).replace("path: OK-VQA/test-*", "path: ../elsewhere/*")), ["config OK-VQA", "leaves MMEB-eval/"]),
     "not a parquet file": (lambda d: parquet(d, "OK-VQA").write_bytes(b"not parquet"),
                            ["OK-VQA/test-00000-of-00001.parquet", "not a readable parquet file"]),
+    "no test split": (lambda d: (d / "MMEB-eval" / "README.md").write_text(
+        readme(["OK-VQA"]).replace("split: test", "split: train")), ["config OK-VQA: data_files names no 'test' split"]),
+    "tgt_text not a list": (lambda d: write_parquet(parquet(d, "OK-VQA"), {**rows()["OK-VQA"], "tgt_text": ["red"] * 3},
+                                                    {"tgt_text": pa.string(), "tgt_img_path": pa.list_(pa.string())}),
+                            ["row 0: expected a list of strings, got str", "(field 'tgt_text')"]),
     "wrong columns": (lambda d: _drop_column(d, "OK-VQA", "tgt_img_path"),
                       ["OK-VQA/test-00000-of-00001.parquet", "missing column(s) tgt_img_path"]),
     "V2 without tgt_inst": (lambda d: _drop_column(d, "RefCOCO", "tgt_inst"),
