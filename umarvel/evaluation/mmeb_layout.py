@@ -112,20 +112,16 @@ def read_readme(root: Path) -> dict[str, list[str]]:
 
 
 def _test_paths(data_files, name: str, readme: Path) -> list[str]:
-    """The path patterns of the test split: data_files as a pattern, a list of patterns or a
-    list of {split, path} entries (the forms of the Hugging Face dataset card)."""
-    if isinstance(data_files, str):
-        return [data_files]
-    if isinstance(data_files, list):
-        if all(isinstance(entry, str) for entry in data_files):
-            return list(data_files)
-        for entry in data_files:
-            if isinstance(entry, dict) and entry.get("split") == SPLIT:
-                patterns = entry.get("path")
-                patterns = [patterns] if isinstance(patterns, str) else patterns
-                if isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns):
-                    return patterns
-    raise DataError(f"config {name}: data_files names no '{SPLIT}' split path", file=str(readme), field="data_files")
+    """The path patterns of the test split: data_files as the dataset card lists them, entries of
+    {split, path} (a bare pattern would be Hugging Face's train split, so it is not taken as test)."""
+    for entry in data_files if isinstance(data_files, list) else []:
+        if isinstance(entry, dict) and entry.get("split") == SPLIT:
+            patterns = entry.get("path")
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            if isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns):
+                return patterns
+    raise DataError(f"config {name}: data_files names no '{SPLIT}' split path (entries of split: {SPLIT}, path: ...)",
+                    file=str(readme), field="data_files")
 
 
 def subset_files(root: Path, name: str, patterns: list[str]) -> list[Path]:
