@@ -53,6 +53,9 @@ def test_the_36_datasets_in_4_categories_and_the_ind_ood_split():
     ("Find me an everyday image that matches the given caption: A man.", True,
      ("Find me an everyday image that matches the given caption:", "A man.")),
     ("<|image_1|>\nRepresent the given image.", False, ("Represent the given image.", "")),
+    ("<|image_1|>\nSelect the portion of the image that follows the language expressions. man in blue", True,
+     ("Select the portion of the image that follows the language expressions.", "man in blue")),
+    ("A caption. Two sentences: no instruction", False, ("", "A caption. Two sentences: no instruction")),
     ("Note: a caption with a colon", False, ("", "Note: a caption with a colon")),
     ("a query without instruction", True, ("", "a query without instruction")),
 ])

@@ -38,19 +38,20 @@ SPLIT = "test"
 V1_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 V2_COLUMNS = ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text", "tgt_img_path")
 LAYOUT_HELP = "see README (MMEB) for the layout"
-# An instruction ends at the first colon followed by white space ("...the following question: What ...").
-_INSTRUCTION_END = re.compile(r":\s")
+# An instruction ends at the first colon or full stop followed by white space
+# ("...the following question: What ...", "...follows the language expressions. man in blue").
+_INSTRUCTION_END = re.compile(r"[:.]\s")
 
 
 def split_instruction(text: str, query: bool) -> tuple[str, str]:
     """(instruction, content) of a V1 text, its image placeholder removed.
 
     Queries, and candidates whose text carries the placeholder, are instructed: their
-    instruction runs up to and including the first colon followed by white space ("Represent
-    the given image with the following question:" / "What is ..."); without such a colon, a text
-    with the placeholder is all instruction (its content is the image: "Represent the given
-    image for classification") and a query without it is all content. Other candidates are
-    content only (a class label, an answer, a caption may hold a colon of their own)."""
+    instruction runs up to and including the first colon or full stop followed by white space
+    ("Represent the given image with the following question:" / "What is ..."). Without one, a
+    text with the placeholder is all instruction (its content is the image: "Represent the given
+    image for classification.") and a query without it is all content. Other candidates are
+    content only (a class label, an answer, a caption has colons and sentences of its own)."""
     marked = PLACEHOLDER in text
     stripped = text.replace(PLACEHOLDER, "").strip()
     match = _INSTRUCTION_END.search(stripped) if (query or marked) else None
