@@ -233,10 +233,9 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 def _cmd_eval_mmeb(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from umarvel.config import load_config
     from umarvel.evaluation.mmeb import MMEB, averages
     from umarvel.evaluation.runner import Runner
-
-    from umarvel.config import load_config
 
     _setup_logging()
     # Every row is read and checked before the model loads: a bad file fails in seconds, not after a 7B load.
