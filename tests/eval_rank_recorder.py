@@ -17,7 +17,7 @@ from umarvel.cli import main
 def recording(encode, record: Path):
     def encode_and_record(self, items, *args, **kwargs):
         with open(record, "a") as out:
-            out.write(" ".join(item.get("qid") or item["did"] for item in items) + "\n")
+            out.write(" ".join(item.get("qid") or item.get("did") or item["id"] for item in items) + "\n")
         return encode(self, items, *args, **kwargs)
 
     return encode_and_record

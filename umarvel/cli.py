@@ -46,6 +46,11 @@ EXAMPLES = {
         "umarvel eval zeroshot --model runs/tiny/distill --data data/zeroshot --output-dir runs/tiny/zeroshot "
         "--set encode.batch_size=64",
     ],
+    "umarvel eval mmeb": [
+        "umarvel eval mmeb --model runs/umarvel/distill --data data/mmeb --output-dir runs/umarvel/mmeb",
+        "umarvel eval mmeb --model runs/tiny/distill --data data/mmeb --output-dir runs/tiny/mmeb "
+        "--subset ImageNet-1K MSCOCO_t2i --set encode.batch_size=64",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -234,6 +239,28 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_mmeb(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from umarvel.config import load_config
+    from umarvel.evaluation.mmeb import MMEB, averages
+    from umarvel.evaluation.runner import Runner
+
+    _setup_logging()
+    # Every row is read and checked before the model loads: a bad file fails in seconds, not after a 7B load.
+    config = load_config(args.config, args.overrides)
+    benchmark = MMEB(Path(args.data), args.subset, symlinks_outside_root=config.data.allow_symlinks_outside_root)
+    with _launched_embedder(args) as (config, embedder):
+        metrics = Runner(embedder, config.encode).run(benchmark, Path(args.output_dir))
+    if metrics is not None:
+        print("MMEB hit@1: " + ", ".join(f"{name} {metrics[name]:.2f}" for name in benchmark.subsets))
+        groups = averages({name: metrics[name] for name in benchmark.subsets})
+        print("averages: " + ", ".join(f"{group} {value:.2f} ({present} of {total})"
+                                       for group, (value, present, total) in groups.items()))
+        print(f"score files, predictions and results.json/md/png -> {args.output_dir}")
+    return 0
+
+
 def _zeroshot_tasks(names: str) -> dict[str, type]:
     """The benchmark classes of `names` (comma-separated, or all) from the zero-shot registry."""
     from umarvel.evaluation.zeroshot import TASKS
@@ -381,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_zeroshot)
+    p = benchmarks.add_parser("mmeb", help="MMEB's 36 image datasets (VLM2Vec's leaderboard), hit@1 per subset with "
+                              "category, IND/OOD and overall averages")
+    p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
+    p.add_argument("--data", required=True, help="directory holding MMEB-eval/ (README.md, <Subset>/test-*.parquet) "
+                   "and eval_images/")
+    p.add_argument("--output-dir", required=True, help="<Subset>_score.json, <Subset>_pred.jsonl, run files and "
+                   "results.json/md/png")
+    p.add_argument("--subset", nargs="+", action="extend", metavar="NAME",
+                   help="subsets to evaluate (repeatable); default every one of the 36 the README lists")
+    _add_profile_arg(p)
+    _add_cache_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval_mmeb)
 
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
