@@ -283,10 +283,12 @@ class MineConfig:
     depth: int = doc("Candidates retrieved per query before positives and filtered ones are removed.", 100, at_least=1)
     top_k: int = doc("Hard negatives kept per query (the survivors with the highest scores).", 20, at_least=1)
     threshold: float = doc(
-        "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2; >= 1 = off).", 0.9
+        "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2); >= 1 = off: no score is "
+        "compared, so fp32 duplicates at 1.0000001 stay. Place it against the stats' top-1 negative quantiles.", 0.9
     )
     max_fraction_of_positive: float = doc(
-        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off).", 0.0,
+        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off): a per-query "
+        "ceiling that follows tasks whose cosines sit higher or lower than others.", 0.0,
         at_least=0,
     )
 
