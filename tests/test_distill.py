@@ -157,12 +157,14 @@ def test_sampling_is_seeded_and_takes_the_configured_fraction(embedder, syntheti
     config = _config(synthetic_dir, tmp_path, Path(embedder.settings.backbone))
     queries, pool = training_data(config)
     distinct = len(first_rows(queries))
-    rows = sample_query_rows(queries, 0.25, seed=0)
-    assert rows == sample_query_rows(queries, 0.25, seed=0) == sorted(rows)
-    assert len(rows) == round(0.25 * distinct) and len({queries.record(r)["qid"] for r in rows}) == len(rows)
-    assert rows != sample_query_rows(queries, 0.25, seed=1)
-    assert len(sample_query_rows(queries, 1.0, seed=0)) == distinct
-    assert len(sample_query_rows(queries, 1e-6, seed=0)) == 1
+    for how in ("per_task", "uniform"):
+        rows = sample_query_rows(queries, 0.25, 0, how)
+        assert rows == sample_query_rows(queries, 0.25, 0, how) == sorted(rows)
+        assert len({queries.record(r)["qid"] for r in rows}) == len(rows)
+        assert rows != sample_query_rows(queries, 0.25, 1, how)
+        assert len(sample_query_rows(queries, 1.0, 0, how)) == distinct
+    assert len(sample_query_rows(queries, 0.25, 0, "uniform")) == round(0.25 * distinct)
+    assert len(sample_query_rows(queries, 1e-6, 0, "uniform")) == 1
 
     positives = ["9:1", "9:2", "9:3"]
     assert choose_positive("9:0", positives, 0) == choose_positive("9:0", positives, 0)

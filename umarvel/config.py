@@ -315,6 +315,10 @@ class DistillConfig:
     reranker: str = doc("Reranker run or model directory that gives S_rerank = P(YES).", "")
     fraction: float = doc("Share of the distinct training queries drawn (seeded by run.seed) for distillation (paper: 0.1).",
                         0.1, above=0, at_most=1)
+    sample: Literal["per_task", "uniform"] = doc(
+        "How the fraction is drawn: per_task = within each (dataset, task), floor(fraction x its queries) but at "
+        "least one, as the official code; uniform = over all queries at once.", "per_task"
+    )
     top_k: int = doc("Retrieved candidates per query besides its positive (paper: 49, so 50 in all).", 49, at_least=1)
     alpha: float = doc("Teacher fusion weight a: S = a*S_recall + (1-a)*S_rerank.", 0.5, at_least=0, at_most=1)
     teacher_temperature: float = doc(
