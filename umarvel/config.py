@@ -251,6 +251,10 @@ class MBEIREvalConfig:
 class ZeroShotEvalConfig:
     tasks: list[str] = doc("Zero-shot sets to evaluate (`umarvel eval zeroshot --task`); empty = all.", factory=list)
     data: str = doc("Directory holding each zero-shot set in its public release's layout (`--data` overrides it).", "")
+    visdial_caption: bool = doc(
+        "VisDial queries start with the image's caption; off = the question/answer rounds only, as the official "
+        "evaluation that gave the paper's 70.3 R@1.", False
+    )
 
 
 @dataclass
