@@ -189,7 +189,10 @@ class LossConfig:
         "Extra negatives a query sees: its own, or every one in the global batch.", "global"
     )
     in_batch_negatives: bool = doc("Contrast against other queries' positives (off = hard negatives only, Table 5).", True)
-    mask_false_negatives: bool = doc("Drop in-batch candidates that are positives of the query (by id).", True)
+    mask_false_negatives: bool = doc(
+        "Drop in-batch candidates that are positives of the query (by document id). In neither the paper nor the "
+        "official code: configs/umarvel turn it off; on for data whose batches often repeat a document.", True
+    )
     gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0, at_least=0)
 
 
