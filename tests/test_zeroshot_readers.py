@@ -116,6 +116,13 @@ def test_visdial_caption_option_puts_the_caption_first(root):
     assert search.queries.name == "visdial-caption-rounds"  # its own cache entry
 
 
+def test_visdial_caption_does_not_shape_a_training_run():
+    from umarvel.training.runs import config_fingerprint
+
+    assert config_fingerprint(load_config(None)) == config_fingerprint(
+        load_config(None, ["eval.zeroshot.visdial_caption=true"]))
+
+
 def test_fashioniq_query_has_every_turn(root):
     fashion = build("fashioniq_multiturn", root)
     query = fashion.retrievals()[0].queries.items(0, 1)[0]
