@@ -78,7 +78,7 @@ def test_the_flat_eval_keys_still_load_under_their_new_sections(tmp_path):
     assert config.stages["nli"] == {"encode": {"cache_dir": "/tmp/vectors"}}
     assert config.stages["cc3m"] == {"eval": {"mbeir": {"top_k": 30}}}
     assert to_dict(config)["eval"] == {"mbeir": {"split": "val", "rows": ["mscoco_task0"], "top_k": 20, "pools": ["local"]},
-                                       "zeroshot": {"tasks": [], "data": ""}}
+                                       "zeroshot": {"tasks": [], "data": "", "visdial_caption": False}}
 
 
 def test_a_key_given_under_both_names_is_an_error(tmp_path):

@@ -157,12 +157,14 @@ def test_sampling_is_seeded_and_takes_the_configured_fraction(embedder, syntheti
     config = _config(synthetic_dir, tmp_path, Path(embedder.settings.backbone))
     queries, pool = training_data(config)
     distinct = len(first_rows(queries))
-    rows = sample_query_rows(queries, 0.25, seed=0)
-    assert rows == sample_query_rows(queries, 0.25, seed=0) == sorted(rows)
-    assert len(rows) == round(0.25 * distinct) and len({queries.record(r)["qid"] for r in rows}) == len(rows)
-    assert rows != sample_query_rows(queries, 0.25, seed=1)
-    assert len(sample_query_rows(queries, 1.0, seed=0)) == distinct
-    assert len(sample_query_rows(queries, 1e-6, seed=0)) == 1
+    for how in ("per_task", "uniform"):
+        rows = sample_query_rows(queries, 0.25, 0, how)
+        assert rows == sample_query_rows(queries, 0.25, 0, how) == sorted(rows)
+        assert len({queries.record(r)["qid"] for r in rows}) == len(rows)
+        assert rows != sample_query_rows(queries, 0.25, 1, how)
+        assert len(sample_query_rows(queries, 1.0, 0, how)) == distinct
+    assert len(sample_query_rows(queries, 0.25, 0, "uniform")) == round(0.25 * distinct)
+    assert len(sample_query_rows(queries, 1e-6, 0, "uniform")) == 1
 
     positives = ["9:1", "9:2", "9:3"]
     assert choose_positive("9:0", positives, 0) == choose_positive("9:0", positives, 0)
@@ -200,7 +202,8 @@ def test_teacher_file_round_trip_and_resume_after_a_kill(tiny_model_dir, synthet
     teacher = read_teacher_scores(path)
     queries, _ = training_data(clean)
     assert teacher.header["params"]["alpha"] == 0.5 and teacher.header["params"]["top_k"] == 5
-    assert len(teacher) + teacher.header["params"]["skipped_queries"] == round(0.25 * len(first_rows(queries)))
+    assert len(teacher) + teacher.header["params"]["skipped_queries"] == len(sample_query_rows(queries, 0.25, 0))
+    assert teacher.header["params"]["sample"] == "per_task"
     shard_files = sorted(Path(str(path) + ".work").glob("shard-*.jsonl"))
     assert len(shard_files) == math.ceil(len(teacher) / 4) > 2
     shards = [json.loads(line) for file in shard_files for line in file.read_text().splitlines()]
@@ -259,6 +262,9 @@ def test_teacher_file_round_trip_and_resume_after_a_kill(tiny_model_dir, synthet
     resumed_path.unlink()
     with pytest.raises(UmarvelError, match="other settings \\(fraction differ\\)"):
         _scoring(resumed, tiny_model_dir).run()
+    resumed.distill.fraction, resumed.distill.sample = 0.25, "uniform"
+    with pytest.raises(UmarvelError, match="other settings \\(sample differ\\)"):
+        _scoring(resumed, tiny_model_dir).run()
 
 
 def test_distill_config_checks_and_the_paper_settings():
@@ -300,7 +306,8 @@ def test_tiny_recipe_reranker_then_distill_then_eval_with_rerank_through_the_cli
         assert (run / name).is_file(), name
     teacher = read_teacher_scores(run / "teacher.jsonl")
     queries, _ = training_data(load_config(run / "config.yaml"))
-    assert len(teacher) + teacher.header["params"]["skipped_queries"] == round(0.25 * len(first_rows(queries)))
+    assert len(teacher) + teacher.header["params"]["skipped_queries"] == len(sample_query_rows(queries, 0.25, 0))
+    assert teacher.header["params"]["sample"] == "per_task"
     assert all(len(candidates) == 10 and candidates[0] in queries.record(queries.find(qid))["pos_cand_list"]
                for qid, candidates, _ in teacher)
     assert json.loads((run / "metrics.json").read_text())["pairs"] == len(teacher)

@@ -100,4 +100,5 @@ def test_mine_negatives_cli_writes_file_and_stats(tiny_model_dir, synthetic_dir,
     table = capsys.readouterr().out
     assert "mscoco task0" in table and "9:task0" not in table  # dataset names, not ids
     assert "short: queries left with fewer than mine.top_k = 3 negatives" in table
-    assert "cosine above mine.threshold = 1.0)" in table
+    assert "filtered: filter off (mine.threshold = 1.0 >= 1, mine.max_fraction_of_positive = 0.0): no candidate dropped" in table
+    assert "top-1 neg p5/p50/p95" in table

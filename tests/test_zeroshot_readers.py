@@ -9,6 +9,7 @@ import pytest
 import torch
 import zeroshot_fixtures as fx
 
+from umarvel.config import load_config
 from umarvel.data.prompts import ZEROSHOT
 from umarvel.errors import DataError
 from umarvel.evaluation.zeroshot import TASKS
@@ -96,11 +97,30 @@ def test_genecis_galleries_are_per_query(root):
     assert all(set(g) <= set(s.candidates.ids) for s in searches.values() for g in s.galleries.values())
 
 
-def test_visdial_text_is_caption_then_rounds(root):
+VISDIAL_ROUNDS = " ".join(["Q: is it red? A: no. Q: is it big? A: yes."] * 5)  # dialog 1 of the fixture
+
+
+def test_visdial_text_is_the_rounds_only_by_default(root):
     visdial = build("visdial", root)
-    text = visdial.retrievals()[0].queries.items(1, 2)[0]["text"]
-    assert text.startswith("a green square Q: is it red? A: no. Q: is it big? A: yes.")
-    assert text.count("Q: ") == 10
+    search = visdial.retrievals()[0]
+    assert search.queries.items(1, 2)[0]["text"] == VISDIAL_ROUNDS
+    assert search.queries.name == "visdial-rounds"
+    assert load_config(None).eval.zeroshot.visdial_caption is False
+
+
+def test_visdial_caption_option_puts_the_caption_first(root):
+    fx.WRITERS["visdial"](root)
+    config = load_config(None, ["eval.zeroshot.visdial_caption=true"])
+    search = TASKS["visdial"](root, config.eval.zeroshot).retrievals()[0]
+    assert search.queries.items(1, 2)[0]["text"] == "a green square " + VISDIAL_ROUNDS
+    assert search.queries.name == "visdial-caption-rounds"  # its own cache entry
+
+
+def test_visdial_caption_does_not_shape_a_training_run():
+    from umarvel.training.runs import config_fingerprint
+
+    assert config_fingerprint(load_config(None)) == config_fingerprint(
+        load_config(None, ["eval.zeroshot.visdial_caption=true"]))
 
 
 def test_fashioniq_query_has_every_turn(root):

@@ -189,7 +189,10 @@ class LossConfig:
         "Extra negatives a query sees: its own, or every one in the global batch.", "global"
     )
     in_batch_negatives: bool = doc("Contrast against other queries' positives (off = hard negatives only, Table 5).", True)
-    mask_false_negatives: bool = doc("Drop in-batch candidates that are positives of the query (by id).", True)
+    mask_false_negatives: bool = doc(
+        "Drop in-batch candidates that are positives of the query (by document id). In neither the paper nor the "
+        "official code: configs/umarvel turn it off; on for data whose batches often repeat a document.", True
+    )
     gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0, at_least=0)
 
 
@@ -251,6 +254,10 @@ class MBEIREvalConfig:
 class ZeroShotEvalConfig:
     tasks: list[str] = doc("Zero-shot sets to evaluate (`umarvel eval zeroshot --task`); empty = all.", factory=list)
     data: str = doc("Directory holding each zero-shot set in its public release's layout (`--data` overrides it).", "")
+    visdial_caption: bool = doc(
+        "VisDial queries start with the image's caption; off = the question/answer rounds only, as the official "
+        "evaluation that gave the paper's 70.3 R@1.", False
+    )
 
 
 @dataclass
@@ -283,10 +290,12 @@ class MineConfig:
     depth: int = doc("Candidates retrieved per query before positives and filtered ones are removed.", 100, at_least=1)
     top_k: int = doc("Hard negatives kept per query (the survivors with the highest scores).", 20, at_least=1)
     threshold: float = doc(
-        "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2; >= 1 = off).", 0.9
+        "Drop candidates scoring above this cosine as likely false negatives (paper 3.2.2); >= 1 = off: no score is "
+        "compared, so fp32 duplicates at 1.0000001 stay. Place it against the stats' top-1 negative quantiles.", 0.9
     )
     max_fraction_of_positive: float = doc(
-        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off).", 0.0,
+        "Also drop candidates scoring above this fraction of the query's best positive score (0 = off): a per-query "
+        "ceiling that follows tasks whose cosines sit higher or lower than others.", 0.0,
         at_least=0,
     )
 
@@ -313,6 +322,10 @@ class DistillConfig:
     reranker: str = doc("Reranker run or model directory that gives S_rerank = P(YES).", "")
     fraction: float = doc("Share of the distinct training queries drawn (seeded by run.seed) for distillation (paper: 0.1).",
                         0.1, above=0, at_most=1)
+    sample: Literal["per_task", "uniform"] = doc(
+        "How the fraction is drawn: per_task = within each (dataset, task), floor(fraction x its queries) but at "
+        "least one, as the official code; uniform = over all queries at once.", "per_task"
+    )
     top_k: int = doc("Retrieved candidates per query besides its positive (paper: 49, so 50 in all).", 49, at_least=1)
     alpha: float = doc("Teacher fusion weight a: S = a*S_recall + (1-a)*S_rerank.", 0.5, at_least=0, at_most=1)
     teacher_temperature: float = doc(

@@ -3,6 +3,10 @@
 For each training query: rank the pool with the stage-1 model, remove every positive of the
 query, remove candidates scoring above the filter (likely false negatives: an absolute
 threshold and, optionally, a fraction of the query's best positive score), keep the top k.
+A threshold >= 1 is off: no score is compared with it at all, so an fp32 duplicate of a
+candidate whose re-normalised cosine is 1.0000001 is kept, as the paper's unfiltered rows
+(Table 5, ID-0 and ID-1) need. The stats say per task how many candidates the filter removed
+and where each query's top-1 negative scores, so a user sees whether a threshold bites.
 Encoding goes through the shared embedding cache (resumable, sharded across ranks); search is
 the evaluator's exact FAISS search.
 """
@@ -40,10 +44,27 @@ class TaskStats:
     filtered: int = 0
     kept_scores: list[float] = field(default_factory=list)
     filtered_scores: list[float] = field(default_factory=list)
+    top1_negative_scores: list[float] = field(default_factory=list)
+
+    def add(self, ranked: list[str], scores: list[float], positives: set[str], config: MineConfig,
+            best_positive: float | None) -> tuple[list[str], list[float]]:
+        """Select one query's negatives (`select_negatives`), count what the filter did; return
+        the kept dids and their scores."""
+        kept, kept_scores, filtered_scores, removed = select_negatives(ranked, scores, positives, config, best_positive)
+        self.queries += 1
+        self.short_queries += len(kept) < config.top_k
+        self.positives_removed += removed
+        self.filtered += len(filtered_scores)
+        self.kept_scores.extend(kept_scores)
+        self.filtered_scores.extend(filtered_scores)
+        top1 = next((score for did, score in zip(ranked, scores) if did not in positives), None)
+        if top1 is not None:
+            self.top1_negative_scores.append(top1)
+        return kept, kept_scores
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not k.endswith("_scores")}
-        for name in ("kept_scores", "filtered_scores"):
+        for name in ("kept_scores", "filtered_scores", "top1_negative_scores"):
             values = np.asarray(getattr(self, name), dtype=np.float64)
             out[name] = (
                 {"count": int(values.size), "mean": float(values.mean()),
@@ -56,15 +77,21 @@ class TaskStats:
 def select_negatives(
     ranked: list[str], scores: list[float], positives: set[str], config: MineConfig, best_positive: float | None
 ) -> tuple[list[str], list[float], list[float], int]:
-    """(kept dids, kept scores, filtered scores, positives removed) for one query's ranking."""
-    ceiling = config.threshold
+    """(kept dids, kept scores, filtered scores, positives removed) for one query's ranking.
+
+    The ceiling is the absolute threshold when it is below 1 (>= 1 is off, never compared:
+    cosines of fp32 duplicates exceed 1 by rounding), lowered to the fraction of the best
+    positive when that is on; with neither, nothing is filtered.
+    """
+    ceilings = [config.threshold] if config.threshold < 1 else []
     if config.max_fraction_of_positive > 0 and best_positive is not None:
-        ceiling = min(ceiling, config.max_fraction_of_positive * best_positive)
+        ceilings.append(config.max_fraction_of_positive * best_positive)
+    ceiling = min(ceilings, default=None)
     kept, kept_scores, filtered_scores, removed = [], [], [], 0
     for did, score in zip(ranked, scores):
         if did in positives:
             removed += 1
-        elif score > ceiling:
+        elif ceiling is not None and score > ceiling:
             filtered_scores.append(score)
         elif len(kept) < config.top_k:
             kept.append(did)
@@ -138,16 +165,8 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
             record = records[member]
             positives = list(record["pos_cand_list"])
             best = _best_positive(vector, positives, encoded_pool, row_of_did)
-            kept, kept_scores, filtered_scores, removed = select_negatives(
-                row_ranked, row_scores, set(positives), mine_config, best
-            )
             task = stats[f"{record['qid'].split(':')[0]}:task{record['task_id']}"]
-            task.queries += 1
-            task.short_queries += len(kept) < mine_config.top_k
-            task.positives_removed += removed
-            task.filtered += len(filtered_scores)
-            task.kept_scores.extend(kept_scores)
-            task.filtered_scores.extend(filtered_scores)
+            kept, kept_scores = task.add(row_ranked, row_scores, set(positives), mine_config, best)
             mined[record["qid"]] = {"qid": record["qid"], "negatives": kept, "scores": kept_scores}
 
     params = {**asdict(mine_config), "queries": str(query_file), "pool": str(pool_file)}
@@ -157,24 +176,45 @@ def mine(embedder, data_root: str | os.PathLike, out: str | os.PathLike, mine_co
     return summary
 
 
+def filter_description(params: dict) -> str:
+    """What the filter dropped, in words, from the mining params (threshold >= 1 is off)."""
+    rules = []
+    if params["threshold"] < 1:
+        rules.append(f"cosine above mine.threshold = {params['threshold']}")
+    if params["max_fraction_of_positive"] > 0:
+        rules.append(f"above mine.max_fraction_of_positive = {params['max_fraction_of_positive']} of the query's "
+                     "best positive")
+    if not rules:
+        return (f"filter off (mine.threshold = {params['threshold']} >= 1, mine.max_fraction_of_positive = "
+                f"{params['max_fraction_of_positive']}): no candidate dropped as a likely false negative")
+    return "candidates dropped as likely false negatives (" + " or ".join(rules) + ")"
+
+
 def format_stats(summary: dict) -> str:
-    """A table of the filter's effect per (dataset, task), with a legend, for the terminal."""
+    """A table of the filter's effect per (dataset, task), with a legend, for the terminal.
+
+    The top-1 negative quantiles show where a threshold sits: one below their p5 filters
+    (nearly) every query's best negative, one above their p95 (nearly) nothing.
+    """
     params = summary["params"]
-    lines = [f"{'dataset task':20s} {'queries':>8s} {'short':>6s} {'filtered':>9s} {'kept mean':>10s} {'filtered mean':>14s}"]
+    lines = [f"{'dataset task':20s} {'queries':>8s} {'short':>6s} {'filtered':>9s} {'kept mean':>10s} "
+             f"{'filtered mean':>14s} {'top-1 neg p5/p50/p95':>22s}"]
     for key, s in summary["tasks"].items():
         dataset_id, task = key.split(":")
         kept, filtered = (f"{s[name]['mean']:.3f}" if s[name]["count"] else "-" for name in ("kept_scores", "filtered_scores"))
+        top1 = s["top1_negative_scores"]
+        top1 = f"{top1['p5']:.3f}/{top1['p50']:.3f}/{top1['p95']:.3f}" if top1["count"] else "-"
         lines.append(
             f"{DATASETS[int(dataset_id)] + ' ' + task:20s} {s['queries']:8d} {s['short_queries']:6d} {s['filtered']:9d} "
-            f"{kept:>10s} {filtered:>14s}"
+            f"{kept:>10s} {filtered:>14s} {top1:>22s}"
         )
     lines += [
         "",
         "queries: training queries mined; "
         f"short: queries left with fewer than mine.top_k = {params['top_k']} negatives;",
-        f"filtered: candidates dropped as likely false negatives (cosine above mine.threshold = {params['threshold']}"
-        + (f" or above {params['max_fraction_of_positive']} of the query's best positive" if params["max_fraction_of_positive"] else "")
-        + ");",
-        "kept mean / filtered mean: mean cosine of the kept negatives / of the dropped candidates.",
+        f"filtered: {filter_description(params)};",
+        "kept mean / filtered mean: mean cosine of the kept negatives / of the dropped candidates;",
+        "top-1 neg: quantiles of each query's best-scoring non-positive candidate before the filter "
+        "(a threshold below p5 drops nearly every query's best negative, one above p95 nearly none).",
     ]
     return "\n".join(lines)

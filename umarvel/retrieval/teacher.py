@@ -1,7 +1,8 @@
 """Teacher scores for stage 3 (paper 3.3, Finding 6): the recall-then-rerank pipeline, scored
 once over sampled training queries and fused, S = a * S_recall + (1 - a) * S_rerank.
 
-Per sampled query (a seeded `distill.fraction` of the distinct training qids): one positive,
+Per sampled query (a seeded `distill.fraction` of the distinct training qids, drawn per task
+as the official code does, or uniformly: `distill.sample`): one positive,
 drawn by the seed among its positives in the pool, then the recall model's top `distill.top_k`
 other candidates. A second positive of the query may be among them; the teacher scores it as
 it scores everything, so unlike InfoNCE no positive is pushed away. S_recall is the recall
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -51,11 +53,29 @@ def teacher_path(config: Config) -> Path:
     return Path(config.distill.teacher_file or Path(config.run.output_dir) / "teacher.jsonl")
 
 
-def sample_query_rows(queries: Queries, fraction: float, seed: int) -> list[int]:
-    """Rows of a seeded `fraction` of the distinct qids (at least one), in file order."""
+def sample_query_rows(queries: Queries, fraction: float, seed: int, how: str = "per_task") -> list[int]:
+    """Rows of a seeded `fraction` of the distinct qids, in file order.
+
+    per_task (the default) draws within each (dataset, task), as the official code's
+    get_10percent_training_data does, so every task keeps its share: floor(fraction x its
+    distinct qids) as there (`len // 10`), but at least one, so that no task of a small set
+    drops out (the M-BEIR training tasks all hold thousands, where the two agree). Each task's
+    draw is seeded by the seed and the task alone. uniform draws round(fraction x all distinct
+    qids), at least one, over the whole file: a task's share then varies with the draw.
+    """
     rows = first_rows(queries)
-    count = max(1, round(fraction * len(rows)))
-    return sorted(random.Random(seed).sample(rows, count))
+    if how == "uniform":
+        return sorted(random.Random(seed).sample(rows, max(1, round(fraction * len(rows)))))
+    qids, task_ids = queries.table.column("qid").to_pylist(), queries.table.column("task_id").to_pylist()
+    by_task: dict[tuple[str, int], list[int]] = {}
+    for row in rows:
+        by_task.setdefault((qids[row].split(":")[0], task_ids[row]), []).append(row)
+    sample = []
+    for (dataset, task), members in sorted(by_task.items()):
+        # round() first: 0.29 * 100 is 28.999999999999996 in floats, 29 in the official integer division.
+        count = max(1, math.floor(round(fraction * len(members), 9)))
+        sample += random.Random(f"{seed}:{dataset}:{task}").sample(members, count)
+    return sorted(sample)
 
 
 def choose_positive(qid: str, positives: list[str], seed: int) -> str:
@@ -184,7 +204,7 @@ class TeacherScoring:
         self.work = self.path.with_name(self.path.name + WORK_SUFFIX)
         settings = config.distill
         self.work_params = {
-            "query_file": queries.file, "pool_file": pool.file, "fraction": settings.fraction,
+            "query_file": queries.file, "pool_file": pool.file, "fraction": settings.fraction, "sample": settings.sample,
             "top_k": settings.top_k, "seed": config.run.seed, "shard_size": settings.shard_size,
             "recall_model": str(recall_dir), "recall_fingerprint": directory_fingerprint(recall_dir),
             "reranker": str(reranker_dir), "reranker_fingerprint": directory_fingerprint(reranker_dir),
@@ -250,7 +270,7 @@ class TeacherScoring:
 
             embedder = Embedder.from_pretrained(self.recall_dir, device=self.device)
             settings = self.config.distill
-            rows = sample_query_rows(self.queries, settings.fraction, self.config.run.seed)
+            rows = sample_query_rows(self.queries, settings.fraction, self.config.run.seed, settings.sample)
             records, skipped = retrieve(embedder, self.queries, self.pool, rows, settings, self.config.encode,
                                         seed=self.config.run.seed, progress=self.progress)
             del embedder

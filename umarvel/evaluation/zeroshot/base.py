@@ -67,8 +67,8 @@ class ZeroShotBenchmark(Benchmark):
     ours only when `is_real_data` says the files look like the real release (its counts).
     `prompt_overrides` are PromptConfig fields to encode this task's items with (the
     compression suffix is a per-task choice of the official evaluation).
-    `settings` is the task's protocol section; the zero-shot tasks have no options beyond the
-    paper's protocol, so None (the defaults) is what they expect. `symlinks_outside_root` is
+    `settings` is the `eval.zeroshot` section (ZeroShotEvalConfig); None means its defaults, the
+    paper's protocol (a task's one option, such as VisDial's caption, is read from it). `symlinks_outside_root` is
     data.allow_symlinks_outside_root: accept image and video symlinks leading out of the root.
     """
 
