@@ -36,6 +36,7 @@ def models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """One directory of each kind; the trained ones have a LoRA that is not the identity and a
     saved setting that differs from the default (no system turn)."""
     root = tmp_path_factory.mktemp("overrides")
+    torch.manual_seed(0)  # LoRA A's initialisation: the same adapter whatever ran before
     embedder = Embedder.from_pretrained(tiny_model_dir, trainable=True, lora={"r": 4, "alpha": 8},
                                         prompt={"system_prompt": ""})
     generator = torch.Generator().manual_seed(0)
@@ -100,7 +101,7 @@ def test_a_given_model_setting_changes_the_cache_key_and_the_vectors(models, mar
     fingerprint, vectors = _embedded(models[kind], *base)
     changed_fingerprint, changed = _embedded(models[kind], *base, *added)
     assert changed_fingerprint != fingerprint
-    assert (changed - vectors).abs().max() > 1e-4
+    assert (changed - vectors).abs().max() > 1e-6  # fp16 moves unit vectors by 1e-5..1e-3; a dropped setting by 0
 
 
 def test_a_marker_rows_file_is_keyed_by_its_content(models, marker_file, tmp_path):
