@@ -37,7 +37,7 @@ EXAMPLES = {
     "umarvel eval mbeir": [
         "umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval",
         "umarvel eval mbeir --model runs/umarvel/distill --data data/M-BEIR --output-dir runs/umarvel/eval-plus "
-        "--rerank runs/umarvel/reranker --cache-dir /scratch/umarvel-embeddings",
+        "--rerank runs/umarvel/plus-reranker --cache-dir /scratch/umarvel-embeddings",
         "umarvel eval mbeir --pool both --profile umarvel-release --model checkpoints/U-MARVEL-Qwen2VL-7B-Instruct "
         "--data data/M-BEIR --output-dir runs/release/eval",
     ],
@@ -45,6 +45,8 @@ EXAMPLES = {
         "umarvel eval zeroshot --task all --model runs/umarvel/distill --data data/zeroshot --output-dir runs/umarvel/zeroshot",
         "umarvel eval zeroshot --model runs/tiny/distill --data data/zeroshot --output-dir runs/tiny/zeroshot "
         "--set encode.batch_size=64",
+        "umarvel eval zeroshot --task flickr,circo --model runs/umarvel/distill --data data/zeroshot "
+        "--output-dir runs/umarvel/zeroshot-plus --rerank runs/umarvel/plus-reranker --rerank-top-k 10 --alpha 0.9091",
     ],
     "umarvel eval mmeb": [
         "umarvel eval mmeb --model runs/umarvel/distill --data data/mmeb --output-dir runs/umarvel/mmeb",
