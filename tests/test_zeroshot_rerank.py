@@ -114,3 +114,15 @@ def test_sets_the_reranker_cannot_read_are_refused_by_name(task, holds, zeroshot
     assert f"holds {holds}, and the reranker's prompt shows one image per side and no video: leave {task} out of " \
            "--task when reranking" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_embedders_bidirectional_attention_is_not_given_to_the_reranker(zeroshot_root, tiny_model_dir, reranker_dir,
+                                                                           tmp_path):
+    """configs/umarvel/base.yaml sets the embedder's attention: bidirectional; the reranker, given
+    the same model settings, still reads causally (it refuses anything else)."""
+    config = tmp_path / "base.yaml"
+    config.write_text("model:\n  attention: bidirectional\n  pooling: mean\n")
+    for given in (["--config", str(config)], ["--set", "model.attention=bidirectional"]):
+        assert _eval(zeroshot_root, tiny_model_dir, tmp_path / "plus", "flickr", "--rerank", str(reranker_dir),
+                     "--rerank-top-k", "2", "--alpha", "0.5", *given) == 0
+        assert json.loads((tmp_path / "plus" / "flickr" / "results.json").read_text())["rerank"]["alpha"] == 0.5

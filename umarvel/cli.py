@@ -304,8 +304,11 @@ def _given_reranker(args: argparse.Namespace, config):
     from umarvel.modeling.reranker import Reranker
 
     given = _given_model(args, config)
-    # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's
-    given = dataclasses.replace(given, command={k: v for k, v in given.command.items() if k != "backbone"})
+    # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's;
+    # the embedder's attention (bidirectional in configs/umarvel/base.yaml) is not the reranker's,
+    # which always reads causally.
+    given = dataclasses.replace(given, file={k: v for k, v in given.file.items() if k != "attention"},
+                                command={k: v for k, v in given.command.items() if k not in ("backbone", "attention")})
     return Reranker.from_pretrained(args.rerank, given=given)
 
 
