@@ -46,6 +46,12 @@ def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
         ("distill", ["distill", "--config", f"{configs}/distill.yaml", *SHORT], ["distill"]),
         ("eval", ["eval", "mbeir", "--pool", "both", "--model", f"{runs}/distill", "--data", "data/M-BEIR",
                   "--output-dir", f"{runs}/eval", "--config", f"{configs}/base.yaml", *CPU], []),
+        # U-MARVEL+ (paper Appendix C): a reranker on the distilled model's top 100, re-scoring its rankings
+        ("plus-reranker", ["train", "--stage", "reranker", "--config", f"{configs}/plus-reranker.yaml", *SHORT],
+         ["plus-reranker"]),
+        ("plus-eval", ["eval", "mbeir", "--pool", "local", "--model", f"{runs}/distill", "--data", "data/M-BEIR",
+                       "--output-dir", f"{runs}/eval-plus", "--rerank", f"{runs}/plus-reranker", "--rerank-top-k", "50",
+                       "--alpha", "auto", "--config", f"{configs}/base.yaml", *CPU], []),
     ]
 
 
@@ -131,7 +137,9 @@ def family_runs(paper_layout):
 
 def _scalars_of(run_dir: str) -> list[str]:
     """The reranker has no temperature; only InfoNCE stages report in-batch accuracy."""
-    skip = {"reranker": ("train/temperature", "train/accuracy"), "distill": ("train/accuracy",)}.get(run_dir.split("/")[-1], ())
+    name = run_dir.split("/")[-1]
+    skip = {"reranker": ("train/temperature", "train/accuracy"), "distill": ("train/accuracy",)}.get(
+        "reranker" if name.endswith("reranker") else name, ())
     return [tag for tag in SCALARS if tag not in skip]
 
 
@@ -183,6 +191,18 @@ def test_stage_two_trains_with_its_top_k_and_table5_top_k_only_uses_own_negative
     assert "in_batch_negatives: false" in id0
 
 
+@pytest.mark.slow
+def test_plus_reranker_trains_on_the_distilled_models_top_100_and_reranks_its_rankings(paper_runs):
+    workdir, _ = paper_runs
+    header = json.loads((workdir / "runs/umarvel/plus-reranker/pairs.jsonl").read_text().splitlines()[0])
+    assert header["params"]["recall_model"] == "runs/umarvel/distill" and header["params"]["top_n"] == 100
+    teacher = json.loads((workdir / "runs/umarvel/reranker/pairs.jsonl").read_text().splitlines()[0])
+    assert teacher["params"]["recall_model"] == "runs/umarvel/hardneg" and teacher["params"]["top_n"] == 50
+    rerank = json.loads((workdir / "runs/umarvel/eval-plus/local/results.json").read_text())["rerank"]
+    assert rerank["chosen_on"] == "val" and rerank["top_k"] == 50
+    assert rerank["model"].endswith("runs/umarvel/plus-reranker/model")
+
+
 CHANGED = {"model.backbone", "model.prompt.min_pixels", "model.prompt.max_pixels", "run.output_dir",
            "data.hard_negatives", "rerank.recall_model", "distill.reranker"}
 
@@ -203,7 +223,7 @@ def test_family_configs_change_only_backbone_pixels_and_paths(folder):
     checkpoint = load_config(ROOT / "configs" / folder / "base.yaml").model.backbone
     family = {"qwen2_5vl-7b": "qwen2.5-vl", "qwen3vl-4b": "qwen3-vl", "qwen3vl-8b": "qwen3-vl"}[folder]
     unit = backbones.get(family).pixel_unit
-    for stage in ("base", "progressive", "mine", "hardneg", "reranker", "distill"):
+    for stage in ("base", "progressive", "mine", "hardneg", "reranker", "distill", "plus-reranker"):
         ours = _flat(to_dict(load_config(ROOT / "configs" / folder / f"{stage}.yaml")))
         paper = _flat(to_dict(load_config(ROOT / "configs" / "umarvel" / f"{stage}.yaml")))
         differing = {key for key in ours if ours[key] != paper[key]}
@@ -212,3 +232,20 @@ def test_family_configs_change_only_backbone_pixels_and_paths(folder):
         for key in differing & (CHANGED - {"model.prompt.min_pixels", "model.prompt.max_pixels"}):
             value = ours[key]
             assert value == checkpoint or value.startswith(f"runs/{folder}/"), (stage, key, value)
+
+
+@pytest.mark.parametrize("folder", ["umarvel", "qwen2_5vl-7b", "qwen3vl-4b", "qwen3vl-8b", "tiny"])
+def test_plus_reranker_config_trains_on_the_final_models_top_candidates(folder):
+    """U-MARVEL+ (paper Appendix C): the reranker's pairs come from the distilled (final) model's
+    top 100 (tiny: top 20, twice the stage-2 reranker's 10 as 100 is twice 50), not from the stage-2
+    model the distillation teacher reads; its header evaluates the distilled model with it."""
+    configs = ROOT / "configs" / folder
+    plus, teacher = load_config(configs / "plus-reranker.yaml"), load_config(configs / "reranker.yaml")
+    distill, hardneg = load_config(configs / "distill.yaml"), load_config(configs / "hardneg.yaml")
+    assert plus.rerank.recall_model == distill.run.output_dir == f"runs/{folder}/distill"
+    assert plus.rerank.top_n == (20 if folder == "tiny" else 100) == 2 * teacher.rerank.top_n
+    assert teacher.rerank.recall_model == hardneg.run.output_dir and distill.distill.reranker == teacher.run.output_dir
+    assert plus.run.output_dir == f"runs/{folder}/plus-reranker" != teacher.run.output_dir
+    if folder in ("umarvel", "tiny"):
+        header = (configs / "plus-reranker.yaml").read_text()
+        assert f"--model runs/{folder}/distill " in header and f"--rerank runs/{folder}/plus-reranker " in header

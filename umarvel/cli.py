@@ -37,7 +37,7 @@ EXAMPLES = {
     "umarvel eval mbeir": [
         "umarvel eval mbeir --pool both --model runs/tiny/distill --data data/synthetic --output-dir runs/tiny/eval",
         "umarvel eval mbeir --model runs/umarvel/distill --data data/M-BEIR --output-dir runs/umarvel/eval-plus "
-        "--rerank runs/umarvel/reranker --cache-dir /scratch/umarvel-embeddings",
+        "--rerank runs/umarvel/plus-reranker --cache-dir /scratch/umarvel-embeddings",
         "umarvel eval mbeir --pool both --profile umarvel-release --model checkpoints/U-MARVEL-Qwen2VL-7B-Instruct "
         "--data data/M-BEIR --output-dir runs/release/eval",
     ],
@@ -45,6 +45,8 @@ EXAMPLES = {
         "umarvel eval zeroshot --task all --model runs/umarvel/distill --data data/zeroshot --output-dir runs/umarvel/zeroshot",
         "umarvel eval zeroshot --model runs/tiny/distill --data data/zeroshot --output-dir runs/tiny/zeroshot "
         "--set encode.batch_size=64",
+        "umarvel eval zeroshot --task flickr,circo --model runs/umarvel/distill --data data/zeroshot "
+        "--output-dir runs/umarvel/zeroshot-plus --rerank runs/umarvel/plus-reranker --rerank-top-k 10 --alpha 0.9091",
     ],
     "umarvel eval mmeb": [
         "umarvel eval mmeb --model runs/umarvel/distill --data data/mmeb --output-dir runs/umarvel/mmeb",
@@ -83,6 +85,16 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="delete the run directory's contents and train again (a finished run is otherwise "
                         "skipped, and one of another config refused)")
+
+
+def _add_rerank_args(parser: argparse.ArgumentParser, alpha_rule: str) -> None:
+    """U-MARVEL+'s options, the same for every benchmark; `alpha_rule` says how auto is decided there."""
+    parser.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
+                        "(a reranker run or model directory)")
+    parser.add_argument("--rerank-top-k", type=_positive_int, default=50, metavar="K",
+                        help="candidates per query to re-score (default 50)")
+    parser.add_argument("--alpha", type=_fusion_weight, default="auto", metavar="A|auto",
+                        help=f"fusion weight a of S = a*S_recall + (1-a)*S_rerank; {alpha_rule}")
 
 
 def _add_profile_arg(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +233,10 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from umarvel.evaluation.runner import Runner
 
     _setup_logging()
+    if args.rerank:
+        from umarvel.evaluation.rerank import RerankingRunner, check_rerankable, given_alpha
+
+        alpha = given_alpha(args.alpha)  # before the model loads
     with _launched_embedder(args) as (config, embedder):
         settings = config.eval.zeroshot
         tasks = _zeroshot_tasks(args.task or ",".join(settings.tasks) or "all")
@@ -228,14 +244,23 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         if not data:
             raise UmarvelError("umarvel eval zeroshot needs --data DIR (or eval.zeroshot.data): the directory "
                                "holding each set in its public release's layout")
-        runner = Runner(embedder, config.encode)
         links = config.data.allow_symlinks_outside_root
-        results = {name: runner.run(cls(Path(data), settings, symlinks_outside_root=links),
-                                    Path(args.output_dir) / name) for name, cls in tasks.items()}
+        benchmarks = {name: cls(Path(data), settings, symlinks_outside_root=links) for name, cls in tasks.items()}
+        if args.rerank:
+            for benchmark in benchmarks.values():  # every set is checked before the first is evaluated
+                check_rerankable(benchmark)
+            runner = RerankingRunner(embedder, _given_reranker(args, config), config.encode, top_k=args.rerank_top_k,
+                                     alpha=alpha)
+        else:
+            runner = Runner(embedder, config.encode)
+        results = {name: runner.run(benchmark, Path(args.output_dir) / name) for name, benchmark in benchmarks.items()}
     for name, metrics in results.items():
         if metrics is not None:
             shown = ", ".join(f"{metric} {value:.2f}" for metric, value in metrics.items())
             print(f"{name}: {shown} -> {Path(args.output_dir) / name}")
+    if args.rerank and any(metrics is not None for metrics in results.values()):
+        print(f"U-MARVEL+: each search's top {args.rerank_top_k} re-scored, S = a*S_recall + (1-a)*S_rerank "
+              f"with a = {alpha:.2f} (given)")
     return 0
 
 
@@ -272,20 +297,28 @@ def _zeroshot_tasks(names: str) -> dict[str, type]:
     return {name: TASKS[name] for name in wanted}
 
 
-def _rerank_evaluator(args: argparse.Namespace, embedder, config):
-    """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model (given the same
-    model settings as the embedder) and fused."""
+def _given_reranker(args: argparse.Namespace, config):
+    """The --rerank model, given the same model settings as the embedder."""
     import dataclasses
 
-    from umarvel.evaluation.rerank import RerankingEvaluator
     from umarvel.modeling.reranker import Reranker
 
     given = _given_model(args, config)
-    # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's
-    given = dataclasses.replace(given, command={k: v for k, v in given.command.items() if k != "backbone"})
-    reranker = Reranker.from_pretrained(args.rerank, given=given)
-    return RerankingEvaluator(embedder, reranker, args.data, config.encode, config.eval.mbeir, top_k=args.rerank_top_k,
-                              alpha=args.alpha, symlinks_outside_root=config.data.allow_symlinks_outside_root)
+    # `--set model.backbone` is where the embedder's adapter finds its backbone, not the reranker's;
+    # the embedder's attention (bidirectional in configs/umarvel/base.yaml) is not the reranker's,
+    # which always reads causally.
+    given = dataclasses.replace(given, file={k: v for k, v in given.file.items() if k != "attention"},
+                                command={k: v for k, v in given.command.items() if k not in ("backbone", "attention")})
+    return Reranker.from_pretrained(args.rerank, given=given)
+
+
+def _rerank_evaluator(args: argparse.Namespace, embedder, config):
+    """U-MARVEL+: the evaluator whose top-k are re-scored by the --rerank model and fused."""
+    from umarvel.evaluation.rerank import RerankingEvaluator
+
+    return RerankingEvaluator(embedder, _given_reranker(args, config), args.data, config.encode, config.eval.mbeir,
+                              top_k=args.rerank_top_k, alpha=args.alpha,
+                              symlinks_outside_root=config.data.allow_symlinks_outside_root)
 
 
 def _fusion_weight(value: str) -> float | str:
@@ -389,11 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--output-dir", required=True, help="results.json/md/csv/png and run files go into its local/ and global/ folders")
     _add_profile_arg(p)
-    p.add_argument("--rerank", metavar="PATH", help="U-MARVEL+: re-score each query's top-k with this reranker "
-                   "(a reranker run or model directory)")
-    p.add_argument("--rerank-top-k", type=int, default=50, metavar="K", help="candidates per query to re-score (default 50)")
-    p.add_argument("--alpha", type=_fusion_weight, default="auto", metavar="A|auto",
-                   help="fusion weight a of S = a*S_recall + (1-a)*S_rerank; auto (default) picks it on the val queries")
+    _add_rerank_args(p, "auto (default) picks it on the val queries")
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mbeir)
@@ -405,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="directory holding the sets (default eval.zeroshot.data)")
     p.add_argument("--output-dir", required=True, help="results.json/md/png and run files go into its <task>/ folders")
     _add_profile_arg(p)
+    _add_rerank_args(p, "the zero-shot sets have no split apart from the scored one, so auto (the default) is an "
+                     "error: give a (the official evaluation's is 0.9091)")
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_zeroshot)

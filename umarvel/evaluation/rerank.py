@@ -6,6 +6,9 @@ queries: every a of the grid is tried on the val queries' reranked top-K and the
 best average headline recall wins (ties go to the larger a, the one leaning more on the
 recall model). Test qrels are never read before a is fixed; the reference code tuned a on
 test recall. The choice and the grid's val averages are written into results.json.
+
+The zero-shot sets (paper Tables 8 and 9) are reranked by `RerankingRunner` with a given a:
+each ships only the queries it is scored on, so there is nothing to choose a on.
 """
 from __future__ import annotations
 
@@ -14,13 +17,18 @@ import os
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from umarvel import process
 from umarvel.config import EncodeConfig, MBEIREvalConfig
+from umarvel.data.prompts import item_images
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
-from umarvel.errors import DataError
+from umarvel.errors import DataError, UmarvelError
 from umarvel.evaluation.mbeir import MBEIREvaluator, report_dir
 from umarvel.evaluation.metrics import RowResult, evaluate_row
+from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking, Retrieval
 from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
+from umarvel.evaluation.runner import Runner
 from umarvel.io import atomic_write_json, atomic_write_text
 from umarvel.retrieval.encode import EncodedSet, concatenate
 from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
@@ -117,6 +125,82 @@ class RerankingEvaluator(MBEIREvaluator):
     @cached_property
     def union_pool(self) -> PoolUnion:
         return PoolUnion([self.mbeir.local_pool(row) for row in EVAL_ROWS])
+
+
+# The official U-MARVEL+ zero-shot evaluation fuses S_recall + 0.1 * S_rerank: a = 1 / 1.1.
+OFFICIAL_ZEROSHOT_ALPHA = 1 / 1.1
+
+
+def given_alpha(alpha: float | str) -> float:
+    """The fusion weight for reranking the zero-shot sets: a given number in [0, 1]. "auto" is an
+    error: a would have to be chosen on the very queries it is then scored on (the reference
+    code's test-set tuning), since none of these sets ships queries apart from the scored ones."""
+    if alpha == "auto":
+        raise UmarvelError(
+            f"--alpha auto chooses a on validation queries apart from the scored ones, and the zero-shot sets "
+            f"ship only the queries they are scored on: give --alpha A (the official "
+            f"U-MARVEL+ evaluation fused S_recall + 0.1*S_rerank on most sets, i.e. --alpha {OFFICIAL_ZEROSHOT_ALPHA:.4f})"
+        )
+    return float(alpha)
+
+
+def check_rerankable(benchmark: Benchmark) -> None:
+    """Refuse a benchmark with an item the reranker cannot read: its prompt (prompts.render_pair)
+    shows one image per side and no video (MSR-VTT, MSVD, multi-turn FashionIQ's queries)."""
+    for retrieval in benchmark.retrievals():
+        for side in (retrieval.queries, retrieval.candidates):
+            for item in side.items(0, len(side)):
+                has = "a video" if item.get("video") is not None else "several images" if len(item_images(item)) > 1 else ""
+                if has:
+                    raise UmarvelError(
+                        f"{benchmark.name}: item {item['id']!r} of search {retrieval.name!r} holds {has}, and the "
+                        f"reranker's prompt shows one image per side and no video: leave {benchmark.name} out of "
+                        f"--task when reranking"
+                    )
+
+
+class RerankingRunner(Runner):
+    """The zero-shot runner whose ranking step is U-MARVEL+: each search's top max(k, top_k)
+    (over all candidates, or each query's own gallery), the first top_k re-scored by the
+    reranker and fused with the given a. Equal S keep the search order; candidates past top_k
+    stay below the reranked ones (retrieval.rerank.fused_rankings)."""
+
+    def __init__(self, embedder, reranker, config: EncodeConfig, *, top_k: int, alpha: float, progress: bool = True):
+        super().__init__(embedder, config, progress=progress, rank=self.rerank)
+        if top_k < 1:
+            raise ValueError(f"the reranked top-k must be positive, got {top_k}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        self.reranker, self.top_k, self.alpha = reranker, top_k, alpha
+
+    def run(self, benchmark: Benchmark, output_dir: str | os.PathLike) -> dict[str, float] | None:
+        """Refuse a benchmark the reranker cannot read before encoding; record a in its report."""
+        check_rerankable(benchmark)
+        metrics = super().run(benchmark, output_dir)
+        if metrics is not None:
+            _record_rerank(Path(output_dir), {"alpha": self.alpha, "chosen_on": "given", "top_k": self.top_k,
+                                              "model": str(self.reranker.source)})
+        return metrics
+
+    def rerank(self, retrieval: Retrieval, queries: EncodedSet, candidates: EncodedSet) -> Ranking:
+        searched = self.search(retrieval, queries, candidates, max(retrieval.k, self.top_k))
+        ranked = [searched.ids[qid] for qid in queries.ids]
+        scores = np.zeros((len(ranked), max(map(len, ranked), default=0)), dtype=np.float32)
+        for i, qid in enumerate(queries.ids):
+            scores[i, : len(ranked[i])] = searched.scores[qid]
+        query_items, candidate_items = _by_id(retrieval.queries), _by_id(retrieval.candidates)
+        reranked = rerank_candidates(
+            self.reranker, [query_items[qid] for qid in queries.ids],
+            [[candidate_items[did] for did in dids[: self.top_k]] for dids in ranked],
+            batch_size=self.config.batch_size, num_workers=self.config.num_workers, progress=self.progress,
+        )
+        fused, order = fused_rankings(scores, ranked, reranked, self.alpha)
+        return Ranking(ids={qid: dids for qid, dids in zip(queries.ids, order)},
+                       scores={qid: [float(s) for s in fused[i, : len(order[i])]] for i, qid in enumerate(queries.ids)})
+
+
+def _by_id(item_set: ItemSet) -> dict[str, dict]:
+    return dict(zip(item_set.ids, item_set.items(0, len(item_set))))
 
 
 def _record_rerank(out_dir: Path, block: dict) -> None:
