@@ -137,7 +137,8 @@ def demo_steps(configs: Path, size: str, seed: int,
         steps.append((f"evaluate {label} (local + global)", done(out / "global" / "results.json"),
                       lambda evaluated=evaluated, out=out: _cli(_eval_argv(evaluated, out, configs))))
     plus = RUNS / "eval" / "distill+rerank"
-    steps.append(("evaluate distill + the stage-2 reranker (the U-MARVEL+ fusion; local pool, alpha chosen on val)", done(plus / "local" / "results.json"),
+    steps.append(("evaluate distill + the stage-2 reranker (the U-MARVEL+ fusion; local pool, alpha chosen on val)",
+                  done(plus / "local" / "results.json"),
                   lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
                                 "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])))
     return steps
