@@ -3,6 +3,7 @@ the report is written, and training beats the untrained model on the unseen test
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,24 @@ def test_reduced_demo_runs_every_stage_and_learns(tmp_path, capsys, family):
     # A re-run re-uses every finished step.
     assert main(["demo", "--out", str(out), "--size", "tiny", "--family", family]) == 0
     assert capsys.readouterr().out.count("done already, skipped") == 14
+    if family == backbones.DEFAULT:
+        _plus_reranker_config_runs_as_its_header_says(out, family)
+
+
+def _plus_reranker_config_runs_as_its_header_says(out, family):
+    """configs/tiny/plus-reranker.yaml, which the demo does not run: trained on the distilled
+    model's top 20, then re-scoring that model's rankings (the commands of its header)."""
+    from umarvel.demo import tiny_configs, tiny_model_dir, working_directory
+
+    configs = tiny_configs()
+    with working_directory(out):
+        assert main(["train", "--stage", "reranker", "--config", str(configs / "plus-reranker.yaml"),
+                     "--set", f"model.backbone={tiny_model_dir(family)}"]) == 0
+        header = json.loads(Path("runs/tiny/plus-reranker/pairs.jsonl").read_text().splitlines()[0])
+        assert header["params"]["recall_model"] == "runs/tiny/distill" and header["params"]["top_n"] == 20
+        assert main(["eval", "mbeir", "--pool", "local", "--model", "runs/tiny/distill", "--data",
+                     "data/synthetic/M-BEIR", "--output-dir", "runs/tiny/eval-plus", "--rerank",
+                     "runs/tiny/plus-reranker", "--rerank-top-k", "10", "--alpha", "auto",
+                     "--config", str(configs / "base.yaml"), "--set", "encode.cache_dir=cache"]) == 0
+    results = json.loads((out / "runs/tiny/eval-plus/local/results.json").read_text())
+    assert results["rerank"]["model"].endswith("runs/tiny/plus-reranker/model") and len(results["rows"]) == 16
