@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mmeb_fixtures import write_mmeb
 
 from umarvel.cli import _launched_embedder, _rerank_evaluator, build_parser, main
 from umarvel.config import ConfigError, load_config
@@ -120,14 +121,15 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize("verb", [("eval", "mbeir"), ("eval", "zeroshot"), ("mine-negatives",)])
+@pytest.mark.parametrize("verb", [("eval", "mbeir"), ("eval", "zeroshot"), ("eval", "mmeb"), ("mine-negatives",)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_profile_or_marker_file_is_an_error_naming_the_key(models, kind, verb, capsys, tmp_path):
     model = models[kind]
-    err = _one_line_error(capsys, _argv(model, "--set", "model.profile=bogus", verb=verb))
+    data = str(write_mmeb(tmp_path / "mmeb")) if verb == ("eval", "mmeb") else "missing-data"  # read before the model
+    err = _one_line_error(capsys, _argv(model, "--set", "model.profile=bogus", verb=verb, data=data))
     assert "model.profile: unknown embedding profile 'bogus'" in err
     missing = tmp_path / "nonexistent.npy"
-    err = _one_line_error(capsys, _argv(model, "--set", f"model.rules.marker_rows={missing}", verb=verb))
+    err = _one_line_error(capsys, _argv(model, "--set", f"model.rules.marker_rows={missing}", verb=verb, data=data))
     assert f"model.rules.marker_rows: {missing} is neither 'seed:N' nor an existing file" in err
 
 
