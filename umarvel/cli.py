@@ -53,6 +53,11 @@ EXAMPLES = {
         "umarvel eval mmeb --model runs/tiny/distill --data data/mmeb --output-dir runs/tiny/mmeb "
         "--subset ImageNet-1K MSCOCO_t2i --set encode.batch_size=64",
     ],
+    "umarvel export": [
+        "umarvel export --format sentence-transformers --model runs/tiny/distill runs/tiny/st-model",
+        "umarvel export --format sentence-transformers --model runs/umarvel/distill exports/umarvel-st "
+        "--prompt caption='Retrieve an image that matches the caption.'",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -352,6 +357,26 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.export.to_sentence_transformers import export_sentence_transformers
+    from umarvel.modeling.embedder import load_for_inference
+
+    config = load_config(args.config, args.overrides)
+    embedder = load_for_inference(args.model, _given_model(args, config))
+    out = export_sentence_transformers(embedder, args.out, dict(args.prompts))
+    print(f"sentence-transformers model -> {out}; load it with SentenceTransformer({str(out)!r}, "
+          "trust_remote_code=True) (umarvel installed)")
+    return 0
+
+
+def _named_prompt(value: str) -> tuple[str, str]:
+    name, equals, text = value.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT, got {value!r}")
+    return name.strip(), text
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from umarvel.demo import run_demo
 
@@ -410,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arg(p)
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
+
+    p = verbs.add_parser("export", help="write a trained embedder for another library (sentence-transformers)")
+    p.add_argument("--format", required=True, choices=["sentence-transformers"],
+                   help="sentence-transformers: a directory SentenceTransformer(OUT, trust_remote_code=True) loads")
+    p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
+    p.add_argument("out", metavar="OUT", help="the directory to write (an earlier export there is replaced)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], type=_named_prompt, metavar="NAME=TEXT",
+                   help="a named prompt (an instruction, masked out of the pool), beside the empty query and "
+                   "document ones (repeatable)")
+    _add_profile_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_export)
 
     p = verbs.add_parser("eval", help="evaluate an embedder")
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
