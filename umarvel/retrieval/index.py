@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -107,16 +108,17 @@ def _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize
     top = _empty_top(len(queries))
     with _faiss_blocks():
         for offset, chunk in _chunks(shards, chunk_rows):
-            matrix = _fp32(chunk, normalize)
-
-            def knn(block: np.ndarray, width: int):
-                return faiss.knn(block, matrix, width, faiss.METRIC_INNER_PRODUCT)
-
-            scores, ids = _search_part(knn, len(matrix), queries, k, query_chunk_size, normalize)
+            knn = partial(_flat_knn, _fp32(chunk, normalize))
+            scores, ids = _search_part(knn, len(chunk), queries, k, query_chunk_size, normalize)
             top = _merge(top, (scores, ids + offset), k)
-            del matrix, knn  # one fp32 chunk alive at a time
+            del knn  # one fp32 chunk alive at a time
             bar.update(len(chunk))
     return top
+
+
+def _flat_knn(matrix: np.ndarray, block: np.ndarray, width: int):
+    """Exact inner-product top-`width` of `block` among the rows of `matrix` (fp32)."""
+    return faiss.knn(block, matrix, width, faiss.METRIC_INNER_PRODUCT)
 
 
 @contextmanager
