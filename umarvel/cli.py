@@ -58,6 +58,18 @@ EXAMPLES = {
         "umarvel export --format sentence-transformers --model runs/umarvel/distill exports/umarvel-st "
         "--prompt caption='Retrieve an image that matches the caption.'",
     ],
+    "umarvel index": ["umarvel index build --model runs/tiny/distill --corpus my-corpus.jsonl --out indexes/my-corpus"],
+    "umarvel index build": [
+        "umarvel index build --model runs/tiny/distill --corpus my-corpus.jsonl --out indexes/my-corpus",
+        "umarvel index build --model runs/umarvel/distill --corpus data/M-BEIR/cand_pool/global/mbeir_union_test_cand_pool.jsonl "
+        "--out indexes/mbeir-global --index-type IVF16384,Flat --search-params nprobe=64",
+        "umarvel index build --model runs/umarvel/distill --corpus photos/ --out indexes/photos --index-type HNSW32 "
+        "--search-params efSearch=128",
+    ],
+    "umarvel search": [
+        "umarvel search --index indexes/my-corpus --query 'a red circle' -k 5",
+        "umarvel search --index indexes/photos --image query.jpg --instruction 'Find a similar photo.' --json",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -377,6 +389,42 @@ def _named_prompt(value: str) -> tuple[str, str]:
     return name.strip(), text
 
 
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from umarvel.serving.corpus import open_corpus
+    from umarvel.serving.index_store import build_index
+
+    _setup_logging()
+    with _launched_embedder(args) as (config, embedder):
+        corpus = open_corpus(args.corpus, args.image_root, symlinks_outside_root=config.data.allow_symlinks_outside_root)
+        manifest = build_index(embedder, corpus, args.out, model=args.model, encode_config=config.encode,
+                               index_type=args.index_type, search_params=args.search_params)
+    if manifest is not None:
+        print(f"{manifest.index_type} index of {manifest.count} items (dim {manifest.dim}, model fingerprint "
+              f"{manifest.fingerprint}) -> {args.out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from umarvel.retrieval.index import gpu_choice
+    from umarvel.serving import Retriever
+
+    if not args.query and not args.image:
+        raise UmarvelError("umarvel search needs --query TEXT, --image PATH or both")
+    query = {"text": args.query, "image": args.image, "instruction": args.instruction}
+    retriever = Retriever.load(args.index, model=args.model, device=args.device, use_gpu=gpu_choice(args.use_gpu),
+                               search_params=args.search_params)
+    hits = retriever.search({key: value for key, value in query.items() if value}, k=args.k)
+    if args.json:
+        print(json.dumps([asdict(hit) for hit in hits], ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.id}  {json.dumps(hit.metadata, ensure_ascii=False)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from umarvel.demo import run_demo
 
@@ -490,6 +538,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mmeb)
 
+    index = verbs.add_parser("index", help="search indexes of your own corpus")
+    index_verbs = index.add_subparsers(dest="index_verb", metavar="INDEX_VERB")
+    index_verbs.required = True
+    p = index_verbs.add_parser("build", help="encode a corpus (jsonl of {id, text?, image?, instruction?} or an M-BEIR "
+                               "pool) and write a FAISS index with its ids, metadata and manifest")
+    p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
+    p.add_argument("--corpus", required=True, metavar="FILE|DIR", help="a jsonl of items (one {\"id\", \"text\"?, "
+                   "\"image\"?, \"instruction\"?, ...} object a line; other fields are kept as metadata), a directory "
+                   "holding corpus.jsonl, or an M-BEIR candidate pool file")
+    p.add_argument("--out", required=True, help="index directory to write (an existing index there is replaced when "
+                   "the new one is complete)")
+    p.add_argument("--index-type", default="Flat", metavar="FACTORY",
+                   help="faiss factory string over inner product: Flat (exact, the default), IVF<lists>,Flat, "
+                   "IVF<lists>,PQ<m> (trained on a sample), HNSW<M>; see BENCHMARKS.md for which at what size")
+    p.add_argument("--search-params", default="", metavar="PARAMS",
+                   help="faiss search parameters stored with the index, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)")
+    p.add_argument("--image-root", metavar="DIR", help="images resolve (and stay confined) under it; default the "
+                   "corpus file's directory, or for an M-BEIR pool the directory above cand_pool/")
+    _add_profile_arg(p)
+    _add_cache_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_index_build)
+
+    p = verbs.add_parser("search", help="search an index built by `umarvel index build` with a text and/or image query")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--query", metavar="TEXT", help="query text")
+    p.add_argument("--image", metavar="PATH", help="query image file")
+    p.add_argument("--instruction", metavar="TEXT", help="task instruction leading the query (masked out of the pooling)")
+    p.add_argument("-k", type=_positive_int, default=10, help="results to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list of {id, score, metadata}")
+    p.add_argument("--model", help="model to encode the query with (default: the one the manifest names; its "
+                   "fingerprint must match the index's)")
+    p.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
+    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
+    p.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
+                   "e.g. nprobe=64 or efSearch=256")
+    p.set_defaults(func=_cmd_search)
+
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
@@ -521,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=_positive_int, default=DataConfig.max_image_pixels,
                    help="refuse image files of more pixels than this (training and eval: --set data.max_image_pixels)")
     p.set_defaults(func=_cmd_data_validate)
-    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
+    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices, index_verbs.choices):
         for command in choices.values():
             command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command.prog])
             command.formatter_class = argparse.RawDescriptionHelpFormatter
