@@ -70,6 +70,10 @@ EXAMPLES = {
         "umarvel search --index indexes/my-corpus --query 'a red circle' -k 5",
         "umarvel search --index indexes/photos --image query.jpg --instruction 'Find a similar photo.' --json",
     ],
+    "umarvel serve": [
+        "umarvel serve --index indexes/my-corpus",
+        "umarvel serve --index indexes/photos --host 0.0.0.0 --port 8080 --max-k 100 --max-batch 64",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -425,6 +429,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from umarvel.serving.http import create_app
+    except ImportError as err:
+        raise UmarvelError(f"umarvel serve needs the serve extra ({err.name} is not installed): "
+                           "pip install -e \".[serve]\"") from None
+    from umarvel.retrieval.index import gpu_choice
+    from umarvel.serving import Retriever
+    from umarvel.serving.limits import Limits
+
+    retriever = Retriever.load(args.index, model=args.model, device=args.device, use_gpu=gpu_choice(args.use_gpu),
+                               search_params=args.search_params)
+    limits = Limits(max_request_bytes=args.max_request_mb * 2**20, max_image_pixels=args.max_image_pixels,
+                    max_k=args.max_k, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    print(f"serving {args.index} ({len(retriever)} items) on http://{args.host}:{args.port}: POST /search, "
+          "POST /encode, GET /health (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(retriever, limits), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from umarvel.demo import run_demo
 
@@ -576,6 +602,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
                    "e.g. nprobe=64 or efSearch=256")
     p.set_defaults(func=_cmd_search)
+    from umarvel.serving.limits import Limits
+
+    p = verbs.add_parser("serve", help="an HTTP JSON search service over an index (POST /search, POST /encode, "
+                         "GET /health; needs the serve extra)")
+    p.add_argument("--index", required=True, help="index directory written by `umarvel index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", help="model to encode queries with (default: the one the manifest names; its "
+                   "fingerprint must match the index's)")
+    p.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
+    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
+    p.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
+                   "e.g. nprobe=64 or efSearch=256")
+    defaults = Limits()
+    p.add_argument("--max-k", type=_positive_int, default=defaults.max_k,
+                   help=f"largest k a request may ask (default {defaults.max_k})")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=defaults.max_image_pixels,
+                   help=f"largest image a request may send, in pixels (default {defaults.max_image_pixels})")
+    p.add_argument("--max-request-mb", type=_positive_int, default=defaults.max_request_bytes // 2**20,
+                   help=f"largest request body in MiB (default {defaults.max_request_bytes // 2**20})")
+    p.add_argument("--max-batch", type=_positive_int, default=defaults.max_batch,
+                   help=f"requests encoded together at most (default {defaults.max_batch}; 1 under a profile whose "
+                   "vectors depend on their batch)")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help=f"how long the first waiting request waits for others to batch with (default "
+                   f"{defaults.batch_wait_ms:g} ms)")
+    p.set_defaults(func=_cmd_serve)
 
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")

@@ -79,6 +79,13 @@ class Retriever:
         """model, fingerprint, profile, dim, index_type, count (= size), corpus, search_params."""
         return self._opened.manifest
 
+    def describe(self) -> dict:
+        """What `GET /health` reports: the model, its fingerprint and profile, the index and its size."""
+        manifest = self.manifest
+        return {"model": manifest.model, "fingerprint": manifest.fingerprint, "profile": manifest.profile,
+                "index_type": manifest.index_type, "index_size": manifest.count, "dimension": manifest.dim,
+                "on_gpu": self.on_gpu}
+
     def __len__(self) -> int:
         return self.manifest.count
 
