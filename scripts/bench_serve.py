@@ -1,8 +1,8 @@
 """Load test of `umarvel serve`: N concurrent clients send a fixed number of /search requests over
 loopback; throughput, p50/p99 latency and errors, with request batching on and off side by side.
 
-    umarvel index build --model checkpoints/tiny-qwen2vl --corpus data/synthetic/M-BEIR/cand_pool/global/mbeir_union_test_cand_pool.jsonl --out runs/bench-index
-    python scripts/bench_serve.py --index runs/bench-index --clients 16 --requests 400
+    python scripts/bench_serve.py                      # tiny model, synthetic global pool, 16 clients, 400 requests
+    python scripts/bench_serve.py --index indexes/my-corpus --clients 32 --requests 2000
 
 Only a service this script starts on 127.0.0.1 is loaded: it never sends requests anywhere else.
 """
@@ -15,8 +15,10 @@ import io
 import json
 import os
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -82,13 +84,33 @@ def load(url: str, clients: int, requests: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", required=True, help="an index written by `umarvel index build`")
+    parser.add_argument("--index", help="an index written by `umarvel index build` (default: one built here over the "
+                        "synthetic global pool with a fresh tiny Qwen2-VL)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--wait-ms", type=float, default=5.0)
     args = parser.parse_args()
-    retriever = Retriever.load(args.index)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, args.index or synthetic_index(Path(tmp)))
+
+
+def synthetic_index(tmp: Path) -> Path:
+    """A Flat index of the synthetic benchmark's global pool, encoded by a fresh tiny model."""
+    from umarvel.cli import main as umarvel
+    from umarvel.data.synthetic import write_synthetic
+    from umarvel.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp / "tiny")
+    pool = write_synthetic(tmp / "synthetic", seed=0, size="small") / "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
+    if umarvel(["index", "build", "--model", str(model), "--corpus", str(pool), "--out", str(tmp / "index"),
+                "--cache-dir", str(tmp / "cache")]) != 0:
+        raise SystemExit("building the synthetic index failed")
+    return tmp / "index"
+
+
+def run(args: argparse.Namespace, index: Path) -> None:
+    retriever = Retriever.load(index)
     print(f"load average before: {os.getloadavg()[0]:.2f}; {args.clients} clients, {args.requests} /search requests "
           f"(text, image, image + text), index of {retriever.describe()['index_size']} items")
     rows = {}

@@ -9,6 +9,8 @@ import base64
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -225,32 +227,71 @@ def test_batch_dependent_profile_encodes_each_request_alone(retriever):
         assert get(url, "/health")["batching"]["max_batch"] == 1
 
 
-def test_serve_command(index_dir, retriever):
-    """`umarvel serve` in its own process answers as the Retriever does and stops on Ctrl-C."""
+def readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("## Search your own corpus"):].split("\n## ", 1)[0]
+
+
+def started(command: subprocess.Popen, url: str) -> dict:
+    """/health of a service starting in `command`, once it answers."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            return get(url, "/health")
+        except (urllib.error.URLError, ConnectionError):
+            assert command.poll() is None, command.communicate()[0]
+            assert time.monotonic() < deadline, "umarvel serve did not start in 240 s"
+            time.sleep(0.5)
+
+
+def test_readme_search_your_own_corpus(tiny_workdir, tiny_model_dir, capsys):
+    """The README section's corpus, four commands, curl request and Python example, as written."""
+    section = readme_section()
+    (corpus,) = re.findall(r"```jsonl\n(.*?)```", section, flags=re.S)
+    commands, curl = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    (example,) = re.findall(r"```py\n(.*?)```", section, flags=re.S)
+    (tiny_workdir / "runs/tiny").mkdir(parents=True)
+    (tiny_workdir / "runs/tiny/distill").symlink_to(tiny_model_dir)
+    (tiny_workdir / "my-corpus.jsonl").write_text(corpus)
+    (tiny_workdir / "images").mkdir()
+    draw_image("red").save(tiny_workdir / "images/photo-7.png")
+    build, search, serve, export = [shlex.split(line) for line in commands.strip().splitlines()]
+
+    assert main(build[1:]) == 0
+    retriever = Retriever.load("indexes/my-corpus", use_gpu=False)
+    assert len(retriever) == 3 and retriever.manifest.fingerprint
+    capsys.readouterr()
+    assert main(search[1:]) == 0
+    printed = [line.split()[2] for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == [hit.id for hit in retriever.search("a red circle", k=5)]
+
     port = free_port()
-    command = subprocess.Popen([sys.executable, "-m", "umarvel", "serve", "--index", str(index_dir), "--port", str(port),
-                                "--use-gpu", "no"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    serve[serve.index("--port") + 1] = str(port)
+    command = subprocess.Popen([sys.executable, "-m", "umarvel", *serve[1:], "--use-gpu", "no"], cwd=tiny_workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                health = get(url, "/health")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert command.poll() is None, command.communicate()[0]
-                assert time.monotonic() < deadline, "umarvel serve did not start in 240 s"
-                time.sleep(0.5)
-        assert health["index_size"] == 12
-        status, answer = post(url, "/search", {"text": "a blue square", "k": 3})
+        assert started(command, url)["index_size"] == 3
+        body = json.loads(shlex.split(curl)[shlex.split(curl).index("-d") + 1])
+        status, answer = post(url, "/search", body)
         assert status == 200
-        assert [hit["id"] for hit in answer["hits"]] == [hit.id for hit in retriever.search("a blue square", k=3)]
+        assert [hit["id"] for hit in answer["hits"]] == printed
     finally:
         command.send_signal(signal.SIGINT)
         output = command.communicate(timeout=60)[0]
     assert command.returncode in (0, 130), output
     assert f"on http://127.0.0.1:{port}" in output and "Traceback" not in output
+
+    scope: dict = {}
+    exec(example, scope)
+    assert [hit.id for hit in scope["hits"]] == printed
+    assert [len(hits) for hits in scope["per_query"]] == [2, 2]
+    assert scope["per_query"][0][0].id == "photo-7" and scope["per_query"][0][0].metadata == {
+        "image": "images/photo-7.png", "album": "holiday"}
+
+    assert main(export[1:]) == 0
+    assert (tiny_workdir / "exports/my-model/modules.json").is_file()
 
 
 def test_serve_without_the_extra_says_what_to_install(index_dir, capsys, monkeypatch):
