@@ -84,6 +84,17 @@ EXAMPLES = {
 }
 
 
+def _add_index_loading_args(parser: argparse.ArgumentParser) -> None:
+    """How `search` and `serve` load an index: its model, where that runs, where the index is searched."""
+    parser.add_argument("--model", help="model to encode queries with (default: the one the manifest names; its "
+                        "fingerprint must match the index's)")
+    parser.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
+    parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                        help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
+    parser.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
+                        "e.g. nprobe=64 or efSearch=256")
+
+
 def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", metavar="DIR",
@@ -594,15 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", metavar="TEXT", help="task instruction leading the query (masked out of the pooling)")
     p.add_argument("-k", type=_positive_int, default=10, help="results to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the hits as a JSON list of {id, score, metadata}")
-    p.add_argument("--model", help="model to encode the query with (default: the one the manifest names; its "
-                   "fingerprint must match the index's)")
-    p.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
-    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
-                   help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
-    p.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
-                   "e.g. nprobe=64 or efSearch=256")
+    _add_index_loading_args(p)
     p.set_defaults(func=_cmd_search)
-    from umarvel.serving.limits import Limits
 
     p = verbs.add_parser("serve", help="an HTTP JSON search service over an index (POST /search, POST /encode, "
                          "GET /health; needs the serve extra)")
@@ -610,13 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
                    "0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
-    p.add_argument("--model", help="model to encode queries with (default: the one the manifest names; its "
-                   "fingerprint must match the index's)")
-    p.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
-    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
-                   help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
-    p.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
-                   "e.g. nprobe=64 or efSearch=256")
+    _add_index_loading_args(p)
+    from umarvel.serving.limits import Limits
+
     defaults = Limits()
     p.add_argument("--max-k", type=_positive_int, default=defaults.max_k,
                    help=f"largest k a request may ask (default {defaults.max_k})")
