@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from umarvel.modeling.embedder import load_for_inference
 from umarvel.retrieval.encode import model_fingerprint
 from umarvel.serving import Retriever
 from umarvel.serving.corpus import open_corpus
-from umarvel.serving.index_store import IndexManifest, build_index
+from umarvel.serving.index_store import IndexManifest, build_index, open_index
 
 TEXTS = ["a red circle", "a blue square", "two cats on a sofa", "a bowl of green apples", "an old stone bridge",
          "a yellow taxi at night", "waves on a beach", "a chess board", "snow on the mountains", "a violin"]
@@ -204,3 +208,21 @@ def test_build_resumes_from_the_cache(tmp_path, tiny_model_dir, monkeypatch):
     assert main(args) == 0
     assert encoded == [4, 4, 4]  # shards 1-2 before the interruption, shard 3 after
     assert IndexManifest.read(tmp_path / "i").count == len(items)
+
+
+@pytest.mark.slow
+def test_build_under_torchrun_equals_one_process(built, tiny_model_dir, tmp_path):
+    """Two ranks (torchrun, gloo) share the encoding and rank 0 writes the index: the same ids and
+    vectors as the one-process build."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "umarvel",
+               "index", "build", "--model", str(tiny_model_dir), "--corpus", str(built[0].parent), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache"), "--set", "encode.shard_size=4", "--set", "encode.batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    single, launched = open_index(built[0]), open_index(out)
+    assert launched.manifest.fingerprint == single.manifest.fingerprint and launched.manifest.count == 12
+    assert [launched.ids[i] for i in range(12)] == [single.ids[i] for i in range(12)]
+    np.testing.assert_allclose(launched.index.reconstruct_n(0, 12), single.index.reconstruct_n(0, 12), atol=1e-5)
