@@ -588,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the new one is complete)")
     p.add_argument("--index-type", default="Flat", metavar="FACTORY",
                    help="faiss factory string over inner product: Flat (exact, the default), IVF<lists>,Flat, "
-                   "IVF<lists>,PQ<m> (trained on a sample), HNSW<M>; see BENCHMARKS.md for which at what size")
+                   "IVF<lists>,SQ8 or IVF<lists>,PQ<m>np (trained on a sample; np: no polysemous training, which "
+                   "search never uses and which doubles the training), HNSW<M>; see BENCHMARKS.md for which at what "
+                   "size")
     p.add_argument("--search-params", default="", metavar="PARAMS",
                    help="faiss search parameters stored with the index, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)")
     p.add_argument("--image-root", metavar="DIR", help="images resolve (and stay confined) under it; default the "

@@ -126,7 +126,7 @@ def new_faiss_index(index_type: str, dim: int):
         return faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise UmarvelError(f"--index-type {index_type!r} is not a faiss factory string faiss can build at dim {dim} "
-                           f"({_faiss_message(err)}); e.g. Flat, IVF1024,Flat, IVF1024,PQ32, HNSW32") from None
+                           f"({_faiss_message(err)}); e.g. Flat, IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ32np, HNSW32") from None
 
 
 def fill_index(index, shards: list[np.ndarray], *, seed: int = 0, sample: int = TRAIN_SAMPLE, progress=None):
