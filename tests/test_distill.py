@@ -22,7 +22,7 @@ from umarvel.config import Config, ConfigError, LossConfig, load_config
 from umarvel.data.collator import DistillCollator
 from umarvel.data.sources import read_teacher_scores
 from umarvel.errors import DataError, UmarvelError
-from umarvel.modeling.embedder import resolve_model_dir
+from umarvel.modeling.model_dir import locate
 from umarvel.retrieval import teacher as teacher_module
 from umarvel.retrieval.rerank import first_rows
 from umarvel.retrieval.teacher import (
@@ -193,7 +193,7 @@ class _Killed(Exception):
 
 def _scoring(config: Config, model_dir: Path) -> TeacherScoring:
     queries, pool = training_data(config)
-    return TeacherScoring(config, queries, pool, resolve_model_dir(model_dir), model_dir, device="cpu", progress=False)
+    return TeacherScoring(config, queries, pool, locate(model_dir), model_dir, device="cpu", progress=False)
 
 
 def test_teacher_file_round_trip_and_resume_after_a_kill(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):

@@ -223,11 +223,11 @@ def _launched_embedder(args: argparse.Namespace):
 
 
 def _given_model(args: argparse.Namespace, config):
-    """The model settings given for this command, raw and by origin (adapters.GivenSettings):
+    """The model settings given for this command, raw and by origin (model_dir.GivenSettings):
     the config file's model section; `--set model.*`, --profile and the device (the launcher's
     rank device, else the configured one) as given now."""
     from umarvel.config import read_raw
-    from umarvel.modeling.adapters import GivenSettings
+    from umarvel.modeling.model_dir import GivenSettings
 
     file = (read_raw(args.config).get("model") or {}) if args.config else {}
     command = read_raw(None, args.overrides).get("model") or {}

@@ -16,7 +16,8 @@ import torch
 from sentence_transformers.base.modules import InputModule
 
 from umarvel.errors import UmarvelError
-from umarvel.modeling.embedder import EMBEDDER_CONFIG, Embedder
+from umarvel.modeling.embedder import Embedder
+from umarvel.modeling.model_dir import EMBEDDER_CONFIG
 from umarvel.modeling.inputs import as_items
 
 MODEL_KWARGS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",

@@ -1,24 +1,23 @@
-"""Backbone + LoRA adapter loading shared by the embedder and the reranker: the saved-model
-protocol (which directory a path means, the saved settings vs overrides, finding the backbone)."""
+"""Backbone + LoRA adapter loading shared by the embedder and the reranker; both build from
+the description of a model directory (model_dir.describe: which directory a path means, the
+saved settings vs the given ones, where the backbone is)."""
 from __future__ import annotations
 
-import json
+import copy
 import os
 from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from umarvel import backbones, profiles
-from umarvel.backbone import (
-    check_backbone_dir, language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype,
-)
-from umarvel.config import ConfigError, ModelConfig, deep_merge, from_dict
+from umarvel import backbones
+from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
+from umarvel.config import ConfigError, ModelConfig
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_dir
+from umarvel.modeling.model_dir import GivenSettings, ModelDirectory, SavedModel, describe
 from umarvel.weights import SAVED_MODEL, check_safetensors
 
 
@@ -50,115 +49,6 @@ def attach_lora(backbone, config: ModelConfig):
     return get_peft_model(backbone, peft_config)
 
 
-def resolve_saved_dir(path: str | os.PathLike, record: str, kind: str) -> Path:
-    """A run directory means its final model, `model/`; a saved model (holding `record`) or a
-    plain model directory (holding config.json) means itself."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / record).is_file() or (candidate / "config.json").is_file():
-            return candidate
-    raise UmarvelError(
-        f"{path} is not a run directory, saved {kind} or model directory: "
-        f"neither it nor {path / 'model'} holds {record} or config.json"
-    )
-
-
-def read_saved(path: Path, name: str, version: int) -> dict | None:
-    """The saved-model record `name` in `path` (None when absent), checked for its format version."""
-    saved_file = path / name
-    if not saved_file.is_file():
-        return None
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UmarvelError(f"{saved_file}: not valid JSON ({err}); the saved model is damaged: save or train "
-                           "it again") from None
-    if not isinstance(saved, dict):
-        raise UmarvelError(f"{saved_file}: expected a JSON object; the saved model is damaged: save or train it again")
-    if saved.get("format_version") != version:
-        raise UmarvelError(f"{saved_file}: unsupported format {saved.get('format_version')!r} (expected {version})")
-    return saved
-
-
-def model_config(base: dict, overrides: dict, where: str) -> ModelConfig:
-    """Saved (or default) model settings with `overrides` on top; errors name `where`."""
-    try:
-        return from_dict(ModelConfig, deep_merge(base, overrides), "model")
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-# Model settings that shape training only: a trained model's are fixed by its training (the
-# adapter's shape, the learned temperature), so at inference they could only be ignored.
-TRAINING_ONLY = ("lora", "temperature", "gradient_checkpointing")
-# What a model directory holds, as far as settings go: an untrained backbone takes every setting.
-KINDS = {"backbone": "a backbone", "adapter": "a trained adapter", "merged": "a merged checkpoint",
-         "released": "a released checkpoint"}
-
-
-@dataclass(frozen=True)
-class GivenSettings:
-    """The model settings given for one command, raw (what was written, not the schema's
-    defaults) and kept apart by origin: `file`, a config file's model section (a training
-    recipe: its training-only keys and backbone describe training, not the model loaded now);
-    `command`, what was asked for this command (`--set model.*`, --profile, the device)."""
-
-    file: dict = field(default_factory=dict)
-    command: dict = field(default_factory=dict)
-
-    def and_now(self, overrides: dict) -> "GivenSettings":
-        """These settings with a call's keyword overrides on top (given now, like `--set`)."""
-        return GivenSettings(self.file, deep_merge(self.command, overrides))
-
-
-def model_kind(directory: Path, saved: dict | None) -> str:
-    """A key of KINDS: a saved record says adapter or merged; a plain directory is a released
-    checkpoint when its config.json names a released architecture, else a backbone."""
-    from umarvel.modeling import release
-
-    if saved is not None:
-        return "merged" if saved.get("merged") else "adapter"
-    check_backbone_dir(directory)  # a damaged directory is named as such before its config.json is read here
-    return "released" if profiles.released_profile(release.architectures(directory)) else "backbone"
-
-
-def inference_overrides(given: GivenSettings, kind: str, directory: Path) -> dict:
-    """The one rule for saved vs given settings of a model loaded for inference (embedder and
-    reranker alike): the overrides for `from_pretrained`, which lays them over the saved
-    settings (or, for a plain directory, the defaults).
-
-    Every inference setting given applies, `command` over `file`. A training-only setting
-    (TRAINING_ONLY) in `command` for a trained model is an error naming it; in `file` it is
-    left out. `backbone` from `command` is where an adapter's backbone is now (an error for
-    any other kind: they hold their weights); from `file` it is left out. What is kept is
-    validated here, before any weights load, and errors name the key.
-    """
-    file = {key: value for key, value in given.file.items() if key != "backbone"}
-    command = dict(given.command)
-    trained = kind != "backbone"
-    if trained:
-        fixed = [key for key in _dotted(command) if key.split(".")[0] in TRAINING_ONLY]
-        if fixed:
-            raise ConfigError(f"model.{fixed[0]}: shapes training only, and {directory} is {KINDS[kind]} whose "
-                              f"{fixed[0].split('.')[0]} is fixed by its training; leave it out")
-        file = {key: value for key, value in file.items() if key not in TRAINING_ONLY}
-    backbone = command.pop("backbone", None)
-    if backbone and kind != "adapter":
-        raise ConfigError(f"model.backbone: {directory} is {KINDS[kind]}, not an adapter; it holds its own "
-                          "weights, so no backbone can be given for it")
-    overrides = deep_merge(file, command)
-    profiles.resolve(model_config({}, overrides, f"settings given for {directory}"))
-    return {**overrides, "backbone": backbone} if backbone else overrides
-
-
-def _dotted(section: dict, prefix: str = "") -> list[str]:
-    """Every leaf key of a nested mapping, dotted (`lora.r`), in order."""
-    keys = []
-    for key, value in section.items():
-        keys.extend(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"])
-    return keys
-
-
 def backbone_record(backbone: str, adapter_dir: Path) -> dict:
     """The backbone relative to the adapter as well as absolute: a run tree copied or moved
     together with its backbone (or the earlier runs it continued from) still loads."""
@@ -166,26 +56,6 @@ def backbone_record(backbone: str, adapter_dir: Path) -> dict:
         return {"backbone_relative": os.path.relpath(Path(backbone).resolve(), Path(adapter_dir).resolve())}
     except ValueError:  # another drive (Windows): no relative form
         return {}
-
-
-def find_backbone(adapter_dir: Path, saved: dict, given: str | None = None) -> Path:
-    """The backbone directory an adapter was trained on: `given` when the user names one, else
-    as recorded (absolute), else relative to the adapter."""
-    if given:
-        candidates = [Path(given)]
-    else:
-        recorded, relative = saved["model"]["backbone"], saved.get("backbone_relative")
-        candidates = [Path(recorded), adapter_dir / recorded] + ([adapter_dir / relative] if relative else [])
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
-    if given:
-        raise UmarvelError(f"backbone {given}, given for the adapter {adapter_dir}, is not a model directory (no config.json)")
-    tried = " nor at ".join(dict.fromkeys(str(c) for c in candidates))
-    raise UmarvelError(
-        f"{adapter_dir}: its backbone is found neither at {tried}; point to it with "
-        "`--set model.backbone=PATH` on the command line or backbone=PATH in from_pretrained"
-    )
 
 
 def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool, *,
@@ -242,8 +112,43 @@ class AdaptedBackbone(nn.Module, metaclass=ABCMeta):
     A saved one is a directory holding its `record` file (what makes it a saved `kind`).
     """
 
+    saved_as: SavedModel
     record: str
     kind: str
+    generative = False  # a generative model (the reranker) loads its LM head and reads causally
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
+                        **overrides):
+        """Load a saved model (adapter, merged) or wrap a plain model directory (a backbone or a
+        released checkpoint); a run directory means its final model, `model/`.
+
+        `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
+        profile="umarvel-release"), given now on top of `given` (a command's settings by
+        origin); model_dir says how they meet the saved ones (for inference, a training-only
+        one for a trained model is an error and backbone=PATH names the backbone of an adapter
+        moved away from it; for training, a saved adapter keeps its own LoRA settings).
+        """
+        return cls.from_directory(describe(path, given, model=cls.saved_as, trainable=trainable, overrides=overrides),
+                                  trainable=trainable)
+
+    @classmethod
+    def from_directory(cls, directory: ModelDirectory, *, trainable: bool = False):
+        """The model `directory` describes (its adapter trainable with `trainable`)."""
+        model = cls._build(copy.deepcopy(directory.config), directory.backbone_dir, directory.adapter_dir, trainable)
+        model._loaded_from(directory)
+        return model
+
+    @classmethod
+    def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
+        attention = "causal" if cls.generative else config.attention
+        backbone, processor, device = load_adapted(config, backbone_dir, adapter_dir, trainable,
+                                                   attention=attention, with_lm_head=cls.generative)
+        return cls(backbone, processor, config).to(device)
+
+    def _loaded_from(self, directory: ModelDirectory) -> None:
+        """What this model takes from its directory beyond the weights (none by default)."""
 
     @property
     def config(self):

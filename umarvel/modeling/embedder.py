@@ -8,7 +8,6 @@ the directory named in the config, absolute and relative to the adapter) or, aft
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,18 +23,14 @@ from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
 from umarvel.modeling import batches, release
-from umarvel.modeling.adapters import (
-    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, gathered, inference_overrides, load_adapted,
-    model_config, model_kind, read_saved, resolve_saved_dir,
-)
+from umarvel.modeling.adapters import AdaptedBackbone, backbone_record, gathered
+from umarvel.modeling.model_dir import EMBEDDER, EMBEDDER_CONFIG, TEMPERATURE_FILE, GivenSettings, ModelDirectory
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
-from umarvel.weights import CHECKPOINT, SAVED_MODEL, load_tensors
+from umarvel.weights import CHECKPOINT, load_tensors
 
-EMBEDDER_CONFIG = "embedder_config.json"
-TEMPERATURE_FILE = "temperature.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = EMBEDDER.version
 NAMED_PROMPTS = {"query": "", "document": ""}
 """sentence-transformers' named prompts: a prompt here is an instruction, masked out of the pool;
 empty means none (the training's queries carry their task's instruction, candidates none)."""
@@ -44,7 +39,8 @@ empty means none (the training's queries carry their task's instruction, candida
 class Embedder(AdaptedBackbone):
     """Encode items (`text`, `image`, optional `instruction`) into unit vectors."""
 
-    record, kind = EMBEDDER_CONFIG, "embedder"
+    saved_as = EMBEDDER
+    record, kind = EMBEDDER.record, EMBEDDER.name
 
     def __init__(self, backbone, processor, config: ModelConfig):
         super().__init__()
@@ -67,52 +63,11 @@ class Embedder(AdaptedBackbone):
         """A fresh embedder on `config.backbone`; with `trainable`, a new LoRA adapter is attached."""
         return cls._build(config, Path(config.backbone), adapter_dir=None, trainable=trainable)
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
-                        **overrides) -> "Embedder":
-        """Load a saved embedder (adapter or merged) or wrap a plain backbone directory.
-
-        `overrides` are fields of the model config (e.g. pooling="last", device="cuda:1",
-        profile="umarvel-release"), on top of `given` (a command's settings by origin). For
-        inference they follow `adapters.inference_overrides`: each applies to any directory,
-        but a training-only one (lora={...}) for a trained model is an error, and backbone=PATH
-        names the backbone of an adapter moved away from it. For training (`trainable`) they
-        configure the run, and a saved adapter keeps its own LoRA settings. A run directory
-        means its final adapter, `model/`. A released checkpoint's `sim.temp` weight is its
-        temperature.
-        """
-        path = resolve_model_dir(path)
-        saved = read_saved(path, EMBEDDER_CONFIG, FORMAT_VERSION)
-        if not trainable:
-            given = (given or GivenSettings()).and_now(overrides)
-            overrides = inference_overrides(given, model_kind(path, saved), path)
-        if saved is None:
-            config = model_config({"backbone": str(path)}, overrides, str(path))
-            if not trainable:
-                _hint_release_profile(path, config.profile)
-            embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
-            tau = release.checkpoint_temperature(path)
-            if tau is not None:
-                embedder.temperature.load_state({"tau": torch.tensor([tau])})
-            return embedder
-        where = str(path / EMBEDDER_CONFIG)
-        overrides = dict(overrides)
-        if saved["merged"]:
-            config = model_config(saved["model"], {**overrides, "backbone": str(path)}, where)
-            embedder = cls._build(config, path, adapter_dir=None, trainable=trainable)
-        else:
-            overrides.pop("lora", None)
-            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
-            config = model_config(saved["model"], overrides, where)
-            embedder = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
-        embedder.temperature.load_state(load_tensors(path / TEMPERATURE_FILE, SAVED_MODEL))
-        return embedder
-
-    @classmethod
-    def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool):
-        backbone, processor, device = load_adapted(config, backbone_dir, adapter_dir, trainable,
-                                                   attention=config.attention)
-        return cls(backbone, processor, config).to(device)
+    def _loaded_from(self, directory: ModelDirectory) -> None:
+        """The saved temperature (a released checkpoint's `sim.temp`) replaces the configured one."""
+        state = directory.saved_temperature()
+        if state is not None:
+            self.temperature.load_state(state)
 
     # ----- forward and encode -----------------------------------------------------------
     def forward(self, input_ids, attention_mask, pool_mask, **multimodal) -> torch.Tensor:
@@ -346,20 +301,8 @@ def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True) if hasattr(like, "ds_id") else tensor.detach()
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A run directory means its final adapter; otherwise the directory itself."""
-    return resolve_saved_dir(path, EMBEDDER_CONFIG, "embedder")
-
-
 def load_for_inference(path: str | os.PathLike, given: GivenSettings | None = None) -> "Embedder":
     """The embedder of `path` for encoding, with the settings `given` for a command (the CLI's
     one entry to the model)."""
     return Embedder.from_pretrained(path, given=given)
 
-
-def _hint_release_profile(directory: Path, profile: str) -> None:
-    """Say which profile a released checkpoint embeds correctly with, when another is used."""
-    released = profiles.released_profile(release.architectures(directory))
-    if released and released.name != profile:
-        logging.getLogger(__name__).info("%s is a released U-MARVEL checkpoint; its official inference is "
-                                         "reproduced with --profile %s", directory, released.name)

@@ -25,15 +25,11 @@ from umarvel.data.rerank import IGNORED_LABEL, RerankCollator, answer_token_ids
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_write_json
 from umarvel.modeling import batches
-from umarvel.modeling.adapters import (
-    AdaptedBackbone, GivenSettings, backbone_record, find_backbone, inference_overrides, load_adapted, model_config,
-    model_kind, read_saved, resolve_saved_dir,
-)
-from umarvel.modeling.embedder import EMBEDDER_CONFIG
+from umarvel.modeling.adapters import AdaptedBackbone, backbone_record
+from umarvel.modeling.model_dir import RERANKER, RERANKER_CONFIG, ModelDirectory
 from umarvel.weights import CHECKPOINT, load_tensors
 
-RERANKER_CONFIG = "reranker_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = RERANKER.version
 
 
 @dataclass
@@ -44,18 +40,12 @@ class RerankOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def resolve_reranker_dir(path: str | os.PathLike) -> Path:
-    """A run directory means its final adapter (`model/`); otherwise the directory itself."""
-    path = Path(path)
-    if (path / EMBEDDER_CONFIG).is_file() or (path / "model" / EMBEDDER_CONFIG).is_file():
-        raise UmarvelError(f"{path} is an embedder, not a reranker (train one with `umarvel train --stage reranker`)")
-    return resolve_saved_dir(path, RERANKER_CONFIG, "reranker")
-
-
 class Reranker(AdaptedBackbone):
     """Score (query, candidate) pairs with P(YES); train on the answer token's next-token loss."""
 
-    record, kind = RERANKER_CONFIG, "reranker"
+    saved_as = RERANKER
+    record, kind = RERANKER.record, RERANKER.name
+    generative = True
 
     # The loss is a mean over rows (one answer token each): the Trainer divides by accumulation.
     accepts_loss_kwargs = False
@@ -74,35 +64,8 @@ class Reranker(AdaptedBackbone):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ----- construction -------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trainable: bool = False, given: GivenSettings | None = None,
-                        **overrides) -> "Reranker":
-        """Load a saved reranker, or wrap a plain backbone directory (a new adapter if trainable).
-
-        `overrides` are model-config fields (device="cuda:1", prompt={...}) on top of `given`,
-        by the embedder's rule (`Embedder.from_pretrained`, `adapters.inference_overrides`).
-        """
-        path = resolve_reranker_dir(path)
-        saved = read_saved(path, RERANKER_CONFIG, FORMAT_VERSION)
-        if not trainable:
-            given = (given or GivenSettings()).and_now(overrides)
-            overrides = inference_overrides(given, model_kind(path, saved), path)
-        if saved is None:
-            config = model_config({"backbone": str(path), "attention": "causal"}, overrides, str(path))
-            reranker = cls._build(config, path, adapter_dir=None, trainable=trainable)
-        else:
-            overrides = {k: v for k, v in overrides.items() if k != "lora"}
-            backbone_dir = find_backbone(path, saved, given=overrides.pop("backbone", None))
-            config = model_config(saved["model"], overrides, str(path / RERANKER_CONFIG))
-            reranker = cls._build(config, backbone_dir, adapter_dir=path, trainable=trainable)
-        reranker.source = path
-        return reranker
-
-    @classmethod
-    def _build(cls, config: ModelConfig, backbone_dir: Path, adapter_dir: Path | None, trainable: bool) -> "Reranker":
-        backbone, processor, device = load_adapted(config, backbone_dir, adapter_dir, trainable,
-                                                   attention="causal", with_lm_head=True)
-        return cls(backbone, processor, config).to(device)
+    def _loaded_from(self, directory: ModelDirectory) -> None:
+        self.source = directory.path
 
     # ----- forward and scoring ------------------------------------------------------------
     def forward(self, input_ids, attention_mask, labels=None, **multimodal) -> RerankOutput:

@@ -83,15 +83,14 @@ def check_distill_config(config: Config) -> None:
 
 def distill(config: Config, *, resume: bool = False, force: bool = False) -> Path:
     """Score the teacher (once, resumable, the ranks sharing the work), then train the student."""
-    from umarvel.modeling.embedder import resolve_model_dir
-    from umarvel.modeling.reranker import resolve_reranker_dir
+    from umarvel.modeling.model_dir import EMBEDDER, RERANKER, locate
 
     check_distill_config(config)
     queries, pool = training_data(config)
 
     def score_teacher(args) -> None:
-        recall_dir = resolve_model_dir(config.distill.recall_model or config.model.backbone)
-        TeacherScoring(config, queries, pool, recall_dir, resolve_reranker_dir(config.distill.reranker),
+        recall_dir = locate(config.distill.recall_model or config.model.backbone, EMBEDDER)
+        TeacherScoring(config, queries, pool, recall_dir, locate(config.distill.reranker, RERANKER),
                        device=str(args.device)).run()
 
     return train_contrastive(config, resume=resume, force=force, prepare=score_teacher,

@@ -67,11 +67,11 @@ def training_data(config: Config):
 
 def _pairs(config: Config, queries, pool, pairs_file: Path, device: torch.device) -> list:
     """The run's training pairs: read back, or retrieved with the recall model (rank 0 writes)."""
-    from umarvel.modeling.embedder import Embedder, resolve_model_dir
+    from umarvel.modeling.embedder import Embedder
     from umarvel.retrieval.rerank import recall_training_pairs
 
     if not pairs_file.is_file():
-        embedder = Embedder.from_pretrained(resolve_model_dir(config.rerank.recall_model), device=str(device))
+        embedder = Embedder.from_pretrained(config.rerank.recall_model, device=str(device))
         pairs, stats = recall_training_pairs(embedder, queries, pool, config.rerank, config.encode, seed=config.run.seed)
         del embedder
         if process.is_main_process():
