@@ -219,8 +219,8 @@ def test_profile_rules_resolve_and_belong_to_a_family():
     rules = profiles.resolve(ModelConfig(profile="umarvel-release", rules=ProfileRulesConfig(positions="mrope")), "qwen2-vl")
     assert rules.positions == "mrope" and rules.template == "release" and rules.unpadded_causal
     assert profiles.resolve(ModelConfig(), "qwen3-vl") == profiles.UMARVEL.rules
-    with pytest.raises(ConfigError, match="model.profile.*qwen2-vl family"):
-        profiles.resolve(ModelConfig(profile="umarvel-release"), "qwen3-vl")
+    with pytest.raises(ConfigError, match="model.profile.*qwen2-vl, qwen3-vl families, the backbone is qwen2.5-vl"):
+        profiles.resolve(ModelConfig(profile="umarvel-release"), "qwen2.5-vl")
     with pytest.raises(ConfigError, match="unknown embedding profile"):
         profiles.get("lamra")
 

@@ -126,6 +126,15 @@ class ProfileRulesConfig:
         "candidate_max_tokens (queries never cut); null = the profile's.", None)
     candidate_max_tokens: Optional[int] = doc("Token limit of a candidate with truncation=candidates; null = the "
                                               "profile's.", None)
+    system_turn: Optional[bool] = doc(
+        "With the release template: open with the 'You are a helpful assistant.' system turn (Qwen2-VL's chat "
+        "template adds it, Qwen3-VL's does not); null = the profile's.", None)
+    deepstack: Optional[bool] = doc(
+        "Add the vision tower's DeepStack features to the first decoder layers (Qwen3-VL; the released "
+        "Qwen3-VL checkpoint's inference leaves them out); null = the profile's.", None)
+    image_resize: Optional[Literal["family", "qwen2-vl"]] = doc(
+        "qwen-vl-utils resize before the processor: in the backbone family's pixel unit and bounds, or in "
+        "Qwen2-VL's (28 px, as the released Qwen3-VL checkpoint's inference does); null = the profile's.", None)
 
 
 @dataclass

@@ -7,13 +7,15 @@ prompt with <emb> and instruction-marker tokens, its pooling span, 1-D positions
 that is bidirectional only in padded batches, and candidates cut to 1024 tokens. Every rule
 can be overridden on its own (`model.rules.*`) to measure what each one costs.
 
-A profile belongs to backbone families: the release profile exists for the family its
-checkpoints were trained on.
+A profile belongs to backbone families: the release profile exists for the families its
+checkpoints were trained on, with the rules each family's official inference follows (the
+Qwen3-VL release differs from the Qwen2-VL one: no system turn, bidirectional in every batch,
+DeepStack features left out, images resized at Qwen2-VL's 28 px before the processor).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel.config import ConfigError, ModelConfig
@@ -38,6 +40,9 @@ class Rules:
     unpadded_causal: bool
     truncation: str
     candidate_max_tokens: int
+    system_turn: bool
+    deepstack: bool
+    image_resize: str
 
     @property
     def release_template(self) -> bool:
@@ -52,6 +57,13 @@ class Profile:
     rules: Rules
     # config.json architectures of the released checkpoints this profile reads as they are
     architectures: tuple[str, ...] = ()
+    # family -> its own rules, where its release's official inference differs from `rules`
+    variants: dict[str, Rules] = field(default_factory=dict)
+    # family -> the architecture its released checkpoints name (`make-tiny-model --layout`)
+    layout_architectures: dict[str, str] = field(default_factory=dict)
+
+    def rules_for(self, family: str | None) -> Rules:
+        return self.variants.get(family, self.rules)
 
 
 UMARVEL = Profile(
@@ -60,18 +72,29 @@ UMARVEL = Profile(
             "model.attention in every batch, text cut to prompt.max_text_tokens.",
     families=None,
     rules=Rules(template="umarvel", release_quirks=False, marker_rows="seed:0", positions="mrope",
-                unpadded_causal=False, truncation="text", candidate_max_tokens=1024),
+                unpadded_causal=False, truncation="text", candidate_max_tokens=1024, system_turn=True,
+                deepstack=True, image_resize="family"),
 )
+_RELEASE_RULES = Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
+                       unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024, system_turn=True,
+                       deepstack=True, image_resize="family")
 UMARVEL_RELEASE = Profile(
     name="umarvel-release",
     summary="the official inference of TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct: system turn, user turn "
             "[image]<instruction_start>{instruction}<instruction_end> {text} + 'Summarize above ... in one word: ', "
             "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
-            "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never.",
-    families=("qwen2-vl",),
-    rules=Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
-                unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024),
-    architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration"),
+            "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never. "
+            "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same without the system turn, bidirectional in "
+            "every batch, no DeepStack features, images resized at 28 px (Qwen2-VL's qwen-vl-utils) before the "
+            "processor's own resize.",
+    families=("qwen2-vl", "qwen3-vl"),
+    rules=_RELEASE_RULES,
+    architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration",
+                   "Qwen3VLRetFinetuneForConditionalGeneration"),
+    variants={"qwen3-vl": dataclasses.replace(_RELEASE_RULES, system_turn=False, unpadded_causal=False,
+                                              deepstack=False, image_resize="qwen2-vl")},
+    layout_architectures={"qwen2-vl": "Qwen2VLRetFinetuneForConditionalGeneration",
+                          "qwen3-vl": "Qwen3VLRetFinetuneForConditionalGeneration"},
 )
 PROFILES = {profile.name: profile for profile in (UMARVEL, UMARVEL_RELEASE)}
 DEFAULT = UMARVEL.name
@@ -85,14 +108,14 @@ def get(name: str, family: str | None = None) -> Profile:
         raise ConfigError(f"model.profile: unknown embedding profile {name!r}; umarvel has {', '.join(PROFILES)}")
     profile = PROFILES[name]
     if family is not None and profile.families is not None and family not in profile.families:
-        raise ConfigError(f"model.profile: {name!r} is a profile of the {', '.join(profile.families)} family, "
-                          f"the backbone is {family}")
+        families = f"{', '.join(profile.families)} famil{'ies' if len(profile.families) > 1 else 'y'}"
+        raise ConfigError(f"model.profile: {name!r} is a profile of the {families}, the backbone is {family}")
     return profile
 
 
 def resolve(config: ModelConfig, family: str | None = None) -> Rules:
     """The profile's rules with the config's `model.rules` overrides on top."""
-    rules = get(config.profile, family).rules
+    rules = get(config.profile, family).rules_for(family)
     overrides = {k: v for k, v in dataclasses.asdict(config.rules).items() if v is not None}
     if overrides.get("candidate_max_tokens", 1) < 1:
         raise ConfigError("model.rules.candidate_max_tokens must be positive")

@@ -27,7 +27,8 @@ def build_tiny_model(out: str | os.PathLike, seed: int = 0, family: str = backbo
     """Write a tiny random checkpoint (model + tokenizer + processor) to `out`; deterministic.
 
     `layout="umarvel-release"` writes it as the released U-MARVEL checkpoints are laid out
-    (see `_write_release_layout`), for the umarvel-release profile's tests.
+    (its family's config.json layout, `sim.temp` beside the weights), for the umarvel-release
+    profile's tests.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -51,17 +52,31 @@ def build_tiny_model(out: str | os.PathLike, seed: int = 0, family: str = backbo
     model.save_pretrained(out)
     record.tiny_processor(tokenizer).save_pretrained(out)
     if release:
-        _write_release_layout(out, release.architectures[0])
+        architecture = release.layout_architectures[family]
+        config = json.loads((out / "config.json").read_text())
+        released = _RELEASE_CONFIGS[family](config, architecture)
+        (out / "config.json").write_text(json.dumps(released, indent=2, sort_keys=True) + "\n")
+        _add_temperature(out)
     return out
 
 
-def _write_release_layout(out: Path, architecture: str) -> None:
-    """Rewrite a saved checkpoint as the releases are: a flat transformers-4.45 config.json
-    naming the release `architecture`, the weights with the unused lm_head and the `sim.temp`
-    temperature beside them. The tokenizer stays the base one (the profile adds its tokens)."""
-    from safetensors.torch import load_file, save_file
+def _qwen3_release_config(config: dict, architecture: str) -> dict:
+    """The config.json of U-MARVEL-Qwen3VL-4B-Instruct's layout: nested as transformers 4.57
+    writes it (rope_scaling and rope_theta, no rope_parameters), naming the release
+    `architecture`."""
+    text = dict(config["text_config"])
+    rope = text.pop("rope_parameters")
+    text["rope_theta"] = rope.pop("rope_theta")
+    text["rope_scaling"] = rope
+    vision = {k: v for k, v in config["vision_config"].items() if k != "rope_parameters"}
+    return {**config, "architectures": [architecture], "text_config": text, "vision_config": vision,
+            "transformers_version": "4.57.0"}
 
-    config = json.loads((out / "config.json").read_text())
+
+def _qwen2_release_config(config: dict, architecture: str) -> dict:
+    """The config.json of U-MARVEL-Qwen2VL-7B-Instruct's layout: flat as transformers 4.45
+    writes it, naming the release `architecture`."""
+    config = dict(config)
     text = config.pop("text_config")
     rope = text.pop("rope_parameters")
     for key in ("model_type", "dtype", "layer_types"):
@@ -69,10 +84,19 @@ def _write_release_layout(out: Path, architecture: str) -> None:
     vision = {k: v for k, v in config.pop("vision_config").items() if k not in ("model_type", "dtype", "rope_parameters")}
     vision["in_chans"] = vision.pop("in_channels")
     config.pop("dtype", None)
-    flat = {**config, **text, "architectures": [architecture], "rope_theta": rope["rope_theta"],
+    return {**config, **text, "architectures": [architecture], "rope_theta": rope["rope_theta"],
             "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}, "vision_config": vision,
             "torch_dtype": "float32", "transformers_version": "4.45.2"}
-    (out / "config.json").write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+
+
+_RELEASE_CONFIGS = {"qwen2-vl": _qwen2_release_config, "qwen3-vl": _qwen3_release_config}
+
+
+def _add_temperature(out: Path) -> None:
+    """Save the `sim.temp` temperature beside the weights (and the unused lm_head), as the
+    releases do. The tokenizer stays the base one (the profile adds its tokens)."""
+    from safetensors.torch import load_file, save_file
+
     weights = load_file(out / "model.safetensors")
     weights[release.TEMPERATURE_KEY] = torch.tensor(RELEASE_TEMPERATURE)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

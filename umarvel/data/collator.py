@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from umarvel import profiles
+from umarvel import backbones, profiles
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
 from umarvel.data.images import check_aspect, open_image, to_rgb
@@ -26,7 +26,9 @@ from umarvel.errors import DataError
 def load_image(image, prompt: PromptConfig, family: Family) -> Image.Image:
     """Open (if a path) as RGB (umarvel.data.images) and resize an image into the prompt's pixel
     bounds, in whole visual tokens of the family's `pixel_unit`, as its processor expects; a
-    shape the processor refuses is a DataError naming the file, before and after rounding."""
+    shape the processor refuses is a DataError naming the file, before and after rounding.
+    `family` is the one whose unit and bounds apply (rules.image_resize may name another than
+    the backbone's; the processor then resizes into its own unit)."""
     from qwen_vl_utils import fetch_image
 
     file = str(image) if isinstance(image, (str, Path)) else None
@@ -218,7 +220,8 @@ class Collator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         rendered = [render(item, self.prompt, self.family.chat, tokenizer, self.rules) for item in items]
-        images = [load_image(image, self.prompt, self.family) for r in rendered for image in r.images]
+        resize = self.family if self.rules.image_resize == "family" else backbones.get(self.rules.image_resize)
+        images = [load_image(image, self.prompt, resize) for r in rendered for image in r.images]
         videos = [load_video(video) for r in rendered for video in r.videos]
         limits = None
         if self.rules.truncation == "candidates":

@@ -165,7 +165,8 @@ def _visuals(item: dict, chat: Chat, out: _Builder) -> tuple[list, list]:
 
 def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: profiles.Rules) -> RenderedItem:
     """The official U-MARVEL inference's layout (confirmed in chaxjli/U-MARVEL's eval datasets
-    and collators): system turn, user turn [image]<instruction_start>{instruction}
+    and collators): system turn (`rules.system_turn`: the base chat template's default, which
+    Qwen3-VL's lacks), user turn [image]<instruction_start>{instruction}
     <instruction_end> {text} + suffix, assistant turn "<emb>.", generation prompt.
 
     Quirks kept with `rules.release_quirks`: an image-only query's text is its marked
@@ -173,7 +174,8 @@ def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: 
     image-only candidate keeps an empty text, so it gets the "image and sentence" suffix.
     """
     out = _Builder()
-    out.template(chat.system.format(system=profiles.RELEASE_SYSTEM_PROMPT) + chat.user)
+    system = chat.system.format(system=profiles.RELEASE_SYSTEM_PROMPT) if rules.system_turn else ""
+    out.template(system + chat.user)
     images, videos = _visuals(item, chat, out)
     span = None
     query = is_query(item)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from umarvel import profiles
-from umarvel.backbone import quiet_transformers, set_attention_mode
+from umarvel.backbone import language_model, quiet_transformers, set_attention_mode
 from umarvel.config import ModelConfig, to_dict
 from umarvel.data.collator import Collator
 from umarvel.io import atomic_dir, atomic_write_json
@@ -79,7 +79,7 @@ class Embedder(AdaptedBackbone):
             # token (image tokens too) got arange positions on all three M-RoPE axes
             inputs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         has_vision = "pixel_values" in inputs or "pixel_values_videos" in inputs
-        with self.vision_on_every_rank(has_vision), self._attention_for(attention_mask):
+        with self.vision_on_every_rank(has_vision), self._attention_for(attention_mask), self._deepstack_rule():
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         pooled = pool(out.last_hidden_state.float(), attention_mask, pool_mask, self.settings.pooling)
         return F.normalize(pooled, dim=-1)
@@ -98,6 +98,24 @@ class Embedder(AdaptedBackbone):
             yield
         finally:
             set_attention_mode(self.backbone, "bidirectional")
+
+    @contextmanager
+    def _deepstack_rule(self):
+        """Without DeepStack features while `rules.deepstack` is off (the released Qwen3-VL
+        model ran its text model on the merged image tokens alone); a no-op for families
+        without them."""
+        if self.rules.deepstack:
+            yield
+            return
+
+        def drop_deepstack(module, args, kwargs):
+            return args, {**kwargs, **{key: None for key in ("deepstack_visual_embeds", "visual_pos_masks") if key in kwargs}}
+
+        handle = language_model(self.backbone).register_forward_pre_hook(drop_deepstack, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return self.collator(items)
