@@ -126,6 +126,12 @@ class ProfileRulesConfig:
         "candidate_max_tokens (queries never cut); null = the profile's.", None)
     candidate_max_tokens: Optional[int] = doc("Token limit of a candidate with truncation=candidates; null = the "
                                               "profile's.", None)
+    batching: Optional[str] = doc(
+        "How encoding forms batches: 'length' (sorted by estimated length, encode.batch_size per batch) or 'file:N' "
+        "(N items per batch in file order, whatever encode.batch_size says); null = the profile's.", None)
+    text_format: Optional[Literal["umarvel", "release"]] = doc(
+        "Normalisation of M-BEIR texts: umarvel's (newlines to spaces, quotes kept) or the official format_string "
+        "(newlines kept, carriage returns deleted, quotes stripped at both ends); null = the profile's.", None)
 
 
 @dataclass
