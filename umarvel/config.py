@@ -132,6 +132,10 @@ class ProfileRulesConfig:
     text_format: Optional[Literal["umarvel", "release"]] = doc(
         "Normalisation of M-BEIR texts: umarvel's (newlines to spaces, quotes kept) or the official format_string "
         "(newlines kept, carriage returns deleted, quotes stripped at both ends); null = the profile's.", None)
+    images: Optional[Literal["umarvel", "release"]] = doc(
+        "Reading images: umarvel's (any mode to true RGB: transparency on white, 16-bit scaled; an image whose sides, "
+        "rounded into visual tokens, differ over 200x refused) or the official inference's (PIL's convert('RGB'): "
+        "transparency dropped, 16-bit clipped; such a side cut to 200x the other); null = the profile's.", None)
 
 
 @dataclass

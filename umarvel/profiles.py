@@ -5,8 +5,8 @@ name. `umarvel` is this framework's own recipe. `umarvel-release` reproduces the
 U-MARVEL inference of the released checkpoints (chaxjli/U-MARVEL, transformers 4.45): its
 prompt with <emb> and instruction-marker tokens, its pooling span, 1-D positions, attention
 that is bidirectional only in padded batches, candidates cut to 1024 tokens, its text
-normalisation and its batches (16 in file order, on which that attention rule depends). Every rule
-can be overridden on its own (`model.rules.*`) to measure what each one costs.
+normalisation, its image reading and its batches (16 in file order, on which that attention rule
+depends). Every rule can be overridden on its own (`model.rules.*`) to measure what each one costs.
 
 A profile belongs to backbone families: the release profile exists for the family its
 checkpoints were trained on.
@@ -44,6 +44,7 @@ class Rules:
     candidate_max_tokens: int
     batching: str
     text_format: str
+    images: str
 
     @property
     def release_template(self) -> bool:
@@ -72,7 +73,7 @@ UMARVEL = Profile(
     families=None,
     rules=Rules(template="umarvel", release_quirks=False, marker_rows="seed:0", positions="mrope",
                 unpadded_causal=False, truncation="text", candidate_max_tokens=1024,
-                batching="length", text_format="umarvel"),
+                batching="length", text_format="umarvel", images="umarvel"),
 )
 UMARVEL_RELEASE = Profile(
     name="umarvel-release",
@@ -80,11 +81,11 @@ UMARVEL_RELEASE = Profile(
             "[image]<instruction_start>{instruction}<instruction_end> {text} + 'Summarize above ... in one word: ', "
             "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
             "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never; texts "
-            "normalised by its format_string; batches of 16 in file order.",
+            "normalised by its format_string; images read by its copy of qwen-vl-utils; batches of 16 in file order.",
     families=("qwen2-vl",),
     rules=Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
                 unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024,
-                batching=f"file:{RELEASE_BATCH}", text_format="release"),
+                batching=f"file:{RELEASE_BATCH}", text_format="release", images="release"),
     architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration"),
 )
 PROFILES = {profile.name: profile for profile in (UMARVEL, UMARVEL_RELEASE)}
