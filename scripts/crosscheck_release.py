@@ -12,8 +12,11 @@ What it does, in one run:
      outcome) holding the hard cases: texts with newlines, carriage returns, quotes at both
      ends, leading spaces, a lower-case first letter; queries and candidates over 1024 tokens
      (text and image+text); images of extreme size and aspect (3000x2000, 8x8, 20x3900,
-     3900x20, 2x300); rows of equal-length items (batches without padding: the official
-     attention turns causal there), a last batch of one item, sets crossing the 16-item batch;
+     3900x20, 2x300, and 7900x40 / 40x7900, whose sides round to 282:1, past the processor's
+     200, which the official resize squeezes back to 200:1), a greyscale JPEG, RGBA and palette
+     PNGs with transparent parts; rows of equal-length items (batches without padding: the
+     official attention turns causal there), a last batch of one item, sets crossing the
+     16-item batch;
   3. runs the official evaluation entry point, `eval(args)` of
      eval/eval_mbeir_local_finetune_fast.py, imported from the scratch checkout under
      transformers 4.45 in a subprocess (PYTHONPATH=<tf445>:<official>:<shim>), on that data and
@@ -134,17 +137,26 @@ class Writer:
     def words(self, count: int) -> str:
         return " ".join(self.rng.choice(WORDS) for _ in range(count))
 
-    def image(self, dataset: str, name: str, size: tuple[int, int]) -> str:
-        """A JPEG of random blocks (so the vision tower sees structure), its path under the root."""
+    def image(self, dataset: str, name: str, size: tuple[int, int], mode: str = "RGB") -> str:
+        """A picture of random blocks (so the vision tower sees structure), its path under the root:
+        JPEG for RGB and greyscale, PNG with transparent blocks for RGBA and palette images."""
         from PIL import Image
 
-        relative = f"mbeir_images/{'oven' if dataset == 'infoseek' else dataset}_images/{name}.jpg"
+        suffix = "jpg" if mode in ("RGB", "L") else "png"
+        relative = f"mbeir_images/{'oven' if dataset == 'infoseek' else dataset}_images/{name}.{suffix}"
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         cells = (max(1, min(size[0], 12)), max(1, min(size[1], 12)))
-        small = Image.new("RGB", cells)
-        small.putdata([tuple(self.rng.randrange(256) for _ in range(3)) for _ in range(cells[0] * cells[1])])
-        small.resize(size, Image.BILINEAR).save(path, quality=92)
+        small = Image.new("RGBA", cells)
+        small.putdata([(*(self.rng.randrange(256) for _ in range(3)), self.rng.choice((0, 128, 255)))
+                       for _ in range(cells[0] * cells[1])])
+        picture = small.resize(size, Image.NEAREST if mode in ("RGBA", "P") else Image.BILINEAR)
+        if mode == "P":  # palette entry 0 transparent
+            picture.convert("RGB").quantize(16).save(path, transparency=0)
+        elif mode == "RGBA":
+            picture.save(path)
+        else:
+            picture.convert(mode).save(path, quality=92)
         return relative
 
 
@@ -158,12 +170,17 @@ TEXT_CASES = [
     ("lower-case start", "ßtraße in the morning light"),
     ("ends in ?", "which bridge crosses the river?"),
 ]
-IMAGE_CASES = [  # (case label, (width, height)), all within the Qwen2-VL processor's aspect limit of 200
-    ("image 3000x2000", (3000, 2000)),
-    ("image 8x8", (8, 8)),
-    ("image 20x3900", (20, 3900)),
-    ("image 3900x20", (3900, 20)),
-    ("image 2x300", (2, 300)),
+IMAGE_CASES = [  # (case label, (width, height), mode), all within the Qwen2-VL processor's aspect limit of 200
+    ("image 3000x2000", (3000, 2000), "RGB"),
+    ("image 8x8", (8, 8), "RGB"),
+    ("image 20x3900", (20, 3900), "RGB"),
+    ("image 3900x20", (3900, 20), "RGB"),
+    ("image 2x300", (2, 300), "RGB"),
+    ("image 7900x40 (rounds to 282:1)", (7900, 40), "RGB"),
+    ("image 40x7900 (rounds to 1:282)", (40, 7900), "RGB"),
+    ("greyscale JPEG", (64, 48), "L"),
+    ("RGBA PNG, transparent parts", (64, 48), "RGBA"),
+    ("palette PNG, a transparent colour", (64, 48), "P"),
 ]
 
 
@@ -181,16 +198,16 @@ def write_benchmark(root: Path) -> dict[str, str]:
         modality = row.modalities[1]
         pool = []
         for index in range(MIN_POOL + (6 if row.name == "nights_task4" else 0)):
-            case, text, size = None, writer.words(3 + index % 7), (56 + 8 * (index % 5), 56 + 4 * (index % 3))
+            case, text, size, mode = None, writer.words(3 + index % 7), (56 + 8 * (index % 5), 56 + 4 * (index % 3)), "RGB"
             if row.name == "nights_task4":
                 size = (64, 64)  # equal lengths: every batch of this pool is unpadded (causal officially)
                 case = "equal-length batch"
             elif "text" in modality and index < len(texts):
                 case, text = texts[index]
             elif "image" in modality and len(texts) <= index < len(texts) + len(IMAGE_CASES):
-                case, size = IMAGE_CASES[index - len(texts)]
+                case, size, mode = IMAGE_CASES[index - len(texts)]
             did = writer.next_id(row.dataset_id)
-            image = writer.image(row.dataset, f"cand_{did.replace(':', '_')}", size) if "image" in modality else None
+            image = writer.image(row.dataset, f"cand_{did.replace(':', '_')}", size, mode) if "image" in modality else None
             pool.append({"txt": text if "text" in modality else None, "img_path": image, "modality": modality,
                          "did": did, "src_content": None})
             if case:
@@ -202,24 +219,25 @@ def write_benchmark(root: Path) -> dict[str, str]:
 
     for row in EVAL_ROWS:
         modality, pool = row.modalities[0], pools[row.name]
-        count = {"nights_task4": 8, "webqa_task1": 20, "oven_task6": 17}.get(row.name, 10)
+        # 20: a batch of 16 and one of 4; 17: a last batch of one; 18: every image case with text
+        count = {"nights_task4": 8, "webqa_task1": 20, "oven_task6": 17, "infoseek_task6": 18}.get(row.name, 10)
         records, qrels = [], []
         for index in range(count):
-            case, text, size = None, writer.words(4 + index % 5), (70 + 14 * (index % 4), 60 + 10 * (index % 3))
+            case, text, size, mode = None, writer.words(4 + index % 5), (70 + 14 * (index % 4), 60 + 10 * (index % 3)), "RGB"
             if row.name == "nights_task4":
                 size, case = (64, 64), "equal-length batch"  # 8 image queries of one length: one unpadded batch
             elif "text" in modality and index < len(texts):
                 case, text = texts[index]
                 if case == "long text":
                     text = writer.words(1100)
-            elif "image" in modality and text and index >= len(texts) and index - len(texts) < len(IMAGE_CASES):
-                case, size = IMAGE_CASES[index - len(texts)]
             elif modality == "image" and index < len(IMAGE_CASES):
-                case, size = IMAGE_CASES[index]
+                case, size, mode = IMAGE_CASES[index]
+            elif modality == "image,text" and len(texts) <= index < len(texts) + len(IMAGE_CASES):
+                case, size, mode = IMAGE_CASES[index - len(texts)]
             qid = writer.next_id(row.dataset_id)
             if row.name == "oven_task6" and index == count - 1:
-                case = case or "last batch of one"
-            image = writer.image(row.dataset, f"query_{qid.replace(':', '_')}", size) if "image" in modality else None
+                case = "last batch of one"
+            image = writer.image(row.dataset, f"query_{qid.replace(':', '_')}", size, mode) if "image" in modality else None
             positive = pool[index % len(pool)]["did"]
             records.append({"qid": qid, "query_txt": text if "text" in modality else None, "query_img_path": image,
                             "query_modality": modality, "query_src_content": None, "pos_cand_list": [positive],
@@ -377,7 +395,7 @@ def our_side(work: Path, overrides: list[str]) -> None:
 
 # ---- 5. the comparison -----------------------------------------------------------------------------
 
-def official_vectors(work: Path) -> dict[str, "np.ndarray"]:
+def official_vectors(work: Path) -> dict:
     import torch
 
     vectors = {}
@@ -394,7 +412,7 @@ def official_vectors(work: Path) -> dict[str, "np.ndarray"]:
     return vectors
 
 
-def cache_vectors(work: Path) -> dict[str, "np.ndarray"]:
+def cache_vectors(work: Path) -> dict:
     """What the embedding cache holds (fp16), by the same keys."""
     import numpy as np
 
@@ -449,7 +467,7 @@ def compare(work: Path, cases: dict[str, str], tolerance: float) -> bool:
     order = {"query": 0, "candidate": 1, "text": 0, "image": 1, "image,text": 2}
     by_modality = table("modality x side", lambda key: f"{modality[key]} {key.split(':')[0]}",
                         lambda label: [order[part] for part in reversed(label.split())])
-    known = [case for case, _ in TEXT_CASES] + ["long text"] + [case for case, _ in IMAGE_CASES] + \
+    known = [case for case, _ in TEXT_CASES] + ["long text"] + [case for case, _, _ in IMAGE_CASES] + \
         ["equal-length batch", "last batch of one"]
     table("hard case", lambda key: cases.get(key) and f"{cases[key]} ({key.split(':')[0]})",
           lambda label: (order[label.rsplit("(", 1)[1][:-1]], known.index(label.rsplit(" (", 1)[0])))
@@ -480,7 +498,7 @@ def main() -> None:
         return official_side(work, args.official.resolve())
     if args.side == "ours":
         return our_side(work, args.overrides)
-    if not args.official or not args.tf445:
+    if not args.reuse_official and not (args.official and args.tf445):
         parser.error("--official and --tf445 are needed (see the set-up above)")
     work.mkdir(parents=True, exist_ok=True)
     if args.reuse_official:
@@ -495,7 +513,9 @@ def main() -> None:
 
 
 def _run(command: list[str]) -> None:
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
 
 
 if __name__ == "__main__":
