@@ -21,12 +21,13 @@ What it does, in one run:
      eval/eval_mbeir_local_finetune_fast.py, imported from the scratch checkout under
      transformers 4.45 in a subprocess (PYTHONPATH=<tf445>:<official>:<shim>), on that data and
      checkpoint: its datasets, collators, model, DataLoader(batch_size=16, shuffle=False,
-     num_workers=8) and feature files as they are. Three settings are changed for the
-     measurement, none of them in its code: the weights load in float32 and accelerate runs
-     without bf16 autocast (the comparison is in fp32, as umarvel runs on CPU), and a no-op
-     `torch_npu` stands in for the Ascend package (torch.npu.memory_allocated/empty_cache);
-     deepspeed, which its utils import, is told DS_ACCELERATOR=cpu. The marker rows its load
-     drew at random (<instruction_start>, <instruction_end>) are saved for our side;
+     num_workers=8) and feature files as they are. What is set for the measurement, none of it
+     in its code: the weights load in float32 and accelerate runs without bf16 autocast (the
+     comparison is in fp32, as umarvel runs on CPU); a no-op `torch_npu` stands in for the
+     Ascend package (torch.npu.memory_allocated/empty_cache); deepspeed, which its utils import,
+     is told DS_ACCELERATOR=cpu; torch is seeded, so the marker rows its load draws at random
+     (<instruction_start>, <instruction_end>) repeat from run to run. Those rows are saved for
+     our side;
   4. runs `umarvel eval mbeir --pool local --profile umarvel-release` in a subprocess through
      `umarvel.cli.main`, with --set model.rules.marker_rows=<those rows> and a fresh embedding
      cache; `Embedder.encode` is wrapped to keep the fp32 vectors it returns (the cache stores
@@ -43,15 +44,20 @@ and imported at run time. Set-up (once):
     pip install --target /work/scratch/tf445 --no-deps "transformers==4.45.2" "tokenizers>=0.20,<0.21" \\
         "huggingface_hub>=0.23.2,<1.0" "datasets==3.0.1"
     pip install --target /work/scratch/tf445 aiohttp      # datasets 3.0's fsspec import needs it
-  The rest the official code imports (torch, torchvision, accelerate, deepspeed, PIL, requests)
-  comes from umarvel's own environment; transformers 5 stays untouched.
+  (its utils.py imports transformers' Trainer, which imports datasets; the environment's datasets
+  needs huggingface_hub 1.x, transformers 4.45 needs < 1.0). The rest the official code imports
+  (torch, torchvision, accelerate, deepspeed, PIL, requests) comes from umarvel's own
+  environment; transformers 5 stays untouched.
 
-Run (about 10 minutes on 2 busy CPU cores):
+Run (about 13 minutes on 2 busy CPU cores, 8 of them the official side):
 
     python scripts/crosscheck_release.py --official /work/scratch/umarvel-official \\
         --tf445 /work/scratch/tf445 --work /work/scratch/crosscheck
 
-Exit status 0 when every difference is <= --tolerance (1e-5), 1 otherwise. Not run in CI.
+`--reuse-official` keeps the official vectors of an earlier run in --work; `--set KEY=VALUE`
+gives our side's command a setting, to measure what one rule does (e.g.
+`--set model.rules.batching=length`). Exit status 0 when every difference is <= --tolerance
+(1e-5), 1 otherwise. Not run in CI.
 """
 from __future__ import annotations
 
