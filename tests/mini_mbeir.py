@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from umarvel import profiles
 from umarvel.config import ModelConfig
 from umarvel.data.tasks import EVAL_ROWS, EVAL_ROWS_BY_NAME, QUERY_INSTRUCTIONS
 
@@ -92,6 +93,7 @@ class KeywordEmbedder:
     Instructions and images are ignored. `encoded` lists the id of every item encoded, in call order."""
 
     dtype = torch.float32
+    rules = profiles.UMARVEL.rules  # what the embedding cache fingerprints and batches by
 
     def __init__(self, keywords: list[str], weights_dir: Path):
         self.axis = {word: i for i, word in enumerate(keywords)}

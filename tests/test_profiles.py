@@ -171,6 +171,45 @@ def test_release_cuts_candidates_never_queries(release_dir):
     assert lengths[0] == 30 and lengths[1] > 100
 
 
+def test_release_reads_images_as_the_official_inference(release, release_dir, tmp_path):
+    """Its copy of qwen-vl-utils (collators/qwen2_vision_process.py): PIL's convert("RGB") and a
+    side rounded past 200x the other cut to 200x it; umarvel composites on white and refuses."""
+    from PIL import Image
+
+    from umarvel import backbones
+    from umarvel.config import PromptConfig
+    from umarvel.data.collator import load_image
+    from umarvel.errors import DataError
+
+    family, prompt = backbones.get("qwen2-vl"), PromptConfig()
+    Image.new("RGB", (7900, 40), "grey").save(tmp_path / "banner.png")  # 197.5:1, rounded to 7896x28 (282:1)
+    assert load_image(tmp_path / "banner.png", prompt, family, official=True).size == (5600, 28)
+    with pytest.raises(DataError, match="banner.png.*aspect ratio of 282"):
+        load_image(tmp_path / "banner.png", prompt, family)
+    hidden_red = Image.new("RGBA", (56, 56), (255, 0, 0, 0))  # fully transparent red
+    hidden_red.save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png", prompt, family, official=True).getpixel((28, 28)) == (255, 0, 0)
+    assert load_image(tmp_path / "clear.png", prompt, family).getpixel((28, 28)) == (255, 255, 255)
+
+    palette = Image.new("P", (56, 56), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.paste(1, (0, 0, 28, 56))
+    palette.save(tmp_path / "palette.png", transparency=0)  # red, the left half blue, red transparent
+    read = load_image(tmp_path / "palette.png", prompt, family, official=True)
+    Image.fromarray(np.asarray(read)).save(tmp_path / "plain.png")  # the same pixels, no transparency
+    assert read.getpixel((40, 28)) == (255, 0, 0)
+    pixels = [release.collate([{"did": "1:1", "image": str(tmp_path / name)}])["pixel_values"]
+              for name in ("palette.png", "plain.png")]
+    assert torch.equal(*pixels)  # the processor does not turn the transparent colour white either
+
+    item = {"did": "1:1", "image": str(tmp_path / "banner.png")}
+    assert release.collate([item])["image_grid_thw"].tolist() == [[1, 2, 400]]  # the rule reaches the collator
+    umarvel_images = Embedder.from_pretrained(release_dir, profile="umarvel-release", rules={"images": "umarvel"},
+                                              device="cpu", dtype="float32")
+    with pytest.raises(DataError, match="banner.png"):
+        umarvel_images.collate([item])
+
+
 def test_marker_rows_are_deterministic_and_emb_keeps_the_checkpoint_row(release, release_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -135,6 +135,16 @@ class ProfileRulesConfig:
     image_resize: Optional[Literal["family", "qwen2-vl"]] = doc(
         "qwen-vl-utils resize before the processor: in the backbone family's pixel unit and bounds, or in "
         "Qwen2-VL's (28 px, as the released Qwen3-VL checkpoint's inference does); null = the profile's.", None)
+    batching: Optional[str] = doc(
+        "How encoding forms batches: 'length' (sorted by estimated length, encode.batch_size per batch) or 'file:N' "
+        "(N items per batch in file order, whatever encode.batch_size says); null = the profile's.", None)
+    text_format: Optional[Literal["umarvel", "release"]] = doc(
+        "Normalisation of M-BEIR texts: umarvel's (newlines to spaces, quotes kept) or the official format_string "
+        "(newlines kept, carriage returns deleted, quotes stripped at both ends); null = the profile's.", None)
+    images: Optional[Literal["umarvel", "release"]] = doc(
+        "Reading images: umarvel's (any mode to true RGB: transparency on white, 16-bit scaled; an image whose sides, "
+        "rounded into visual tokens, differ over 200x refused) or the official inference's (PIL's convert('RGB'): "
+        "transparency dropped, 16-bit clipped; such a side cut to 200x the other); null = the profile's.", None)
 
 
 @dataclass

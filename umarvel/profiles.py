@@ -4,8 +4,9 @@ A checkpoint embeds well only under the rules it was trained with, so the rules 
 name. `umarvel` is this framework's own recipe. `umarvel-release` reproduces the official
 U-MARVEL inference of the released checkpoints (chaxjli/U-MARVEL, transformers 4.45): its
 prompt with <emb> and instruction-marker tokens, its pooling span, 1-D positions, attention
-that is bidirectional only in padded batches, and candidates cut to 1024 tokens. Every rule
-can be overridden on its own (`model.rules.*`) to measure what each one costs.
+that is bidirectional only in padded batches, candidates cut to 1024 tokens, its text
+normalisation, its image reading and its batches (16 in file order, on which that attention rule
+depends). Every rule can be overridden on its own (`model.rules.*`) to measure what each one costs.
 
 A profile belongs to backbone families: the release profile exists for the families its
 checkpoints were trained on, with the rules each family's official inference follows (the
@@ -27,6 +28,9 @@ INSTRUCTION_END = "<instruction_end>"
 RELEASE_TOKENS = (EMB_TOKEN, INSTRUCTION_START, INSTRUCTION_END)
 # Its system turn: the base chat template's default.
 RELEASE_SYSTEM_PROMPT = "You are a helpful assistant."
+# Its evaluation batches: 16 items in file order (DataLoader(batch_size=16, shuffle=False) in
+# eval/eval_mbeir_local_finetune_fast.py, for the queries and for each pool).
+RELEASE_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,18 @@ class Rules:
     system_turn: bool
     deepstack: bool
     image_resize: str
+    batching: str
+    text_format: str
+    images: str
 
     @property
     def release_template(self) -> bool:
         return self.template == "release"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """N of batching 'file:N' (batches of N in file order), None for length-sorted batches."""
+        return batch_plan(self.batching)
 
 
 @dataclass(frozen=True)
@@ -73,17 +85,19 @@ UMARVEL = Profile(
     families=None,
     rules=Rules(template="umarvel", release_quirks=False, marker_rows="seed:0", positions="mrope",
                 unpadded_causal=False, truncation="text", candidate_max_tokens=1024, system_turn=True,
-                deepstack=True, image_resize="family"),
+                deepstack=True, image_resize="family", batching="length", text_format="umarvel", images="umarvel"),
 )
 _RELEASE_RULES = Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
                        unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024, system_turn=True,
-                       deepstack=True, image_resize="family")
+                       deepstack=True, image_resize="family", batching=f"file:{RELEASE_BATCH}",
+                       text_format="release", images="release")
 UMARVEL_RELEASE = Profile(
     name="umarvel-release",
     summary="the official inference of TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct: system turn, user turn "
             "[image]<instruction_start>{instruction}<instruction_end> {text} + 'Summarize above ... in one word: ', "
             "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
-            "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never. "
+            "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never; texts "
+            "normalised by its format_string; images read by its copy of qwen-vl-utils; batches of 16 in file order. "
             "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same without the system turn, bidirectional in "
             "every batch, no DeepStack features, images resized at 28 px (Qwen2-VL's qwen-vl-utils) before the "
             "processor's own resize.",
@@ -121,7 +135,18 @@ def resolve(config: ModelConfig, family: str | None = None) -> Rules:
         raise ConfigError("model.rules.candidate_max_tokens must be positive")
     resolved = dataclasses.replace(rules, **overrides)
     marker_source(resolved.marker_rows)
+    batch_plan(resolved.batching)
     return resolved
+
+
+def batch_plan(spec: str) -> int | None:
+    """N of a 'file:N' batching spec, None for 'length'; an error naming the key otherwise."""
+    if spec == "length":
+        return None
+    size = spec.removeprefix("file:")
+    if spec.startswith("file:") and size.isdigit() and int(size) >= 1:
+        return int(size)
+    raise ConfigError(f"model.rules.batching: {spec!r} is neither 'length' nor 'file:N' with N >= 1")
 
 
 def marker_source(spec: str) -> int | Path:

@@ -17,27 +17,40 @@ from PIL import Image
 from umarvel import backbones, profiles
 from umarvel.backbones import Family
 from umarvel.config import PromptConfig
-from umarvel.data.images import check_aspect, open_image, to_rgb
+from umarvel.data.images import MAX_ASPECT_RATIO, check_aspect, open_image, pil_rgb, to_rgb
 from umarvel.data.prompts import RenderedItem, is_query, render
 from umarvel.data.video import load_video
 from umarvel.errors import DataError
 
 
-def load_image(image, prompt: PromptConfig, family: Family) -> Image.Image:
+def load_image(image, prompt: PromptConfig, family: Family, official: bool = False) -> Image.Image:
     """Open (if a path) as RGB (umarvel.data.images) and resize an image into the prompt's pixel
     bounds, in whole visual tokens of the family's `pixel_unit`, as its processor expects; a
     shape the processor refuses is a DataError naming the file, before and after rounding.
     `family` is the one whose unit and bounds apply (rules.image_resize may name another than
-    the backbone's; the processor then resizes into its own unit)."""
-    from qwen_vl_utils import fetch_image
+    the backbone's; the processor then resizes into its own unit).
+
+    `official` (model.rules.images=release): as the official U-MARVEL inference reads images
+    (its copy of qwen-vl-utils, collators/qwen2_vision_process.py): PIL's convert("RGB"), and a
+    side that rounding takes past MAX_ASPECT_RATIO times the other is cut to that many times it
+    (the image squeezed), where umarvel refuses the image (a 7900x40 picture: 5600x28 there).
+    """
+    from qwen_vl_utils import fetch_image, smart_resize
 
     file = str(image) if isinstance(image, (str, Path)) else None
-    image = open_image(image) if file is not None else to_rgb(image)
+    convert = pil_rgb if official else to_rgb
+    image = open_image(image, convert) if file is not None else convert(image, file)
     check_aspect(image.size, file)
     min_pixels, max_pixels = family.pixel_bounds(prompt)
-    # qwen_vl_utils rounds sides to image_patch_size x its 2x2 merge: the family's pixel unit
-    resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
-                          image_patch_size=family.patch_size)
+    if official:
+        height, width = smart_resize(image.height, image.width, factor=family.pixel_unit,
+                                     min_pixels=min_pixels, max_pixels=max_pixels)
+        height, width = min(height, width * MAX_ASPECT_RATIO), min(width, height * MAX_ASPECT_RATIO)
+        resized = image.resize((width, height))
+    else:
+        # qwen_vl_utils rounds sides to image_patch_size x its 2x2 merge: the family's pixel unit
+        resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                              image_patch_size=family.patch_size)
     check_aspect(resized.size, file, resized=True)
     return resized
 
@@ -221,7 +234,8 @@ class Collator:
         tokenizer = self.processor.tokenizer
         rendered = [render(item, self.prompt, self.family.chat, tokenizer, self.rules) for item in items]
         resize = self.family if self.rules.image_resize == "family" else backbones.get(self.rules.image_resize)
-        images = [load_image(image, self.prompt, resize) for r in rendered for image in r.images]
+        official = self.rules.images == "release"
+        images = [load_image(image, self.prompt, resize, official) for r in rendered for image in r.images]
         videos = [load_video(video) for r in rendered for video in r.videos]
         limits = None
         if self.rules.truncation == "candidates":

@@ -20,6 +20,7 @@ read images here, so every path obeys the same three rules:
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,16 +80,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return image.size
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The image file at `path`, fully decoded, as RGB (`to_rgb`); a DataError names the file
-    when it cannot be read or is over the pixel limit."""
+def open_image(path: str | os.PathLike, convert=None) -> Image.Image:
+    """The image file at `path`, fully decoded, as RGB (`convert`, default `to_rgb`); a DataError
+    names the file when it cannot be read or is over the pixel limit."""
     path = Path(path)
     with _opened(path) as image:
         try:
             image.load()
         except (OSError, ValueError) as err:
             raise DataError(f"{UNREADABLE}: {err}", file=str(path)) from None
-        return to_rgb(image, file=str(path))
+        return (convert or to_rgb)(image, file=str(path))
 
 
 def to_rgb(image: Image.Image, file: str | None = None) -> Image.Image:
@@ -109,6 +110,25 @@ def to_rgb(image: Image.Image, file: str | None = None) -> Image.Image:
         return image.convert("RGB")
     except ValueError as err:
         raise DataError(f"image mode {image.mode} cannot be converted to RGB: {err}", file=file) from None
+
+
+def pil_rgb(image: Image.Image, file: str | None = None) -> Image.Image:
+    """PIL's own `convert("RGB")`, as the official U-MARVEL inference reads images
+    (model.rules.images=release): transparency dropped (transparent pixels show the colour they
+    hide), 16-bit samples clipped at 255. The converted image keeps no `transparency` note (PIL
+    turns a palette's into an RGB colour): the transformers 5 processor would composite that
+    colour on white, which the official one (4.45) never did."""
+    if image.mode != "RGB":
+        try:
+            with warnings.catch_warnings():  # PIL's note on palette transparency: dropping it is the point
+                warnings.simplefilter("ignore", UserWarning)
+                image = image.convert("RGB")
+        except ValueError as err:
+            raise DataError(f"image mode {image.mode} cannot be converted to RGB: {err}", file=file) from None
+    if "transparency" in image.info:
+        image = image.copy()
+        del image.info["transparency"]
+    return image
 
 
 def _grey(samples: np.ndarray, full_scale: float, kind: str, file: str | None) -> Image.Image:

@@ -7,10 +7,12 @@ millions of Python dicts per process.
 
 Items, the one shape the collator, trainer and evaluators consume:
   query      {"qid", "text", "image", "instruction", "modality", "task_id", "dataset_id",
-              "pos_cand_list", "neg_cand_list"}
-  candidate  {"did", "text", "image", "instruction": None, "modality"}
+              "pos_cand_list", "neg_cand_list", "raw_text", "raw_instruction"}
+  candidate  {"did", "text", "image", "instruction": None, "modality", "raw_text"}
 `text` and `instruction` are kept apart because the embedder pools text tokens without the
 instruction's; joined by one space they are the benchmark's query string (`format_query_text`).
+`raw_text`/`raw_instruction` are the file's strings before formatting, for the official
+normalisation (model.rules.text_format=release, `official_format`).
 `image` is an absolute path under the dataset root, or None.
 
 Instructions: at training time one is drawn per sample from a seeded `random.Random`; at
@@ -98,6 +100,25 @@ def split_query_text(instruction: str | None, text: str | None) -> tuple[str | N
 def format_query_text(instruction: str | None, text: str | None) -> str:
     """The query string the benchmark shows a model: `"<instruction> <query_txt>"`, formatted."""
     return " ".join(part for part in split_query_text(instruction, text) if part)
+
+
+def official_format(text: str | None) -> str:
+    """The official U-MARVEL `format_string` (dataset/datasets_mbeir.py): carriage returns
+    deleted, newlines kept, whitespace then double quotes stripped at both ends (in that order,
+    so spaces inside the quotes stay), first character capitalised, final period added."""
+    return _end_sentence(_capitalise((text or "").replace("\r", "").strip().strip('"')))
+
+
+def official_query_text(instruction: str, text: str | None, start: str = "", end: str = "") -> tuple[str, str]:
+    """(instruction, text) as the official evaluation formats a query: the instruction on its
+    own, then `official_format(f"{start}{instruction}{end} {text}")` as one string, whose text
+    part (after the marked instruction) keeps its leading spaces and a leading quote and loses a
+    trailing one. A query without text gets "" (the caller renders what the joined string adds)."""
+    instruction = official_format(instruction)
+    if not (text or "").strip():
+        return instruction, ""
+    prefix = f"{start}{instruction}{end}"
+    return instruction, official_format(f"{prefix} {text}")[len(prefix):]
 
 
 # ---- records ------------------------------------------------------------------------------
@@ -329,13 +350,15 @@ class Queries:
             if self.instructions is None:
                 raise DataError("instructions/query_instructions.tsv is needed for instructed queries", self.file)
             instruction = self.instructions.choose(record["qid"], record["task_id"], rng)
-        instruction, text = split_query_text(instruction, record["query_txt"] if "text" in modality else None)
+        raw_instruction, raw_text = instruction, record["query_txt"] if "text" in modality else None
+        instruction, text = split_query_text(raw_instruction, raw_text)
         image = None
         if "image" in modality:
             image = resolve_under(self.root, record["query_img_path"], file=self.file, line=record["line"],
                                   field="query_img_path", symlinks_outside_root=self.symlinks_outside_root)
         return {
             "qid": record["qid"], "text": text, "image": image, "instruction": instruction,
+            "raw_text": raw_text, "raw_instruction": raw_instruction,
             "modality": record["query_modality"], "task_id": record["task_id"],
             "dataset_id": int(record["qid"].split(":", 1)[0]),
             "pos_cand_list": record["pos_cand_list"], "neg_cand_list": record["neg_cand_list"],
@@ -386,6 +409,7 @@ class CandidatePool:
         return {
             "did": record["did"], "text": format_text(record["txt"]) if "text" in modality else None,
             "image": image, "instruction": None, "modality": record["modality"],
+            "raw_text": record["txt"] if "text" in modality else None,
         }
 
 

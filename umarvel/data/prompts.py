@@ -29,6 +29,7 @@ from typing import Any
 from umarvel import profiles
 from umarvel.backbones import Chat
 from umarvel.config import PromptConfig
+from umarvel.data.mbeir import official_format, official_query_text
 
 COMPRESSION = {
     "image": "Summarize above image in one word:",
@@ -110,14 +111,33 @@ def _count_tokens(text: str, tokenizer) -> int:
     return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def _instruction_and_text(item: dict, config: PromptConfig, tokenizer, cut: bool = True) -> tuple[str, str]:
-    """The item's instruction (if used) and its text, cut (when `cut`) so both fit `config.max_text_tokens`."""
-    instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
-    text = (item.get("text") or "").strip()
+def _instruction_and_text(item: dict, config: PromptConfig, tokenizer, cut: bool = True,
+                          official: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The item's instruction (if used) and its text, cut (when `cut`) so both fit `config.max_text_tokens`.
+
+    `official`: normalise as the official evaluation does (model.rules.text_format=release), the
+    instruction between these (start, end) markers; the text then holds what follows the marked
+    instruction in the official query string (its leading space included when both are there).
+    """
+    if official is not None:
+        instruction, text = _official_texts(item, config.use_instruction, official)
+    else:
+        instruction = (item.get("instruction") or "").strip() if config.use_instruction else ""
+        text = (item.get("text") or "").strip()
     if tokenizer is not None and text and cut:
         budget = config.max_text_tokens - (_count_tokens(instruction, tokenizer) if instruction else 0)
         text = truncate_text(text, tokenizer, budget)
     return instruction, text
+
+
+def _official_texts(item: dict, use_instruction: bool, markers: tuple[str, str]) -> tuple[str, str]:
+    """(instruction, text) by the official format_string, from the file's strings when the reader
+    kept them (`raw_*`, M-BEIR), else from the item's."""
+    text = item.get("raw_text", item.get("text"))
+    instruction = item.get("raw_instruction", item.get("instruction")) if use_instruction else None
+    if not instruction:
+        return "", official_format(text)
+    return official_query_text(instruction, text, *markers)
 
 
 def _system(config: PromptConfig, chat: Chat) -> str:
@@ -134,7 +154,10 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None, rules: 
     tokenizer and truncation=text, keep instruction + text within budget."""
     rules = rules or profiles.UMARVEL.rules
     kind = modality(item)
-    instruction, text = _instruction_and_text(item, config, tokenizer, cut=rules.truncation == "text")
+    official = None
+    if rules.text_format == "release":
+        official = (profiles.INSTRUCTION_START, profiles.INSTRUCTION_END) if rules.release_template else ("", "")
+    instruction, text = _instruction_and_text(item, config, tokenizer, cut=rules.truncation == "text", official=official)
     if rules.release_template:
         return _render_release(item, instruction, text, chat, rules)
 
@@ -142,6 +165,8 @@ def render(item: dict, config: PromptConfig, chat: Chat, tokenizer=None, rules: 
     out.template(_system(config, chat) + chat.user)
     images, videos = _visuals(item, chat, out)
     span = out.user(instruction) if instruction else None
+    if official is not None and instruction:
+        text = text.removeprefix(" ")  # the official string's joining space, written below
     if instruction and text:
         out.template(" ")
     out.user(text)
@@ -183,9 +208,9 @@ def _render_release(item: dict, instruction: str, text: str, chat: Chat, rules: 
         start = out.template(profiles.INSTRUCTION_START)[0]
         out.user(instruction)
         span = (start, out.template(profiles.INSTRUCTION_END)[1])
-        if text:
+        if text and rules.text_format != "release":  # under the official format the text holds its space
             out.template(" ")
-        elif rules.release_quirks:
+        elif not text and rules.release_quirks:
             out.template(".")
     out.user(text)
     has_text = bool(text) or span is not None

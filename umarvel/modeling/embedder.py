@@ -200,19 +200,25 @@ class Embedder(AdaptedBackbone):
                num_workers: int | None = None, bar=None) -> torch.Tensor:
         """(n, d) float32 unit vectors on CPU, in item order.
 
-        Batches are formed by estimated length to limit padding and prepared by `num_workers`
-        worker processes while the model runs (None: the default of `batches.default_workers`,
-        0: in-process). `bar`, a tqdm, advances by items; else `show_progress` shows one.
+        Batches are formed by estimated length to limit padding (or, under model.rules.batching
+        'file:N', N items at a time in item order, whatever `batch_size` says: the rules' vectors
+        depend on their batch) and prepared by `num_workers` worker processes while the model runs
+        (None: the default of `batches.default_workers`, 0: in-process). `bar`, a tqdm, advances
+        by items; else `show_progress` shows one.
         """
         was_training = self.training
         self.eval()
         bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
+        if self.rules.fixed_batch:
+            batch_size, keys = self.rules.fixed_batch, [0] * len(items)
+        else:
+            keys = [batches.estimated_tokens(item, bounds, unit) for item in items]
         progress = bar if bar is not None else tqdm(total=len(items), desc="encode", unit="item",
                                                     disable=not show_progress)
         try:
             return batches.encode_rows(
                 lambda batch: self(**batch), items, self.collate,
-                keys=[batches.estimated_tokens(item, bounds, unit) for item in items], batch_size=batch_size,
+                keys=keys, batch_size=batch_size,
                 device=self.device, width=self.backbone.config.get_text_config().hidden_size,
                 num_workers=num_workers, bar=progress,
             )

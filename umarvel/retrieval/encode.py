@@ -22,8 +22,8 @@ The fingerprints cover what shapes a vector, so a change never re-uses stale vec
   model: every top-level file of the backbone directory (weights, config, tokenizer,
     processor, chat template) by content; the adapter's LoRA tensors and its PEFT config; the
     model settings but device and the training-only ones (a model.rules.marker_rows file by
-    content); the dtype the weights are in (auto means bf16 on CUDA and fp32 on CPU);
-    CACHE_FORMAT.
+    content); the profile's resolved rules (its batching: 'file:N' vectors depend on their
+    batch); the dtype the weights are in (auto means bf16 on CUDA and fp32 on CPU); CACHE_FORMAT.
   set: the model fingerprint, the source files (queries or pool, instructions) by content,
     and every image the items name by (path under the root, size, mtime_ns).
 File contents are hashed whole, once: the digest is kept under the cache root keyed by
@@ -39,7 +39,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +131,9 @@ def _values(column) -> Iterable[str | None]:
 
 
 def model_fingerprint(embedder) -> str:
-    """The backbone directory, the adapter (tensors and config), the loaded dtype and every
-    model setting that shapes an embedding (a marker-rows file by content)."""
+    """The backbone directory, the adapter (tensors and config), the loaded dtype, every model
+    setting that shapes an embedding (a marker-rows file by content) and the resolved profile
+    rules, the batching among them."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"format {CACHE_FORMAT}\n".encode())
     digest.update(directory_fingerprint(embedder.settings.backbone).encode())
@@ -145,6 +146,8 @@ def model_fingerprint(embedder) -> str:
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
     relevant = {k: v for k, v in to_dict(embedder.settings).items() if k not in NOT_AFFECTING_EMBEDDINGS}
     relevant["loaded_dtype"] = str(embedder.dtype)
+    # the rules the profile resolved to (batching, text format, ...), not only the overrides given
+    relevant["rules"] = asdict(embedder.rules)
     markers = embedder.settings.rules.marker_rows
     if markers and not markers.startswith("seed:"):  # a file of rows: by content, like the backbone's files
         relevant["marker_rows_file"] = file_fingerprint(markers)
@@ -435,10 +438,13 @@ class EmbeddingCache:
         if item_set.parts:
             return concatenate([self.encode(part) for part in item_set.parts])
         fingerprint = set_fingerprint(self.model, item_set.sources, item_set.images() if item_set.images else "")
+        shard_size, fixed = self.config.shard_size, self.embedder.rules.fixed_batch
+        if fixed:  # shards hold whole batches, so the set's batches are those of one pass over the file
+            shard_size = -(-shard_size // fixed) * fixed
         return encode_set(
             self.embedder, item_set.items, len(item_set), item_set.id_key,
             self.root / f"{item_set.name}-{fingerprint}", fingerprint=fingerprint,
-            shard_size=self.config.shard_size, batch_size=self.config.batch_size,
+            shard_size=shard_size, batch_size=self.config.batch_size,
             num_workers=self.config.num_workers, desc=f"encode {item_set.name}", progress=self.progress,
         )
 
