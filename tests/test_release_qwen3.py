@@ -61,6 +61,19 @@ def test_rules_render_without_system_turn_and_resize_at_28px_first(release):
     assert tokenizer.decode(other["input_ids"][0]).startswith("<|im_start|>system\nYou are a helpful assistant.")
 
 
+def test_processor_resizes_within_its_saved_pixel_bounds(release_dir, release):
+    """The official Qwen3-VL evaluation never touches the processor's pixel bounds (the tiny
+    checkpoint saves 4096-16384); umarvel's rule puts prompt.min_pixels/max_pixels there."""
+    item = [{"image": draw_image("red", size=64).resize((150, 300)), "text": "a tall red thing"}]
+    assert release.processor.image_processor.size == {"shortest_edge": 4096, "longest_edge": 16384}
+    # 150x300 -> qwen-vl-utils at 28 px: 140x308 (43120 px) -> the processor at 32 px within 16384 px: 64x160
+    assert release.collate(item)["image_grid_thw"].tolist() == [[1, 10, 4]]
+    prompt_bounds = Embedder.from_pretrained(release_dir, profile="umarvel-release",
+                                             rules={"processor_pixels": "prompt"}, device="cpu", dtype="float32")
+    assert prompt_bounds.processor.image_processor.size["longest_edge"] == prompt_bounds.family.max_pixels
+    assert prompt_bounds.collate(item)["image_grid_thw"].tolist() == [[1, 20, 8]]  # 128x320, within 300x32x32
+
+
 def test_deepstack_features_are_left_out(release, monkeypatch):
     decoder = language_model(release.backbone)
     calls = []

@@ -135,6 +135,10 @@ class ProfileRulesConfig:
     image_resize: Optional[Literal["family", "qwen2-vl"]] = doc(
         "qwen-vl-utils resize before the processor: in the backbone family's pixel unit and bounds, or in "
         "Qwen2-VL's (28 px, as the released Qwen3-VL checkpoint's inference does); null = the profile's.", None)
+    processor_pixels: Optional[Literal["prompt", "checkpoint"]] = doc(
+        "Pixel bounds of the processor's own resize: prompt.min_pixels/max_pixels, or those saved with the "
+        "checkpoint's processor (the released Qwen3-VL checkpoint's inference keeps Qwen3-VL's 65536-16777216, so a "
+        "small picture is enlarged); null = the profile's.", None)
     batching: Optional[str] = doc(
         "How encoding forms batches: 'length' (sorted by estimated length, encode.batch_size per batch) or 'file:N' "
         "(N items per batch in file order, whatever encode.batch_size says); null = the profile's.", None)

@@ -11,7 +11,8 @@ depends). Every rule can be overridden on its own (`model.rules.*`) to measure w
 A profile belongs to backbone families: the release profile exists for the families its
 checkpoints were trained on, with the rules each family's official inference follows (the
 Qwen3-VL release differs from the Qwen2-VL one: no system turn, bidirectional in every batch,
-DeepStack features left out, images resized at Qwen2-VL's 28 px before the processor).
+DeepStack features left out, images resized at Qwen2-VL's 28 px before the processor, which then
+resizes them within its own saved pixel bounds, 65536-16777216 for Qwen3-VL-4B-Instruct).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Rules:
     batching: str
     text_format: str
     images: str
+    processor_pixels: str
 
     @property
     def release_template(self) -> bool:
@@ -85,12 +87,13 @@ UMARVEL = Profile(
     families=None,
     rules=Rules(template="umarvel", release_quirks=False, marker_rows="seed:0", positions="mrope",
                 unpadded_causal=False, truncation="text", candidate_max_tokens=1024, system_turn=True,
-                deepstack=True, image_resize="family", batching="length", text_format="umarvel", images="umarvel"),
+                deepstack=True, image_resize="family", batching="length", text_format="umarvel", images="umarvel",
+                processor_pixels="prompt"),
 )
 _RELEASE_RULES = Rules(template="release", release_quirks=True, marker_rows="seed:0", positions="1d",
                        unpadded_causal=True, truncation="candidates", candidate_max_tokens=1024, system_turn=True,
                        deepstack=True, image_resize="family", batching=f"file:{RELEASE_BATCH}",
-                       text_format="release", images="release")
+                       text_format="release", images="release", processor_pixels="prompt")
 UMARVEL_RELEASE = Profile(
     name="umarvel-release",
     summary="the official inference of TencentBAC/U-MARVEL-Qwen2VL-7B-Instruct: system turn, user turn "
@@ -100,13 +103,14 @@ UMARVEL_RELEASE = Profile(
             "normalised by its format_string; images read by its copy of qwen-vl-utils; batches of 16 in file order. "
             "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same without the system turn, bidirectional in "
             "every batch, no DeepStack features, images resized at 28 px (Qwen2-VL's qwen-vl-utils) before the "
-            "processor's own resize.",
+            "processor's own resize within its saved pixel bounds.",
     families=("qwen2-vl", "qwen3-vl"),
     rules=_RELEASE_RULES,
     architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration",
                    "Qwen3VLRetFinetuneForConditionalGeneration"),
     variants={"qwen3-vl": dataclasses.replace(_RELEASE_RULES, system_turn=False, unpadded_causal=False,
-                                              deepstack=False, image_resize="qwen2-vl")},
+                                              deepstack=False, image_resize="qwen2-vl",
+                                              processor_pixels="checkpoint")},
     layout_architectures={"qwen2-vl": "Qwen2VLRetFinetuneForConditionalGeneration",
                           "qwen3-vl": "Qwen3VLRetFinetuneForConditionalGeneration"},
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from umarvel import backbones
+from umarvel import backbones, profiles
 from umarvel.backbone import language_model, load_backbone, load_processor, quiet_transformers, resolve_device, resolve_dtype
 from umarvel.config import ConfigError, ModelConfig
 from umarvel.errors import UmarvelError
@@ -63,7 +63,9 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     """(backbone with its saved or a fresh adapter, processor, device), frozen but for the adapter.
 
     A saved adapter is loaded (trainable or not); without one, a fresh LoRA is attached only
-    for training, since an untrained LoRA changes nothing at inference.
+    for training, since an untrained LoRA changes nothing at inference. The processor resizes
+    within prompt.min_pixels/max_pixels, or within its saved bounds where the profile's rules
+    say so (model.rules.processor_pixels=checkpoint).
     """
     device = resolve_device(config.device)
     backbone = load_backbone(
@@ -85,7 +87,9 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
         with quiet_transformers():
             backbone = attach_lora(backbone, config)
     family = backbones.of(backbone)
-    processor = load_processor(backbone_dir, *family.pixel_bounds(config.prompt), image_backend=family.image_backend)
+    saved_bounds = profiles.resolve(config, family.name).processor_pixels == "checkpoint"
+    bounds = () if saved_bounds else family.pixel_bounds(config.prompt)
+    processor = load_processor(backbone_dir, *bounds, image_backend=family.image_backend)
     config.backbone = str(backbone_dir.resolve())
     return backbone, processor, device
 
