@@ -74,6 +74,18 @@ def test_processor_resizes_within_its_saved_pixel_bounds(release_dir, release):
     assert prompt_bounds.collate(item)["image_grid_thw"].tolist() == [[1, 20, 8]]  # 128x320, within 300x32x32
 
 
+def test_marker_rows_sit_at_the_mean_of_the_rows_before_them(release):
+    """The official load (transformers 4.57) adds <instruction_start>, then <instruction_end>,
+    each row drawn around the mean of the rows before it with their covariance scaled by 1e-9."""
+    tokenizer = release.processor.tokenizer
+    weight = release.backbone.get_input_embeddings().weight.detach()
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in (profiles.INSTRUCTION_START, profiles.INSTRUCTION_END))
+    assert end == start + 1 and start > tokenizer.convert_tokens_to_ids(profiles.EMB_TOKEN)
+    mean = weight[:start].mean(0)
+    assert torch.allclose(weight[start], mean, atol=1e-7) and torch.allclose(weight[end], mean, atol=1e-7)
+    assert weight[:start].std(0).min() > 1e-3  # the mean is not any of the rows' own values
+
+
 def test_deepstack_features_are_left_out(release, monkeypatch):
     decoder = language_model(release.backbone)
     calls = []
@@ -96,8 +108,8 @@ def test_attention_is_bidirectional_with_or_without_padding(release):
     """Unlike the Qwen2-VL release, a batch without padding is no different: an item's vector
     is the same alone as in a padded batch."""
     items = _items()
-    together = release.encode(items, batch_size=3)
-    alone = torch.cat([release.encode([item], batch_size=1) for item in items])
+    together = release.encode(items, batch_size=3, convert_to_tensor=True)
+    alone = torch.cat([release.encode([item], batch_size=1, convert_to_tensor=True) for item in items])
     assert (together - alone).abs().max() < 1e-5
 
 

@@ -114,8 +114,9 @@ class ProfileRulesConfig:
         "With the release template: image-only candidates get the 'image and sentence' suffix and image-only queries "
         "end in '<instruction_end>.', as the official inference renders them; null = the profile's.", None)
     marker_rows: Optional[str] = doc(
-        "Embedding rows of <instruction_start>/<instruction_end>: 'seed:N' (normal(0, 0.02) from seed N) or a "
-        ".safetensors/.npy file of shape (2, hidden); null = the profile's.", None)
+        "Embedding rows of <instruction_start>/<instruction_end>: 'seed:N' (normal(0, 0.02) from seed N), 'mean' (the "
+        "mean of the rows before them, as transformers >= 4.46 resizes) or a .safetensors/.npy file of shape "
+        "(2, hidden); null = the profile's.", None)
     positions: Optional[Literal["mrope", "1d"]] = doc(
         "Rotary positions: M-RoPE (2-D for image tokens) or 1-D arange on all three axes; null = the profile's.", None)
     unpadded_causal: Optional[bool] = doc(

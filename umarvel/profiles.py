@@ -10,7 +10,8 @@ depends). Every rule can be overridden on its own (`model.rules.*`) to measure w
 
 A profile belongs to backbone families: the release profile exists for the families its
 checkpoints were trained on, with the rules each family's official inference follows (the
-Qwen3-VL release differs from the Qwen2-VL one: no system turn, bidirectional in every batch,
+Qwen3-VL release differs from the Qwen2-VL one: its marker rows at the embeddings' mean (its
+transformers 4.57 resizes with mean_resizing), no system turn, bidirectional in every batch,
 DeepStack features left out, images resized at Qwen2-VL's 28 px before the processor, which then
 resizes them within its own saved pixel bounds, 65536-16777216 for Qwen3-VL-4B-Instruct).
 """
@@ -32,6 +33,8 @@ RELEASE_SYSTEM_PROMPT = "You are a helpful assistant."
 # Its evaluation batches: 16 items in file order (DataLoader(batch_size=16, shuffle=False) in
 # eval/eval_mbeir_local_finetune_fast.py, for the queries and for each pool).
 RELEASE_BATCH = 16
+# A marker_rows spec: the rows at the mean of the rows before them (transformers >= 4.46's resize).
+MEAN_MARKERS = "mean"
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ UMARVEL_RELEASE = Profile(
             "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
             "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never; texts "
             "normalised by its format_string; images read by its copy of qwen-vl-utils; batches of 16 in file order. "
-            "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same without the system turn, bidirectional in "
+            "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same with marker rows at the embeddings' mean, without the system turn, bidirectional in "
             "every batch, no DeepStack features, images resized at 28 px (Qwen2-VL's qwen-vl-utils) before the "
             "processor's own resize within its saved pixel bounds.",
     families=("qwen2-vl", "qwen3-vl"),
@@ -110,7 +113,7 @@ UMARVEL_RELEASE = Profile(
                    "Qwen3VLRetFinetuneForConditionalGeneration"),
     variants={"qwen3-vl": dataclasses.replace(_RELEASE_RULES, system_turn=False, unpadded_causal=False,
                                               deepstack=False, image_resize="qwen2-vl",
-                                              processor_pixels="checkpoint")},
+                                              processor_pixels="checkpoint", marker_rows=MEAN_MARKERS)},
     layout_architectures={"qwen2-vl": "Qwen2VLRetFinetuneForConditionalGeneration",
                           "qwen3-vl": "Qwen3VLRetFinetuneForConditionalGeneration"},
 )
@@ -153,17 +156,19 @@ def batch_plan(spec: str) -> int | None:
     raise ConfigError(f"model.rules.batching: {spec!r} is neither 'length' nor 'file:N' with N >= 1")
 
 
-def marker_source(spec: str) -> int | Path:
-    """The seed of a 'seed:N' marker_rows spec, or the file it names; checked whatever the
-    template, so that a mistyped path is an error at load, not a setting that silently measures
-    nothing (release.marker_rows reads what this returns)."""
+def marker_source(spec: str) -> int | Path | str:
+    """The seed of a 'seed:N' marker_rows spec, MEAN_MARKERS, or the file it names; checked
+    whatever the template, so that a mistyped path is an error at load, not a setting that
+    silently measures nothing (release.prepare_backbone reads what this returns)."""
+    if spec == MEAN_MARKERS:
+        return spec
     if spec.startswith("seed:"):
         try:
             return int(spec.removeprefix("seed:"))
         except ValueError:
             raise ConfigError(f"model.rules.marker_rows: {spec!r} is not 'seed:N' with an integer N") from None
     if not Path(spec).is_file():
-        raise ConfigError(f"model.rules.marker_rows: {spec} is neither 'seed:N' nor an existing file")
+        raise ConfigError(f"model.rules.marker_rows: {spec} is neither 'seed:N' nor an existing file, nor 'mean'")
     return Path(spec)
 
 

@@ -56,7 +56,12 @@ def marker_rows(spec: str, hidden: int, count: int = 2) -> torch.Tensor:
 def prepare_backbone(backbone, tokenizer, spec: str) -> dict[str, int]:
     """Add the release tokens to `tokenizer` and give the backbone their rows: markers from
     `spec`; <emb> keeps the checkpoint's row, or (vocabulary too small, so resized) takes a
-    third row of the draw (or of the file). Returns the token ids."""
+    third row of the draw (or of the file). Returns the token ids.
+
+    'mean' puts every fresh row at the mean of the rows before the first of them: what
+    transformers >= 4.46 draws when the official load resizes one token at a time
+    (mean_resizing: a normal around that mean with the rows' covariance scaled by 1e-9, so
+    within ~1e-4 of a row's spread of it), the Qwen3-VL release's load under 4.57."""
     before = backbone.get_input_embeddings().num_embeddings
     ids = add_release_tokens(tokenizer)
     if len(tokenizer) > before:
@@ -65,7 +70,10 @@ def prepare_backbone(backbone, tokenizer, spec: str) -> dict[str, int]:
     fresh = [ids[profiles.INSTRUCTION_START], ids[profiles.INSTRUCTION_END]]
     if ids[profiles.EMB_TOKEN] >= before:
         fresh.append(ids[profiles.EMB_TOKEN])
-    rows = marker_rows(spec, weight.shape[1], count=len(fresh))
+    if profiles.marker_source(spec) == profiles.MEAN_MARKERS:
+        rows = weight[: min(fresh)].detach().float().mean(0).expand(len(fresh), -1)
+    else:
+        rows = marker_rows(spec, weight.shape[1], count=len(fresh))
     with torch.no_grad():
         weight[fresh] = rows.to(weight.device, weight.dtype)
     return ids

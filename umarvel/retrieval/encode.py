@@ -50,6 +50,7 @@ from umarvel.config import ConfigError, to_dict
 from umarvel.errors import CacheError, DataError, UmarvelError
 from umarvel.evaluation.protocol import ItemSet
 from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
+from umarvel.profiles import marker_source
 
 logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
@@ -149,7 +150,7 @@ def model_fingerprint(embedder) -> str:
     # the rules the profile resolved to (batching, text format, ...), not only the overrides given
     relevant["rules"] = asdict(embedder.rules)
     markers = embedder.settings.rules.marker_rows
-    if markers and not markers.startswith("seed:"):  # a file of rows: by content, like the backbone's files
+    if markers and isinstance(marker_source(markers), Path):  # a file of rows: by content, like the backbone's files
         relevant["marker_rows_file"] = file_fingerprint(markers)
     digest.update(json.dumps(relevant, sort_keys=True).encode())
     return digest.hexdigest()
