@@ -36,6 +36,16 @@ What it does, in one run:
   5. compares the vectors per item and prints the max abs difference per modality x side
      (query, candidate), per hard case, the overall max, and the same against the fp16 cache.
 
+`--family qwen3-vl` checks U-MARVEL-Qwen3VL-4B-Instruct's rules the same way: the tiny checkpoint
+is a qwen3-vl one in that release's layout (nested 4.57 config), with Qwen3-VL-4B-Instruct's
+processor files (16 px patches, pixel bounds 65536-16777216, mean and std 0.5, its chat template,
+which has no default system turn); the official side is
+eval/eval_mbeir_local_finetune_fast_sample_qwen3_vl.py (its Qwen3-VL model file, the same
+datasets and collators, --batch_size 16 as its launchers leave it) under transformers 4.57,
+with the checkout's models/ on the path (its model file imports its sdpa helpers from there).
+Same data, same seeding; its marker rows come from 4.57's mean_resizing, within ~2e-6 of the
+mean the profile's own marker_rows=mean gives (printed).
+
 Nothing of the official code is copied here or committed: it is fetched into a scratch folder
 and imported at run time. Set-up (once):
 
@@ -44,6 +54,10 @@ and imported at run time. Set-up (once):
     pip install --target /work/scratch/tf445 --no-deps "transformers==4.45.2" "tokenizers>=0.20,<0.21" \\
         "huggingface_hub>=0.23.2,<1.0" "datasets==3.0.1"
     pip install --target /work/scratch/tf445 aiohttp      # datasets 3.0's fsspec import needs it
+    # for --family qwen3-vl (its requirements_qwen3_vl.txt names transformers 4.57.0):
+    pip install --target /work/scratch/tf457 --no-deps "transformers==4.57.0" "tokenizers>=0.22,<0.23" \\
+        "huggingface_hub>=0.34,<1.0" "datasets==3.0.1"
+    pip install --target /work/scratch/tf457 aiohttp
   (its utils.py imports transformers' Trainer, which imports datasets; the environment's datasets
   needs huggingface_hub 1.x, transformers 4.45 needs < 1.0). The rest the official code imports
   (torch, torchvision, accelerate, deepspeed, PIL, requests) comes from umarvel's own
@@ -53,6 +67,8 @@ Run (about 13 minutes on 2 busy CPU cores, 8 of them the official side):
 
     python scripts/crosscheck_release.py --official /work/scratch/umarvel-official \\
         --tf445 /work/scratch/tf445 --work /work/scratch/crosscheck
+    python scripts/crosscheck_release.py --family qwen3-vl --official /work/scratch/umarvel-official \\
+        --tf457 /work/scratch/tf457 --work /work/scratch/crosscheck-qwen3
 
 `--reuse-official` keeps the official vectors of an earlier run in --work; `--set KEY=VALUE`
 gives our side's command a setting, to measure what one rule does (e.g.
@@ -69,6 +85,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +108,49 @@ QWEN2VL_CHAT_TEMPLATE = (
     "content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-4B-Instruct's processor facts (preprocessor_config.json, video_preprocessor_config.json) and the
+# part of its chat template the official prompts reach (an optional system turn, user and assistant turns of
+# text and image parts, the generation prompt; no default system turn): what U-MARVEL-Qwen3VL-4B-Instruct's
+# evaluation loads from its ORIGINAL_MODEL_ID (the processor is saved unchanged by its merge step).
+QWEN3VL_IMAGE = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+                 "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+QWEN3VL_VIDEO = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+                 "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' }}{%- if messages[0].content is string %}"
+    "{{- messages[0].content }}{%- else %}{%- for part in messages[0].content %}{%- if 'text' in part %}"
+    "{{- part.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for part in message.content %}"
+    "{%- if message.role == 'user' and (part.type == 'image' or 'image' in part or 'image_url' in part) %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif message.role == 'user' and (part.type == 'video' or 'video' in part) %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Official:
+    """Where a family's official evaluation lives and what it runs under."""
+
+    eval_file: str  # in the checkout
+    model_class: str  # the name its eval module imports the model class under
+    transformers: str  # the version (prefix) it needs, from a --target folder
+    target: str  # the option naming that folder
+    batch_size: int | None  # its --batch_size argument (None: the script has none, 16 is fixed)
+
+
+OFFICIAL = {
+    "qwen2-vl": Official("eval/eval_mbeir_local_finetune_fast.py", "Qwen2VLRetFinetuneForConditionalGeneration",
+                         "4.45", "tf445", None),
+    "qwen3-vl": Official("eval/eval_mbeir_local_finetune_fast_sample_qwen3_vl.py",
+                         "Qwen3VLRetFinetuneForConditionalGeneration", "4.57", "tf457", 16),
+}
 # The official evaluation's id hashing (dataset id * bound + number), undone to compare by id.
 QUERY_BOUND, CANDIDATE_BOUND = 500_000, 10_000_000
 WORDS = ("river stone market light window garden bridge morning silver yellow orange painted quiet "
@@ -99,19 +159,29 @@ WORDS = ("river stone market light window garden bridge morning silver yellow or
 
 # ---- 1. the checkpoint ----------------------------------------------------------------------
 
-def build_checkpoint(work: Path) -> Path:
-    """The tiny released-layout checkpoint with Qwen2-VL-7B-Instruct-style processor files."""
+def build_checkpoint(work: Path, family: str) -> Path:
+    """The tiny released-layout checkpoint of `family` with its base model's processor files:
+    Qwen2-VL-7B-Instruct's (pixel bounds, chat template with its default system turn) or
+    Qwen3-VL-4B-Instruct's (16 px patches, pixel bounds 65536-16777216, mean and std 0.5, chat
+    template without a default system turn)."""
     raw, out = work / "tiny-release", work / CHECKPOINT
-    _run([sys.executable, "-m", "umarvel", "make-tiny-model", "--layout", "umarvel-release", "--out", str(raw)])
+    _run([sys.executable, "-m", "umarvel", "make-tiny-model", "--family", family, "--layout", "umarvel-release",
+          "--out", str(raw)])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy2(raw / name, out / name)
-    processor = json.loads((raw / "processor_config.json").read_text())
-    image = {k: v for k, v in processor["image_processor"].items() if k != "size"}
-    (out / "preprocessor_config.json").write_text(json.dumps(
-        {**image, **QWEN2VL_PIXELS, "processor_class": "Qwen2VLProcessor"}, indent=2) + "\n")
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2VL_CHAT_TEMPLATE}, indent=2) + "\n")
+    if family == "qwen3-vl":
+        chat_template, processor_class = QWEN3VL_CHAT_TEMPLATE, "Qwen3VLProcessor"
+        (out / "preprocessor_config.json").write_text(json.dumps(QWEN3VL_IMAGE, indent=2) + "\n")
+        (out / "video_preprocessor_config.json").write_text(json.dumps(QWEN3VL_VIDEO, indent=2) + "\n")
+    else:
+        chat_template, processor_class = QWEN2VL_CHAT_TEMPLATE, "Qwen2VLProcessor"
+        processor = json.loads((raw / "processor_config.json").read_text())
+        image = {k: v for k, v in processor["image_processor"].items() if k != "size"}
+        (out / "preprocessor_config.json").write_text(json.dumps(
+            {**image, **QWEN2VL_PIXELS, "processor_class": processor_class}, indent=2) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
     tokenizer = json.loads((raw / "tokenizer.json").read_text())
     special = [t for t in tokenizer["added_tokens"] if t["special"]]
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -119,7 +189,7 @@ def build_checkpoint(work: Path) -> Path:
         "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
                                                                    "single_word", "special")} for t in special},
         "additional_special_tokens": [t["content"] for t in special if t["content"] != "<|endoftext|>"],
-        "bos_token": None, "chat_template": QWEN2VL_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "bos_token": None, "chat_template": chat_template, "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
         "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
     }, indent=2) + "\n")
@@ -282,26 +352,28 @@ torch.npu = types.SimpleNamespace(memory_allocated=lambda *a, **k: 0, empty_cach
 '''
 
 
-def run_official(work: Path, official: Path, tf445: Path) -> None:
+def run_official(work: Path, official: Path, target: Path, family: str) -> None:
     shim = work / "shim"
     (shim / "torch_npu" / "contrib").mkdir(parents=True, exist_ok=True)
     (shim / "torch_npu" / "__init__.py").write_text(SHIM)
     (shim / "torch_npu" / "contrib" / "__init__.py").write_text("")
     (shim / "torch_npu" / "contrib" / "transfer_to_npu.py").write_text("")
     shutil.rmtree(work / OFFICIAL_OUT, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (tf445, official, shim))), "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false"}
+    # the Qwen3-VL model file imports its sdpa helpers as a top-level module from models/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (target, official, official / "models", shim))),
+           "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     log = work / "official.log"
-    print(f"official side: eval/eval_mbeir_local_finetune_fast.py under transformers 4.45 (log: {log})", flush=True)
+    spec = OFFICIAL[family]
+    print(f"official side: {spec.eval_file} under transformers {spec.transformers} (log: {log})", flush=True)
     with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", "official",
+        code = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", "official", "--family", family,
                                "--official", str(official), "--work", str(work)],
                               cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
     if code:
         sys.exit(f"the official side failed (exit {code}); see {log}")
 
 
-def official_side(work: Path, official: Path) -> None:
+def official_side(work: Path, official: Path, family: str) -> None:
     """Inside the subprocess: call the official eval(args) on ./data/M-BEIR, fp32, no autocast."""
     import importlib.util
     import types
@@ -311,13 +383,14 @@ def official_side(work: Path, official: Path) -> None:
     import torch
     import transformers
 
-    assert transformers.__version__.startswith("4.45"), transformers.__version__
+    facts = OFFICIAL[family]
+    assert transformers.__version__.startswith(facts.transformers), transformers.__version__
     torch.manual_seed(0)  # its marker rows are drawn at load; seeded, a re-run draws the same
-    spec = importlib.util.spec_from_file_location("official_eval", official / "eval/eval_mbeir_local_finetune_fast.py")
+    spec = importlib.util.spec_from_file_location("official_eval", official / facts.eval_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    real_model, real_processor, loaded = module.Qwen2VLRetFinetuneForConditionalGeneration, module.AutoProcessor, {}
+    real_model, real_processor, loaded = getattr(module, facts.model_class), module.AutoProcessor, {}
 
     def load_model(path, **kwargs):
         kwargs["torch_dtype"] = torch.float32  # its eval loads bf16; the comparison is in fp32
@@ -328,7 +401,7 @@ def official_side(work: Path, official: Path) -> None:
         loaded["processor"] = real_processor.from_pretrained(path, **kwargs)
         return loaded["processor"]
 
-    module.Qwen2VLRetFinetuneForConditionalGeneration = types.SimpleNamespace(from_pretrained=load_model)
+    setattr(module, facts.model_class, types.SimpleNamespace(from_pretrained=load_model))
     module.AutoProcessor = types.SimpleNamespace(from_pretrained=load_processor)
     module.Accelerator = lambda **kwargs: accelerate.Accelerator(**{**kwargs, "mixed_precision": "no"})
     # its paths are relative to the working directory; ours is --work, which holds data/M-BEIR
@@ -343,7 +416,9 @@ def official_side(work: Path, official: Path) -> None:
         image_path_prefix=f"./{DATA}/", query_dataset_has_instruction="True",
         query_dataset_use_instruction_token="True", model_mean_pooling="True", model_use_bi_atten="True",
         model_use_latent_atten="False", model_use_instruction_mask="True",
-    )  # the flags of scripts/eval/fast_eval/vtools_eval_mbeir_local_fast_qwen2-vl-7b_umarvel_*.py
+    )  # the flags of scripts/eval/fast_eval/vtools_eval_mbeir_local_fast_qwen2-vl-7b_umarvel_*.py (and qwen3_vl/*_4b_*)
+    if facts.batch_size is not None:
+        args.batch_size = facts.batch_size  # the Qwen3-VL script's default, which its launchers keep
     module.eval(args)
     model, tokenizer = loaded["model"], loaded["processor"].tokenizer
     print("attention implementation:", model.config._attn_implementation)
@@ -351,6 +426,9 @@ def official_side(work: Path, official: Path) -> None:
     weight = model.get_input_embeddings().weight.detach().float()
     np.save(work / MARKER_ROWS, weight[ids[1:]].numpy())
     print("added token ids:", ids, "embedding rows:", weight.shape[0])
+    mean = weight[:ids[1]].mean(0)
+    print("marker rows' max abs distance from the mean of the rows before them (marker_rows=mean):",
+          f"{float((weight[ids[1:]] - mean).abs().max()):.2e}")
 
 
 # ---- 4. our side: the CLI ------------------------------------------------------------------------
@@ -383,7 +461,7 @@ def our_side(work: Path, overrides: list[str]) -> None:
         out = encode(self, items, *args, **kwargs)
         for item, vector in zip(items, out):
             key = f"query:{item['qid']}" if item.get("qid") else f"candidate:{item['did']}"
-            vectors[key] = vector.numpy().copy()
+            vectors[key] = np.array(vector, dtype=np.float32)
         return out
 
     Embedder.encode = recording
@@ -489,7 +567,10 @@ def main() -> None:
                                      epilog=textwrap.dedent(__doc__.split("\n", 1)[1]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", type=Path, help="the U-MARVEL checkout (scratch folder)")
-    parser.add_argument("--tf445", type=Path, help="pip --target folder holding transformers 4.45")
+    parser.add_argument("--family", choices=sorted(OFFICIAL), default="qwen2-vl",
+                        help="the release to check: U-MARVEL-Qwen2VL-7B-Instruct's or U-MARVEL-Qwen3VL-4B-Instruct's")
+    parser.add_argument("--tf445", type=Path, help="pip --target folder holding transformers 4.45 (qwen2-vl)")
+    parser.add_argument("--tf457", type=Path, help="pip --target folder holding transformers 4.57 (qwen3-vl)")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for checkpoint, data and vectors")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--reuse-official", action="store_true",
@@ -501,19 +582,20 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     if args.side == "official":
-        return official_side(work, args.official.resolve())
+        return official_side(work, args.official.resolve(), args.family)
     if args.side == "ours":
         return our_side(work, args.overrides)
-    if not args.reuse_official and not (args.official and args.tf445):
-        parser.error("--official and --tf445 are needed (see the set-up above)")
+    target = getattr(args, OFFICIAL[args.family].target)
+    if not args.reuse_official and not (args.official and target):
+        parser.error(f"--official and --{OFFICIAL[args.family].target} are needed for {args.family} (see the set-up above)")
     work.mkdir(parents=True, exist_ok=True)
     if args.reuse_official:
         cases = json.loads((work / "cases.json").read_text())
     else:
-        build_checkpoint(work)
+        build_checkpoint(work, args.family)
         cases = write_benchmark(work / DATA)
         (work / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-        run_official(work, args.official.resolve(), args.tf445.resolve())
+        run_official(work, args.official.resolve(), target.resolve(), args.family)
     run_ours(work, args.overrides)
     sys.exit(0 if compare(work, cases, args.tolerance) else 1)
 
