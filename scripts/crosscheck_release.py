@@ -585,9 +585,10 @@ def main() -> None:
         return official_side(work, args.official.resolve(), args.family)
     if args.side == "ours":
         return our_side(work, args.overrides)
-    target = getattr(args, OFFICIAL[args.family].target)
+    option = OFFICIAL[args.family].target
+    target = getattr(args, option)
     if not args.reuse_official and not (args.official and target):
-        parser.error(f"--official and --{OFFICIAL[args.family].target} are needed for {args.family} (see the set-up above)")
+        parser.error(f"--official and --{option} are needed for {args.family} (see the set-up above)")
     work.mkdir(parents=True, exist_ok=True)
     if args.reuse_official:
         cases = json.loads((work / "cases.json").read_text())

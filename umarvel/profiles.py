@@ -104,9 +104,9 @@ UMARVEL_RELEASE = Profile(
             "assistant turn '<emb>.', generation prompt; mean over every non-pad token but the marker span; 1-D "
             "positions; bidirectional only in padded batches; candidates cut to 1024 tokens, queries never; texts "
             "normalised by its format_string; images read by its copy of qwen-vl-utils; batches of 16 in file order. "
-            "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same with marker rows at the embeddings' mean, without the system turn, bidirectional in "
-            "every batch, no DeepStack features, images resized at 28 px (Qwen2-VL's qwen-vl-utils) before the "
-            "processor's own resize within its saved pixel bounds.",
+            "For qwen3-vl, U-MARVEL-Qwen3VL-4B-Instruct's: the same with marker rows at the embeddings' mean, "
+            "without the system turn, bidirectional in every batch, no DeepStack features, images resized at 28 px "
+            "(Qwen2-VL's qwen-vl-utils) before the processor's own resize within its saved pixel bounds.",
     families=("qwen2-vl", "qwen3-vl"),
     rules=_RELEASE_RULES,
     architectures=("Qwen2VLRetFinetuneForConditionalGeneration", "Qwen2VLRetForConditionalGeneration",
