@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -26,6 +27,7 @@ from umarvel.data.synthetic import write_synthetic
 from umarvel.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "deepspeed_steps_worker.py"
 CPU = ["--set", "model.attn_implementation=sdpa"]
 SHORT = [*CPU, "--set", "train.max_steps=2"]
 ZERO3 = ["--set", "train.deepspeed=configs/deepspeed/zero3.json"]
@@ -56,13 +58,15 @@ def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
 
 
 MINE = ["--model", "runs/umarvel/progressive/mbeir", "--data", "data/M-BEIR"]
-STEPS = chain("umarvel") + [
+TABLE5 = [
     ("table5-mine", ["mine-negatives", *MINE, "--out", "runs/umarvel/hardneg-unfiltered.jsonl",
                      "--config", "configs/umarvel/table5/mine-unfiltered.yaml", *CPU], []),
     ("table5-id0", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id0-topk-only.yaml", *SHORT],
      ["table5/id0-topk-only"]),
     ("table5-id1", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id1-inbatch-topk.yaml", *SHORT],
      ["table5/id1-inbatch-topk"]),
+]
+ZERO3_STEPS = [
     # the same configs under configs/deepspeed/zero3.json (GradCache included: the paper configs set chunks of 16)
     ("zero3-nli", ["train", "--stage", "nli", "--config", "configs/umarvel/progressive.yaml", *SHORT, *ZERO3,
                    "--set", "run.output_dir=runs/umarvel/zero3/progressive"], ["zero3/progressive/nli"]),
@@ -72,6 +76,11 @@ STEPS = chain("umarvel") + [
     ("zero3-reranker", ["train", "--stage", "reranker", "--config", "configs/umarvel/reranker.yaml", *SHORT, *ZERO3,
                         "--set", "run.output_dir=runs/umarvel/zero3/reranker"], ["zero3/reranker"]),
 ]
+STEPS = chain("umarvel") + TABLE5 + ZERO3_STEPS
+# One launch runs several steps (deepspeed_steps_worker.py), as a launch costs more than a
+# 2-step run: the chain with Table 5's runs, then the ZeRO-3 runs (a ZeRO-3 TrainingArguments
+# changes how later models load in its process, so they do not share one with ZeRO-2 runs).
+LAUNCHES = [chain("umarvel") + TABLE5, ZERO3_STEPS]
 # Other families: the whole chain of every family folder, each on a tiny model of its family laid
 # out at the checkpoint path it names (test_family_configs_change_only_backbone_pixels_and_paths
 # checks, besides, that they differ from configs/umarvel only in backbone, pixel limits and paths).
@@ -89,10 +98,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+class Step(NamedTuple):
+    returncode: int
+    output: str
+
+
 def _deepspeed(workdir: Path, arguments: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     port = _free_port()
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "umarvel", *arguments]
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), *arguments]
     try:
         return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     finally:
@@ -114,25 +128,47 @@ def paper_layout(tmp_path_factory):
     return workdir
 
 
-def _run_in_order(workdir: Path, steps) -> dict:
+def _launch(workdir: Path, steps) -> dict[str, Step]:
+    """Run `steps` in order in one 2-rank launch: each step's exit code and both ranks' output.
+    A step the launch died in gets the launcher's exit code and output besides its logs."""
+    logs = workdir / "logs" / steps[0][0]
+    plan = logs.with_suffix(".json")
+    plan.parent.mkdir(exist_ok=True)
+    plan.write_text(json.dumps([[name, arguments] for name, arguments, _ in steps]))
+    done = _deepspeed(workdir, [str(WORKER), "--plan", str(plan), "--logs", str(logs)])
+    outcome = {}
+    for name, _, _ in steps:
+        output = "".join(log.read_text() for log in sorted(logs.glob(f"{name}.rank*.log")))
+        codes = [int(rc.read_text()) for rc in sorted(logs.glob(f"{name}.rank*.rc"))]
+        if len(codes) < 2:
+            if output or done.returncode != 0:
+                outcome[name] = Step(done.returncode or 1, output + done.stdout[-3000:] + done.stderr[-3000:])
+            break
+        outcome[name] = Step(max(codes), output)
+        if max(codes) != 0:
+            break
+    return outcome
+
+
+def _run_in_order(workdir: Path, launches) -> dict[str, Step]:
     """Run every step once; a failing step fails every test that needs it, with its log."""
     outcome = {}
-    for name, arguments, _ in steps:
-        done = _deepspeed(workdir, arguments)
-        outcome[name] = done
-        if done.returncode != 0:
+    for steps in launches:
+        ran = _launch(workdir, steps)
+        outcome.update(ran)
+        if len(ran) < len(steps) or any(step.returncode for step in ran.values()):
             break
     return outcome
 
 
 @pytest.fixture(scope="module")
 def paper_runs(paper_layout):
-    return paper_layout, _run_in_order(paper_layout, STEPS)
+    return paper_layout, _run_in_order(paper_layout, LAUNCHES)
 
 
 @pytest.fixture(scope="module")
 def family_runs(paper_layout):
-    return paper_layout, {folder: _run_in_order(paper_layout, chain(folder)) for folder in FAMILY_FOLDERS}
+    return paper_layout, {folder: _run_in_order(paper_layout, [chain(folder)]) for folder in FAMILY_FOLDERS}
 
 
 def _scalars_of(run_dir: str) -> list[str]:
@@ -164,7 +200,7 @@ def test_family_config_runs_under_deepspeed(family_runs, folder, name, arguments
 def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> None:
     assert name in outcome, "an earlier step failed"
     done = outcome[name]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.output[-6000:]
     for run_dir in run_dirs:
         run = runs / run_dir
         assert (run / "DONE").is_file()
@@ -175,7 +211,7 @@ def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> No
         scalars = tensorboard_scalars(run)
         for tag in _scalars_of(run_dir):
             assert len(scalars.get(tag, [])) == 2, f"{run_dir}: {tag} not in TensorBoard ({sorted(scalars)})"
-        assert "step 2/2 (100%)" in done.stderr + done.stdout
+        assert "step 2/2 (100%)" in done.output
 
 
 @pytest.mark.slow
