@@ -23,12 +23,19 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2vl", seed=0)
 
 
+@pytest.fixture(scope="session")
+def family_model_dirs(tiny_model_dir, tmp_path_factory):
+    """A tiny checkpoint of every supported family by name (the default one is `tiny_model_dir`),
+    for a test that runs them all in one launch."""
+    return {name: tiny_model_dir if name == backbones.DEFAULT else
+            build_tiny_model(tmp_path_factory.mktemp("tiny-family") / name, seed=0, family=name)
+            for name in backbones.names()}
+
+
 @pytest.fixture(scope="session", params=backbones.names())
-def family_model_dir(request, tmp_path_factory):
-    """A tiny checkpoint of each supported family in turn (the default one is `tiny_model_dir`)."""
-    if request.param == backbones.DEFAULT:
-        return request.getfixturevalue("tiny_model_dir")
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-family") / request.param, seed=0, family=request.param)
+def family_model_dir(request):
+    """A tiny checkpoint of each supported family in turn."""
+    return request.getfixturevalue("family_model_dirs")[request.param]
 
 
 def draw_image(colour: str, shape: str = "circle", size: int = 64) -> Image.Image:

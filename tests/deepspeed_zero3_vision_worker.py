@@ -1,8 +1,9 @@
 """DeepSpeed launcher worker: a ZeRO-3 training step of the tiny embedder where rank 0's batch
 holds an image and rank 1's holds text only, recording each rank's embeddings next to those of
-the whole (unpartitioned) model.
+the whole (unpartitioned) model; for each model in turn, in one launch.
 
-Usage: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/deepspeed_zero3_vision_worker.py --model DIR --out OUT_PREFIX
+Usage: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/deepspeed_zero3_vision_worker.py \
+           --model NAME=DIR [--model NAME=DIR ...] --out OUT_DIR      (writes OUT_DIR/NAME.RANK.pt)
 """
 from __future__ import annotations
 
@@ -25,12 +26,18 @@ ZERO3 = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", action="append", required=True)
     parser.add_argument("--out", required=True)
     args, _ = parser.parse_known_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    for model in args.model:
+        name, path = model.split("=", 1)
+        zero3_step(path, f"{args.out}/{name}.{torch.distributed.get_rank()}.pt")
+
+
+def zero3_step(model: str, out: str) -> None:
     rank = torch.distributed.get_rank()
-    embedder = Embedder.from_pretrained(args.model, trainable=True)
+    embedder = Embedder.from_pretrained(model, trainable=True)
     items = [{"image": Image.new("RGB", (56, 56), "red"), "text": "a red square"}, {"text": "a cat"}]
     if rank == 1:
         items = [{"text": "two dogs"}, {"text": "a cat"}]
@@ -44,7 +51,7 @@ def main() -> None:
         outputs.append(engine(**batch))
         engine.backward(outputs[-1].sum())
         engine.step()
-    torch.save({"whole": whole, "partitioned": outputs[0].detach()}, f"{args.out}.{rank}.pt")
+    torch.save({"whole": whole, "partitioned": outputs[0].detach()}, out)
 
 
 if __name__ == "__main__":

@@ -295,9 +295,9 @@ def test_tiny_recipe_reranker_then_distill_then_eval_with_rerank_through_the_cli
     # The stage-2 model the recipe starts from, trained briefly without mined negatives.
     assert main(["train", "--stage", "hardneg", "--config", str(tiny / "hardneg.yaml"),
                  "--set", "model.backbone=checkpoints/tiny-qwen2vl", "--set", "data.hard_negatives=",
-                 "--set", "data.num_negatives=0", "--set", "train.max_steps=6"]) == 0
+                 "--set", "data.num_negatives=0", "--set", "train.max_steps=2"]) == 0
     assert main(["train", "--stage", "reranker", "--config", str(tiny / "reranker.yaml"), *cache,
-                 "--set", "train.max_steps=6", "--set", "train.per_device_batch_size=8"]) == 0
+                 "--set", "train.max_steps=2", "--set", "train.per_device_batch_size=8"]) == 0
     assert main(["distill", "--config", str(tiny / "distill.yaml"), *cache]) == 0
 
     run = tiny_workdir / "runs" / "tiny" / "distill"

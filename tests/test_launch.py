@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepspeed_steps_worker import launch
+from umarvel import backbones
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny" / "progressive.yaml")
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29531",
@@ -32,6 +35,20 @@ def _launch(workdir: Path, launcher: list[str], name: str, *extra: str) -> Path:
     return run
 
 
+def _deepspeed_runs(workdir: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
+    """Train each of `runs` (name: extra arguments) in turn in one DeepSpeed launch, as `_launch`
+    would one by one: a launch costs more than a 3-step run."""
+    steps = [(name, [*COMMON, "--set", f"run.output_dir=runs/{name}", *extra]) for name, extra in runs.items()]
+    outcome = launch(workdir, steps)
+    done = {}
+    for name in runs:
+        assert name in outcome, f"{name}: an earlier run failed: {list(outcome.values())[-1].output[-6000:]}"
+        assert outcome[name].returncode == 0, outcome[name].output[-6000:]
+        done[name] = workdir / "runs" / name / "nli"
+        assert (done[name] / "DONE").is_file()
+    return done
+
+
 def _adapter(run: Path) -> dict:
     """The trained LoRA tensors and the learned temperature."""
     return {**load_file(run / "model" / "adapter_model.safetensors"), **load_file(run / "model" / "temperature.safetensors")}
@@ -40,11 +57,11 @@ def _adapter(run: Path) -> dict:
 @pytest.mark.slow
 def test_torchrun_and_deepspeed_zero2_train_the_same_adapter(tiny_workdir):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "umarvel"]
-    deepspeed = DEEPSPEED
     zero2 = ["--set", f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"]
     ddp = _adapter(_launch(tiny_workdir, torchrun, "ddp"))
-    ds = _adapter(_launch(tiny_workdir, deepspeed, "zero2", *zero2))
-    cached = _adapter(_launch(tiny_workdir, deepspeed, "zero2_gradcache", *zero2, "--set", "train.loss.gradcache_chunk_size=3"))
+    runs = _deepspeed_runs(tiny_workdir, {"zero2": zero2,
+                                          "zero2_gradcache": [*zero2, "--set", "train.loss.gradcache_chunk_size=3"]})
+    ds, cached = _adapter(runs["zero2"]), _adapter(runs["zero2_gradcache"])
     assert ddp.keys() == ds.keys() == cached.keys()
     assert max((ddp[k] - ds[k]).abs().max().item() for k in ddp) < 1e-5
     assert max((ds[k] - cached[k]).abs().max().item() for k in ds) < 1e-5
@@ -61,7 +78,9 @@ def test_deepspeed_zero3_saves_the_whole_adapter_merges_resumes_and_caches_gradi
 
     zero3 = ["--set", f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
              "--set", "stages.nli.train.max_steps=2", "--set", "train.save_steps=1"]
-    run = _launch(tiny_workdir, DEEPSPEED, "zero3", *zero3)
+    runs = _deepspeed_runs(tiny_workdir, {"zero3": zero3,
+                                          "zero3_gradcache": [*zero3, "--set", "train.loss.gradcache_chunk_size=3"]})
+    run = runs["zero3"]
     adapter = _adapter(run)
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
 
@@ -88,21 +107,27 @@ def test_deepspeed_zero3_saves_the_whole_adapter_merges_resumes_and_caches_gradi
     assert (run / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns == first_update, "update 1 ran again"
     assert max((adapter[k] - resumed[k]).abs().max().item() for k in adapter) < 1e-6
 
-    cached = _adapter(_launch(tiny_workdir, DEEPSPEED, "zero3_gradcache", *zero3,
-                              "--set", "train.loss.gradcache_chunk_size=3"))
+    cached = _adapter(runs["zero3_gradcache"])
     assert max((adapter[k] - cached[k]).abs().max().item() for k in adapter) < 1e-5
 
 
-@pytest.mark.slow
-def test_zero3_step_with_images_on_one_rank_only(family_model_dir, tmp_path):
-    """ZeRO-3 gathers the frozen vision tower collectively: the image-less rank must run it too
-    (on every family: the dummy image is the family record's)."""
-    out = tmp_path / "embeddings"
-    command = [*DEEPSPEED[:-2], str(ROOT / "tests" / "deepspeed_zero3_vision_worker.py"),
-               "--model", str(family_model_dir), "--out", str(out)]
+@pytest.fixture(scope="module")
+def zero3_vision_steps(family_model_dirs, tmp_path_factory):
+    """One launch: the ZeRO-3 step of deepspeed_zero3_vision_worker.py on every family's model."""
+    out = tmp_path_factory.mktemp("zero3-vision")
+    models = [f"--model={name}={path}" for name, path in family_model_dirs.items()]
+    command = [*DEEPSPEED[:-2], str(ROOT / "tests" / "deepspeed_zero3_vision_worker.py"), *models, "--out", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", backbones.names())
+def test_zero3_step_with_images_on_one_rank_only(zero3_vision_steps, family):
+    """ZeRO-3 gathers the frozen vision tower collectively: the image-less rank must run it too
+    (on every family: the dummy image is the family record's)."""
     for rank in (0, 1):
-        result = torch.load(f"{out}.{rank}.pt", weights_only=True)
+        result = torch.load(zero3_vision_steps / f"{family}.{rank}.pt", weights_only=True)
         assert (result["partitioned"] - result["whole"]).abs().max().item() < 1e-5

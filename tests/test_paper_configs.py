@@ -5,20 +5,19 @@ with configs/deepspeed/zero3.json), the tiny Qwen2-VL laid out at the backbone p
 Overridden, only what a CPU or a tiny random model cannot do:
   model.attn_implementation=sdpa (no flash-attention on CPU), train.max_steps=2 (run length);
   data.negative_top_up=true for stage 2: an untrained tiny model scores every candidate above
-  mine.yaml's 0.9 filter, so no query keeps 5 negatives.
+  mine.yaml's 0.9 filter, so no query keeps 5 negatives; for the other families' chains only,
+  the contrastive stages' per-device batch (4: the paper's sizes run once, in configs/umarvel's).
 Each training stage must leave DONE, a complete model, and TensorBoard scalars from the
 default `report_to: [tensorboard]`.
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from deepspeed_steps_worker import Step, launch
 from test_telemetry import SCALARS, tensorboard_scalars
 from umarvel import backbones
 from umarvel.config import load_config, to_dict
@@ -31,16 +30,20 @@ SHORT = [*CPU, "--set", "train.max_steps=2"]
 ZERO3 = ["--set", "train.deepspeed=configs/deepspeed/zero3.json"]
 
 
-def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
+def chain(folder: str, batch: int | None = None) -> list[tuple[str, list[str], list[str]]]:
     """The paper recipe of configs/<folder>/ in dependency order: (name, umarvel arguments, run
-    directories under runs/<folder>/ it must finish)."""
+    directories under runs/<folder>/ it must finish). `batch`: the contrastive stages' per-device
+    batch instead of the config's."""
     configs, runs = f"configs/{folder}", f"runs/{folder}"
     mine = ["--model", f"{runs}/progressive/mbeir", "--data", "data/M-BEIR"]
+    sized = [] if batch is None else [f"stages.{stage}.train.per_device_batch_size={batch}" for stage in ("nli", "cc3m", "mbeir")]
+    progressive_batch = [word for setting in sized for word in ("--set", setting)]
+    hardneg_batch = [] if batch is None else ["--set", f"train.per_device_batch_size={batch}"]
     return [
-        ("progressive", ["train", "--stage", "progressive", "--config", f"{configs}/progressive.yaml", *SHORT],
-         ["progressive/nli", "progressive/cc3m", "progressive/mbeir"]),
+        ("progressive", ["train", "--stage", "progressive", "--config", f"{configs}/progressive.yaml", *SHORT,
+                         *progressive_batch], ["progressive/nli", "progressive/cc3m", "progressive/mbeir"]),
         ("mine", ["mine-negatives", *mine, "--out", f"{runs}/hardneg.jsonl", "--config", f"{configs}/mine.yaml", *CPU], []),
-        ("hardneg", ["train", "--stage", "hardneg", "--config", f"{configs}/hardneg.yaml", *SHORT,
+        ("hardneg", ["train", "--stage", "hardneg", "--config", f"{configs}/hardneg.yaml", *SHORT, *hardneg_batch,
                      "--set", "data.negative_top_up=true"], ["hardneg"]),
         ("reranker", ["train", "--stage", "reranker", "--config", f"{configs}/reranker.yaml", *SHORT], ["reranker"]),
         ("distill", ["distill", "--config", f"{configs}/distill.yaml", *SHORT], ["distill"]),
@@ -56,13 +59,15 @@ def chain(folder: str) -> list[tuple[str, list[str], list[str]]]:
 
 
 MINE = ["--model", "runs/umarvel/progressive/mbeir", "--data", "data/M-BEIR"]
-STEPS = chain("umarvel") + [
+TABLE5 = [
     ("table5-mine", ["mine-negatives", *MINE, "--out", "runs/umarvel/hardneg-unfiltered.jsonl",
                      "--config", "configs/umarvel/table5/mine-unfiltered.yaml", *CPU], []),
     ("table5-id0", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id0-topk-only.yaml", *SHORT],
      ["table5/id0-topk-only"]),
     ("table5-id1", ["train", "--stage", "hardneg", "--config", "configs/umarvel/table5/id1-inbatch-topk.yaml", *SHORT],
      ["table5/id1-inbatch-topk"]),
+]
+ZERO3_STEPS = [
     # the same configs under configs/deepspeed/zero3.json (GradCache included: the paper configs set chunks of 16)
     ("zero3-nli", ["train", "--stage", "nli", "--config", "configs/umarvel/progressive.yaml", *SHORT, *ZERO3,
                    "--set", "run.output_dir=runs/umarvel/zero3/progressive"], ["zero3/progressive/nli"]),
@@ -72,34 +77,25 @@ STEPS = chain("umarvel") + [
     ("zero3-reranker", ["train", "--stage", "reranker", "--config", "configs/umarvel/reranker.yaml", *SHORT, *ZERO3,
                         "--set", "run.output_dir=runs/umarvel/zero3/reranker"], ["zero3/reranker"]),
 ]
+STEPS = chain("umarvel") + TABLE5 + ZERO3_STEPS
+# One launch runs several steps (deepspeed_steps_worker.py), as a launch costs more than a
+# 2-step run: the chain with Table 5's runs, then the ZeRO-3 runs (a ZeRO-3 TrainingArguments
+# changes how later models load in its process, so they do not share one with ZeRO-2 runs).
+LAUNCHES = [chain("umarvel") + TABLE5, ZERO3_STEPS]
 # Other families: the whole chain of every family folder, each on a tiny model of its family laid
 # out at the checkpoint path it names (test_family_configs_change_only_backbone_pixels_and_paths
 # checks, besides, that they differ from configs/umarvel only in backbone, pixel limits and paths).
+# The paper's batch sizes (GradCache chunking them included) run once, in configs/umarvel's chain:
+# a family's chain trains with 4 per device, what the backbone needs to go through every step.
+# All the families' chains run in one launch (steps named <folder>-<step>).
 FAMILY_FOLDERS = {
     "qwen2_5vl-7b": ("qwen2.5-vl", "Qwen2.5-VL-7B-Instruct"),
     "qwen3vl-4b": ("qwen3-vl", "Qwen3-VL-4B-Instruct"),
     "qwen3vl-8b": ("qwen3-vl", "Qwen3-VL-8B-Instruct"),
 }
-FAMILY_STEPS = [(folder, *step) for folder in FAMILY_FOLDERS for step in chain(folder)]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _deepspeed(workdir: Path, arguments: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    port = _free_port()
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "umarvel", *arguments]
-    try:
-        return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        # DeepSpeed's CPU backend leaves a 69 MB shared-memory buffer per rank in /dev/shm, which
-        # is RAM: some 30 launches would hold GBs of it and starve the later steps.
-        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            buffer.unlink(missing_ok=True)
+FAMILY_BATCH = 4
+FAMILY_STEPS = [(folder, *step) for folder in FAMILY_FOLDERS for step in chain(folder, FAMILY_BATCH)]
+FAMILY_LAUNCH = [(f"{folder}-{name}", arguments, run_dirs) for folder, name, arguments, run_dirs in FAMILY_STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -114,25 +110,25 @@ def paper_layout(tmp_path_factory):
     return workdir
 
 
-def _run_in_order(workdir: Path, steps) -> dict:
+def _run_in_order(workdir: Path, launches) -> dict[str, Step]:
     """Run every step once; a failing step fails every test that needs it, with its log."""
     outcome = {}
-    for name, arguments, _ in steps:
-        done = _deepspeed(workdir, arguments)
-        outcome[name] = done
-        if done.returncode != 0:
+    for steps in launches:
+        ran = launch(workdir, [(name, arguments) for name, arguments, _ in steps])
+        outcome.update(ran)
+        if len(ran) < len(steps) or any(step.returncode for step in ran.values()):
             break
     return outcome
 
 
 @pytest.fixture(scope="module")
 def paper_runs(paper_layout):
-    return paper_layout, _run_in_order(paper_layout, STEPS)
+    return paper_layout, _run_in_order(paper_layout, LAUNCHES)
 
 
 @pytest.fixture(scope="module")
 def family_runs(paper_layout):
-    return paper_layout, {folder: _run_in_order(paper_layout, chain(folder)) for folder in FAMILY_FOLDERS}
+    return paper_layout, _run_in_order(paper_layout, [FAMILY_LAUNCH])
 
 
 def _scalars_of(run_dir: str) -> list[str]:
@@ -154,8 +150,8 @@ def test_paper_config_runs_under_deepspeed(paper_runs, name, arguments, run_dirs
 @pytest.mark.parametrize("folder, name, arguments, run_dirs", FAMILY_STEPS,
                          ids=[f"{step[0]}-{step[1]}" for step in FAMILY_STEPS])
 def test_family_config_runs_under_deepspeed(family_runs, folder, name, arguments, run_dirs):
-    workdir, outcomes = family_runs
-    _check_step(workdir / "runs" / folder, outcomes[folder], name, run_dirs)
+    workdir, outcome = family_runs
+    _check_step(workdir / "runs" / folder, outcome, f"{folder}-{name}", run_dirs)
     if name == "progressive":
         saved = json.loads((workdir / "runs" / folder / "progressive/mbeir/merged/config.json").read_text())
         assert saved["model_type"] == backbones.get(FAMILY_FOLDERS[folder][0]).model_type
@@ -164,7 +160,7 @@ def test_family_config_runs_under_deepspeed(family_runs, folder, name, arguments
 def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> None:
     assert name in outcome, "an earlier step failed"
     done = outcome[name]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.output[-6000:]
     for run_dir in run_dirs:
         run = runs / run_dir
         assert (run / "DONE").is_file()
@@ -175,7 +171,7 @@ def _check_step(runs: Path, outcome: dict, name: str, run_dirs: list[str]) -> No
         scalars = tensorboard_scalars(run)
         for tag in _scalars_of(run_dir):
             assert len(scalars.get(tag, [])) == 2, f"{run_dir}: {tag} not in TensorBoard ({sorted(scalars)})"
-        assert "step 2/2 (100%)" in done.stderr + done.stdout
+        assert "step 2/2 (100%)" in done.output
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_tiny_recipe_progressive_then_mine_then_hardneg_through_the_cli(tiny_workdir):
     config = str(ROOT / "configs" / "tiny" / "progressive.yaml")
-    overrides = ["--set", "train.per_device_batch_size=8", "--set", "stages.mbeir.train.epochs=2"]
+    overrides = ["--set", "train.per_device_batch_size=8", "--set", "stages.mbeir.train.epochs=1"]
     assert main(["train", "--stage", "progressive", "--config", config, *overrides]) == 0
     base = tiny_workdir / "runs" / "tiny" / "progressive"
     for name in ("nli", "cc3m", "mbeir"):
@@ -143,7 +143,7 @@ def test_tiny_recipe_progressive_then_mine_then_hardneg_through_the_cli(tiny_wor
     assert main(["mine-negatives", "--model", str(base / "mbeir"), "--data", "data/synthetic/M-BEIR", "--out", mined,
                  "--config", str(ROOT / "configs" / "tiny" / "mine.yaml"), "--set", "encode.cache_dir=cache"]) == 0
     assert main(["train", "--stage", "hardneg", "--config", str(ROOT / "configs" / "tiny" / "hardneg.yaml"),
-                 "--set", "train.epochs=1", "--set", "train.per_device_batch_size=8"]) == 0
+                 "--set", "train.max_steps=2", "--set", "train.per_device_batch_size=8"]) == 0
     hardneg = tiny_workdir / "runs" / "tiny" / "hardneg"
     assert (hardneg / "DONE").is_file()
     assert load_config(hardneg / "config.yaml").data.hard_negatives == mined

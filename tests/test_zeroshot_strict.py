@@ -6,12 +6,9 @@ that are not UTF-8) are one-line errors naming the file and the line or record, 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,6 @@ from umarvel.evaluation.runner import Runner
 from umarvel.evaluation.zeroshot import TASKS
 from umarvel.retrieval.encode import EmbeddingCache
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The annotation file of each task that a damaged example goes into (under the data root).
 ANNOTATIONS = {
@@ -455,21 +451,20 @@ CLI_CASES = [
 ]
 
 
-def _eval(task: str, root: Path, tmp_path: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umarvel", "eval", "zeroshot", "--task", task, "--data", str(root),
-                           "--model", str(model), "--output-dir", str(tmp_path / "out"), "--cache-dir",
-                           str(tmp_path / "cache"), *extra], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 @pytest.mark.parametrize("task,damage,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_exits_2_with_one_line(root, tmp_path, tiny_model_dir, task, damage, message):
+def test_cli_exits_2_with_one_line(root, tmp_path, tiny_model_dir, capsys, task, damage, message):
+    """In process: the same `main` as `python -m umarvel`, whose only way to a traceback is an
+    exception out of it (the test then fails), without a second interpreter start."""
+    from umarvel.cli import main
+
     fx.WRITERS[task](root)
     damage(root)
-    done = _eval(task, root, tmp_path, tiny_model_dir)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("umarvel: error: ")]
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    code = main(["eval", "zeroshot", "--task", task, "--data", str(root), "--model", str(tiny_model_dir),
+                 "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("umarvel: error: ")]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and len(errors) == 1, stderr
     assert re.search(message, errors[0]), errors[0]
     assert not (tmp_path / "out" / task / "results.json").exists()
 

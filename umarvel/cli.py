@@ -737,9 +737,15 @@ def _say(line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; user errors (ours, and the system's: a full disk, a read-only directory,
-    a file that is not UTF-8) end as one line and exit 2, Ctrl-C as one line and exit 130. Any other
-    exception is a bug and keeps its traceback."""
+    """Run one command (`run_command`), then leave a launcher's process group."""
+    return _leave_process_group(run_command(argv))
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code; user errors (ours, and the system's: a full disk,
+    a read-only directory, a file that is not UTF-8) end as one line and exit 2, Ctrl-C as one line
+    and exit 130. Any other exception is a bug and keeps its traceback. A launched process may run
+    several in a row: the process group stays."""
     try:
         _interrupt_once()
         args = build_parser().parse_args(argv)
@@ -760,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say(f"umarvel: error: {message}")
         code = 2
-    return _leave_process_group(code)
+    return code
 
 
 if __name__ == "__main__":
