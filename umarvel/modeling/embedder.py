@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from umarvel import profiles
 from umarvel.backbone import quiet_transformers, set_attention_mode
@@ -31,6 +30,7 @@ from umarvel.modeling.adapters import (
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
+from umarvel.progress import progress_bar
 from umarvel.weights import CHECKPOINT, SAVED_MODEL, load_tensors
 
 EMBEDDER_CONFIG = "embedder_config.json"
@@ -203,13 +203,12 @@ class Embedder(AdaptedBackbone):
 
         Batches are formed by estimated length to limit padding and prepared by `num_workers`
         worker processes while the model runs (None: the default of `batches.default_workers`,
-        0: in-process). `bar`, a tqdm, advances by items; else `show_progress` shows one.
+        0: in-process). `bar`, a `umarvel.progress` bar, advances by items; else `show_progress` shows one.
         """
         was_training = self.training
         self.eval()
         bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
-        progress = bar if bar is not None else tqdm(total=len(items), desc="encode", unit="item",
-                                                    disable=not show_progress)
+        progress = bar if bar is not None else progress_bar(len(items), "encode", "item", enabled=show_progress)
         try:
             return batches.encode_rows(
                 lambda batch: self(**batch), items, self.collate,
