@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -98,8 +99,9 @@ class KeywordEmbedder:
         self.has_adapter = False
         self.encoded: list[str] = []
 
-    def encode(self, items: list[dict], batch_size: int = 16, **options) -> torch.Tensor:
-        """Embedder.encode's signature; the pipeline options (workers, progress bar) change nothing here."""
+    def encode(self, items: list[dict], batch_size: int = 16, **options) -> np.ndarray:
+        """Embedder.encode's signature and return type (float32 numpy); the pipeline options (workers,
+        progress bar) change nothing here."""
         vectors = torch.zeros(len(items), len(self.axis) + 1)
         for row, item in enumerate(items):
             self.encoded.append(item.get("qid") or item["did"])
@@ -108,4 +110,4 @@ class KeywordEmbedder:
                     vectors[row, self.axis[word]] += 1
             if not vectors[row].any():
                 vectors[row, -1] = 1
-        return F.normalize(vectors, dim=-1)
+        return F.normalize(vectors, dim=-1).numpy()

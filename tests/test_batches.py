@@ -51,9 +51,9 @@ def test_worker_pipeline_equals_in_process_encoding(tiny_model_dir, file_items, 
 
     items = file_items + [{"did": "0:9", "video": str(video(tmp_path / "clip.mp4")), "text": "a grey fade"}]
     emb = Embedder.from_pretrained(tiny_model_dir)
-    in_process = emb.encode(items, batch_size=3, num_workers=0)
-    with_workers = emb.encode(items, batch_size=3, num_workers=2)
-    one_by_one = torch.cat([emb.encode([item], num_workers=0) for item in items])
+    in_process = emb.encode(items, batch_size=3, num_workers=0, convert_to_tensor=True)
+    with_workers = emb.encode(items, batch_size=3, num_workers=2, convert_to_tensor=True)
+    one_by_one = torch.cat([emb.encode([item], num_workers=0, convert_to_tensor=True) for item in items])
     assert with_workers.shape == (len(items), emb.backbone.config.get_text_config().hidden_size)
     assert (with_workers - in_process).abs().max() <= 1e-6
     # Same order as the items: each row is its own item's embedding, whatever batch it rode in.
@@ -78,7 +78,7 @@ def test_a_bad_image_is_reported_naming_its_file_and_item(tiny_model_dir, file_i
     items = file_items + [{"did": "7:42", "image": str(broken), "text": "a caption"}]
     emb = Embedder.from_pretrained(tiny_model_dir)
     with pytest.raises(DataError) as caught:
-        emb.encode(items, batch_size=3, num_workers=workers)
+        emb.encode(items, batch_size=3, num_workers=workers, convert_to_tensor=True)
     message = str(caught.value)
     assert message.startswith(f"{broken}: cannot read image")
     assert "did 7:42" in message and "Traceback" not in message and "worker" not in message
@@ -100,7 +100,8 @@ def test_torchvision_image_processor_matches_pil(tiny_model_dir, file_items):
             assert torch.equal(fast[key], slow[key]), key
     assert (fast["pixel_values"] - slow["pixel_values"]).abs().max() <= PIXEL_TOLERANCE
     emb_pil = Embedder(emb.backbone, pil, emb.settings)
-    assert (emb.encode(images, num_workers=0) - emb_pil.encode(images, num_workers=0)).abs().max() <= EMBEDDING_TOLERANCE
+    from_paths = emb.encode(images, num_workers=0, convert_to_tensor=True)
+    assert (from_paths - emb_pil.encode(images, num_workers=0, convert_to_tensor=True)).abs().max() <= EMBEDDING_TOLERANCE
 
 
 def test_batches_follow_length_and_workers_never_outnumber_the_batches():

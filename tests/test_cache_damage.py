@@ -45,7 +45,7 @@ class IdEmbedder:
 
     def encode(self, items, batch_size=32, **options):
         numbers = torch.tensor([float(item["did"].split(":")[1]) for item in items])
-        return torch.nn.functional.normalize(torch.stack([torch.ones_like(numbers), numbers], dim=1), dim=1)
+        return torch.nn.functional.normalize(torch.stack([torch.ones_like(numbers), numbers], dim=1), dim=1).numpy()
 
 
 def _encode(directory, embedder=None, fingerprint="f"):

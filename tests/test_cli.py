@@ -40,7 +40,7 @@ def _commands(parser):
 def test_every_option_is_described_and_every_command_shows_examples_that_parse():
     parser = build_parser()
     commands = list(_commands(parser))
-    assert len(commands) == 13
+    assert len(commands) == 18
     for command in commands:
         for action in command._actions:
             if not isinstance(action, argparse._SubParsersAction):

@@ -84,8 +84,8 @@ def _hand_loss(embedder, examples, teacher_rows, tau, teacher_tau) -> float:
 
     total = 0.0
     for example, teacher in zip(examples, teacher_rows):
-        query = embedder.encode([example["query"]])[0]
-        candidates = embedder.encode(example["candidates"], batch_size=1)
+        query = embedder.encode([example["query"]], convert_to_tensor=True)[0]
+        candidates = embedder.encode(example["candidates"], batch_size=1, convert_to_tensor=True)
         student = softmax((candidates @ query).tolist(), tau)
         target = softmax(teacher, teacher_tau)
         total += sum(t * math.log(t / s) for t, s in zip(target, student))

@@ -31,8 +31,8 @@ def trained_like(family_model_dir):
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_padded_mixed_batch_embeds_like_each_item_alone(family_model_dir, mixed_items, attention, pooling):
     emb = Embedder.from_pretrained(family_model_dir, attention=attention, pooling=pooling)
-    batched = emb.encode(mixed_items, batch_size=len(mixed_items))
-    alone = torch.cat([emb.encode([item]) for item in mixed_items])
+    batched = emb.encode(mixed_items, batch_size=len(mixed_items), convert_to_tensor=True)
+    alone = torch.cat([emb.encode([item], convert_to_tensor=True) for item in mixed_items])
     assert batched.shape == (len(mixed_items), 64)
     assert torch.allclose(batched.norm(dim=-1), torch.ones(len(mixed_items)), atol=1e-5)
     assert (batched - alone).abs().max() < 1e-5
@@ -51,7 +51,8 @@ def test_instruction_is_attended_but_not_pooled(family_model_dir, mixed_items):
         if item.get("instruction"):
             # Masked from the pool, yet still attended: changing it changes the embedding.
             other = dict(item, instruction="Completely different words here.")
-            assert (emb.encode([item]) - emb.encode([other])).abs().max() > 1e-4
+            apart = emb.encode([item], convert_to_tensor=True) - emb.encode([other], convert_to_tensor=True)
+            assert apart.abs().max() > 1e-4
 
 
 def test_without_masking_only_padding_is_left_out(tiny_model_dir, mixed_items):
@@ -86,11 +87,11 @@ def test_last_pooling_takes_the_last_real_token(tiny_model_dir, mixed_items):
 
 
 def test_adapter_save_load_gives_identical_embeddings(trained_like, mixed_items, tmp_path):
-    before = trained_like.encode(mixed_items)
+    before = trained_like.encode(mixed_items, convert_to_tensor=True)
     trained_like.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     loaded = Embedder.from_pretrained(tmp_path / "adapter")
-    assert torch.equal(loaded.encode(mixed_items), before)
+    assert torch.equal(loaded.encode(mixed_items, convert_to_tensor=True), before)
     assert loaded.temperature.value == pytest.approx(trained_like.temperature.value)
     assert loaded.settings.lora.r == 4
 
@@ -100,7 +101,8 @@ def test_a_run_directory_loads_its_final_adapter(trained_like, mixed_items, tmp_
     trained_like.save_pretrained(tmp_path / "run" / "model")
     (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
     loaded = Embedder.from_pretrained(tmp_path / "run")
-    assert torch.equal(loaded.encode(mixed_items), trained_like.encode(mixed_items))
+    assert torch.equal(loaded.encode(mixed_items, convert_to_tensor=True),
+                       trained_like.encode(mixed_items, convert_to_tensor=True))
     with pytest.raises(UmarvelError, match=r"empty is not a run directory.*holds embedder_config.json or config.json"):
         Embedder.from_pretrained(tmp_path / "empty")
 
@@ -113,18 +115,19 @@ def test_a_moved_run_tree_finds_its_backbone_relative_to_the_adapter(tiny_model_
     for name, param in emb.backbone.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.2)
-    before = emb.encode(mixed_items)
+    before = emb.encode(mixed_items, convert_to_tensor=True)
     emb.save_pretrained(tmp_path / "project" / "runs" / "stage" / "model")
     saved = json.loads((tmp_path / "project" / "runs" / "stage" / "model" / "embedder_config.json").read_text())
     assert saved["backbone_relative"] == "../../../checkpoints/tiny"
     (tmp_path / "project").rename(tmp_path / "moved")
-    assert torch.equal(Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage").encode(mixed_items), before)
+    moved = Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage")
+    assert torch.equal(moved.encode(mixed_items, convert_to_tensor=True), before)
 
     (tmp_path / "moved" / "checkpoints" / "tiny").rename(tmp_path / "elsewhere")
     with pytest.raises(UmarvelError, match=r"--set model.backbone=PATH.*backbone=PATH in from_pretrained"):
         Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage")
     given = Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage", backbone=str(tmp_path / "elsewhere"))
-    assert torch.equal(given.encode(mixed_items), before)
+    assert torch.equal(given.encode(mixed_items, convert_to_tensor=True), before)
     with pytest.raises(UmarvelError, match="given for the adapter .* is not a model directory"):
         Embedder.from_pretrained(tmp_path / "moved" / "runs" / "stage", backbone=str(tmp_path / "nowhere"))
 
@@ -138,15 +141,15 @@ def test_a_moved_run_tree_finds_its_backbone_relative_to_the_adapter(tiny_model_
 
 
 def test_merged_checkpoint_matches_unmerged(trained_like, mixed_items, tmp_path):
-    before = trained_like.encode(mixed_items)
+    before = trained_like.encode(mixed_items, convert_to_tensor=True)
     trained_like.merge_and_save(tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_model.safetensors").exists()
     merged = Embedder.from_pretrained(tmp_path / "merged")
     assert not merged.has_adapter
-    assert (merged.encode(mixed_items) - before).abs().max() < 1e-5
+    assert (merged.encode(mixed_items, convert_to_tensor=True) - before).abs().max() < 1e-5
     assert merged.temperature.value == pytest.approx(trained_like.temperature.value)
     # The merge must not have disturbed the live adapter.
-    assert torch.equal(trained_like.encode(mixed_items), before)
+    assert torch.equal(trained_like.encode(mixed_items, convert_to_tensor=True), before)
 
 
 def test_merged_checkpoint_takes_a_fresh_adapter(trained_like, tmp_path):

@@ -20,7 +20,7 @@ class IdEmbedder:
     def encode(self, items, batch_size=32, **options):
         self.encoded.extend(item["did"] for item in items)
         numbers = torch.tensor([float(item["did"].split(":")[1]) for item in items])
-        return torch.nn.functional.normalize(torch.stack([torch.ones_like(numbers), numbers], dim=1), dim=1)
+        return torch.nn.functional.normalize(torch.stack([torch.ones_like(numbers), numbers], dim=1), dim=1).numpy()
 
 
 def as_rank_1_of_2(patch) -> None:

@@ -58,12 +58,12 @@ def test_a_16_bit_png_embeds_like_its_8_bit_original_not_like_white(embedder, tm
     Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")
     assert Image.open(tmp_path / "16.png").mode == "I;16"
     sixteen, original, white = embedder.encode([tmp_path / "16.png", tmp_path / "8.png",
-                                                Image.new("RGB", (64, 64), "white")])
+                                                Image.new("RGB", (64, 64), "white")], convert_to_tensor=True)
     scores = embedder.similarity(sixteen, np.stack([original.numpy(), white.numpy()]))[0]
     assert scores[0] > 0.999
     assert scores[1] < 0.95
     # a 16-bit PIL image given to the API is read the same way
-    given = embedder.encode(Image.open(tmp_path / "16.png"))
+    given = embedder.encode(Image.open(tmp_path / "16.png"), convert_to_tensor=True)
     assert float(embedder.similarity(given, original)[0, 0]) > 0.999
 
 
@@ -118,7 +118,7 @@ def test_a_decompression_bomb_is_one_line_naming_file_limit_and_key(embedder, tm
     with pytest.raises(DataError, match=message):
         images.open_image(bomb)
     with pytest.raises(DataError, match="over the limit of 178956970 pixels"):
-        embedder.encode(bomb)
+        embedder.encode(bomb, convert_to_tensor=True)
 
 
 def test_the_pixel_limit_is_ours_both_ways(tmp_path, monkeypatch):
@@ -146,12 +146,12 @@ def test_a_shape_qwen2vl_refuses_is_a_data_error_naming_the_file(embedder, tmp_p
     with pytest.raises(DataError, match=message):
         embedder.collator([{"image": str(path)}])
     with pytest.raises(DataError, match=message):
-        embedder.encode(path)
+        embedder.encode(path, convert_to_tensor=True)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 3), (10, 40)])
 def test_images_smaller_than_a_patch_are_enlarged_as_the_official_tooling_does(embedder, size):
-    vector = embedder.encode(Image.new("RGB", size, "red"))
+    vector = embedder.encode(Image.new("RGB", size, "red"), convert_to_tensor=True)
     assert vector.shape == (64,)
 
 
@@ -227,7 +227,7 @@ def test_validate_reports_the_image_at_its_record(synthetic_dir, tmp_path, monke
 ])
 def test_encode_refuses_what_it_cannot_embed(embedder, bad, message):
     with pytest.raises(DataError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
-        embedder.encode(bad)
+        embedder.encode(bad, convert_to_tensor=True)
 
 
 def test_mteb_batches_give_one_row_per_input_or_name_the_row():

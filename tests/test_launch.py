@@ -76,7 +76,7 @@ def test_deepspeed_zero3_saves_the_whole_adapter_merges_resumes_and_caches_gradi
     items = [{"text": "a red circle"}, {"text": "two dogs in the snow", "instruction": "Find a caption."}, {"text": "x"}]
     unmerged = Embedder.from_pretrained(run / "model").encode(items)
     merged = Embedder.from_pretrained(run / "merged").encode(items)
-    assert (unmerged - merged).abs().max().item() < 1e-5
+    assert abs(unmerged - merged).max() < 1e-5
 
     # Resume from checkpoint-1: only the second update runs, and lands where the uninterrupted run's did.
     for name in ("checkpoint-2", "model", "merged"):

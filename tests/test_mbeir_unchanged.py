@@ -44,7 +44,7 @@ class WordColourEmbedder:
         self.settings = ModelConfig(backbone=str(weights_dir))
         self.has_adapter = False
 
-    def encode(self, items: list[dict], batch_size: int = 16, **_) -> torch.Tensor:
+    def encode(self, items: list[dict], batch_size: int = 16, **_) -> np.ndarray:
         vectors = torch.zeros(len(items), WORD_AXES + 3)
         for row, item in enumerate(items):
             for word in re.findall(r"[a-z]+", " ".join(filter(None, [item.get("text"), item.get("instruction")])).lower()):
@@ -53,7 +53,7 @@ class WordColourEmbedder:
                 image = item["image"] if isinstance(item["image"], Image.Image) else Image.open(item["image"])
                 mean = np.asarray(image.convert("RGB"), dtype=np.float64).mean(axis=(0, 1)) / 255
                 vectors[row, WORD_AXES:] = torch.tensor(np.round(mean * 8) / 8 * 4)
-        return F.normalize(vectors, dim=-1)
+        return F.normalize(vectors, dim=-1).numpy()
 
 
 def mbeir_outputs(work: Path, monkeypatch=None) -> dict:

@@ -67,8 +67,8 @@ def test_kept_scores_respect_the_relative_filter(mined, synthetic_dir):
         dids, scores = negatives.get(record["qid"])
         if not dids:
             continue
-        query = embedder.encode([queries.item(index)])
-        positives = embedder.encode([pool.get(d) for d in record["pos_cand_list"] if d in pool])
+        query = embedder.encode([queries.item(index)], convert_to_tensor=True)
+        positives = embedder.encode([pool.get(d) for d in record["pos_cand_list"] if d in pool], convert_to_tensor=True)
         best = float((positives @ query.T).max())
         assert max(scores) <= config.max_fraction_of_positive * best + 1e-3
 

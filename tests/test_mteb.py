@@ -61,7 +61,7 @@ def calls(embedder, monkeypatch) -> list[dict]:
     original = Embedder.encode
 
     def recording(self, inputs, *args, **kwargs):
-        log.append({"instruction": kwargs.get("instruction"), "items": list(inputs)})
+        log.append({"instruction": kwargs.get("prompt"), "items": list(inputs)})
         return original(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(Embedder, "encode", recording)

@@ -80,7 +80,7 @@ def _embedded(model: Path, *extra: str) -> tuple[str, torch.Tensor]:
     key = (model, extra)
     if key not in _BASELINES:
         embedder = _load(model, *extra)
-        _BASELINES[key] = model_fingerprint(embedder), embedder.encode(ITEMS, batch_size=1).float()
+        _BASELINES[key] = model_fingerprint(embedder), embedder.encode(ITEMS, batch_size=1, convert_to_tensor=True).float()
     return _BASELINES[key]
 
 

@@ -141,7 +141,7 @@ def test_multi_image_query_collates_every_image(root, tiny_model_dir):
     assert batch["image_grid_thw"].shape[0] == 2
     start = embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     assert int((batch["input_ids"][0] == start).sum()) == 2
-    assert embedder.encode([query]).shape[0] == 1
+    assert embedder.encode([query], convert_to_tensor=True).shape[0] == 1
 
 
 def test_pairwise_galleries_hold_both_captions(root):
@@ -320,6 +320,6 @@ def test_every_task_item_embeds(tmp_path, task, tiny_embedder):
     benchmark = build(task, tmp_path)
     for search in benchmark.retrievals()[:2]:
         items = search.queries.items(0, 2) + search.candidates.items(0, 2)
-        vectors = tiny_embedder.encode(items)
+        vectors = tiny_embedder.encode(items, convert_to_tensor=True)
         assert vectors.shape == (len(items), 64)
         assert torch.allclose(vectors.norm(dim=-1), torch.ones(len(items)), atol=1e-5)

@@ -75,7 +75,7 @@ def test_video_item_collates_and_embeds(tmp_path, tiny_model_dir):
     video_token = embedder.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert int((batch["input_ids"][0] == video_token).sum()) == t * h * w // 4  # 2x2 merge
     assert int((batch["input_ids"][1] == video_token).sum()) == 0
-    vectors = embedder.encode([{"video": str(dark)}, {"video": str(light)}, {"text": "a clip"}])
+    vectors = embedder.encode([{"video": str(dark)}, {"video": str(light)}, {"text": "a clip"}], convert_to_tensor=True)
     assert vectors.shape[0] == 3
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(vectors[0], vectors[1], atol=1e-4)  # the frames reach the model

@@ -54,6 +54,27 @@ EXAMPLES = {
         "umarvel eval mmeb --model runs/tiny/distill --data data/mmeb --output-dir runs/tiny/mmeb "
         "--subset ImageNet-1K MSCOCO_t2i --set encode.batch_size=64",
     ],
+    "umarvel export": [
+        "umarvel export --format sentence-transformers --model runs/tiny/distill runs/tiny/st-model",
+        "umarvel export --format sentence-transformers --model runs/umarvel/distill exports/umarvel-st "
+        "--prompt caption='Retrieve an image that matches the caption.'",
+    ],
+    "umarvel index": ["umarvel index build --model runs/tiny/distill --corpus my-corpus.jsonl --out indexes/my-corpus"],
+    "umarvel index build": [
+        "umarvel index build --model runs/tiny/distill --corpus my-corpus.jsonl --out indexes/my-corpus",
+        "umarvel index build --model runs/umarvel/distill --corpus data/M-BEIR/cand_pool/global/mbeir_union_test_cand_pool.jsonl "
+        "--out indexes/mbeir-global --index-type IVF16384,Flat --search-params nprobe=64",
+        "umarvel index build --model runs/umarvel/distill --corpus photos/ --out indexes/photos --index-type HNSW32 "
+        "--search-params efSearch=128",
+    ],
+    "umarvel search": [
+        "umarvel search --index indexes/my-corpus --query 'a red circle' -k 5",
+        "umarvel search --index indexes/photos --image query.jpg --instruction 'Find a similar photo.' --json",
+    ],
+    "umarvel serve": [
+        "umarvel serve --index indexes/my-corpus",
+        "umarvel serve --index indexes/photos --host 0.0.0.0 --port 8080 --max-k 100 --max-batch 64",
+    ],
     "umarvel demo": ["umarvel demo", "umarvel demo --out /tmp/umarvel-demo --size tiny",
                      "umarvel demo --out /tmp/umarvel-demo-qwen3vl --family qwen3-vl"],
     "umarvel config": ["umarvel config", "umarvel config --config configs/tiny/hardneg.yaml --set train.epochs=2"],
@@ -62,6 +83,17 @@ EXAMPLES = {
     "umarvel data validate": ["umarvel data validate --data data/M-BEIR", "umarvel data validate --data data --images exists",
                               "umarvel data validate --data data/M-BEIR --allow-symlinks-outside-root"],
 }
+
+
+def _add_index_loading_args(parser: argparse.ArgumentParser) -> None:
+    """How `search` and `serve` load an index: its model, where that runs, where the index is searched."""
+    parser.add_argument("--model", help="model to encode queries with (default: the one the manifest names; its "
+                        "fingerprint must match the index's)")
+    parser.add_argument("--device", help="device of the model, e.g. cuda:0 or cpu (default: the model's settings)")
+    parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                        help="put a Flat or IVF index on every GPU faiss sees, in fp16 shards (auto: when there are any)")
+    parser.add_argument("--search-params", metavar="PARAMS", help="faiss search parameters instead of the index's, "
+                        "e.g. nprobe=64 or efSearch=256")
 
 
 def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
@@ -353,6 +385,84 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from umarvel.config import load_config
+    from umarvel.export.to_sentence_transformers import export_sentence_transformers
+    from umarvel.modeling.embedder import load_for_inference
+
+    config = load_config(args.config, args.overrides)
+    embedder = load_for_inference(args.model, _given_model(args, config))
+    out = export_sentence_transformers(embedder, args.out, dict(args.prompts))
+    print(f"sentence-transformers model -> {out}; load it with SentenceTransformer({str(out)!r}, "
+          "trust_remote_code=True) (umarvel installed)")
+    return 0
+
+
+def _named_prompt(value: str) -> tuple[str, str]:
+    name, equals, text = value.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT, got {value!r}")
+    return name.strip(), text
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from umarvel.serving.corpus import open_corpus
+    from umarvel.serving.index_store import build_index
+
+    _setup_logging()
+    with _launched_embedder(args) as (config, embedder):
+        corpus = open_corpus(args.corpus, args.image_root, symlinks_outside_root=config.data.allow_symlinks_outside_root)
+        manifest = build_index(embedder, corpus, args.out, model=args.model, encode_config=config.encode,
+                               index_type=args.index_type, search_params=args.search_params)
+    if manifest is not None:
+        print(f"{manifest.index_type} index of {manifest.count} items (dim {manifest.dim}, model fingerprint "
+              f"{manifest.fingerprint}) -> {args.out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from umarvel.retrieval.index import gpu_choice
+    from umarvel.serving import Retriever
+
+    if not args.query and not args.image:
+        raise UmarvelError("umarvel search needs --query TEXT, --image PATH or both")
+    query = {"text": args.query, "image": args.image, "instruction": args.instruction}
+    retriever = Retriever.load(args.index, model=args.model, device=args.device, use_gpu=gpu_choice(args.use_gpu),
+                               search_params=args.search_params)
+    hits = retriever.search({key: value for key, value in query.items() if value}, k=args.k)
+    if args.json:
+        print(json.dumps([asdict(hit) for hit in hits], ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.id}  {json.dumps(hit.metadata, ensure_ascii=False)}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from umarvel.serving.http import create_app
+    except ImportError as err:
+        raise UmarvelError(f"umarvel serve needs the serve extra ({err.name} is not installed): "
+                           "pip install -e \".[serve]\"") from None
+    from umarvel.retrieval.index import gpu_choice
+    from umarvel.serving import Retriever
+    from umarvel.serving.limits import Limits
+
+    retriever = Retriever.load(args.index, model=args.model, device=args.device, use_gpu=gpu_choice(args.use_gpu),
+                               search_params=args.search_params)
+    limits = Limits(max_request_bytes=args.max_request_mb * 2**20, max_image_pixels=args.max_image_pixels,
+                    max_k=args.max_k, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    print(f"serving {args.index} ({len(retriever)} items) on http://{args.host}:{args.port}: POST /search, "
+          "POST /encode, GET /health (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(retriever, limits), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from umarvel.demo import run_demo
 
@@ -412,6 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_mine_negatives)
 
+    p = verbs.add_parser("export", help="write a trained embedder for another library (sentence-transformers)")
+    p.add_argument("--format", required=True, choices=["sentence-transformers"],
+                   help="sentence-transformers: a directory SentenceTransformer(OUT, trust_remote_code=True) loads")
+    p.add_argument("--model", required=True, help="run directory, adapter directory or merged checkpoint")
+    p.add_argument("out", metavar="OUT", help="the directory to write (an earlier export there is replaced)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], type=_named_prompt, metavar="NAME=TEXT",
+                   help="a named prompt (an instruction, masked out of the pool), beside the empty query and "
+                   "document ones (repeatable)")
+    _add_profile_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_export)
+
     p = verbs.add_parser("eval", help="evaluate an embedder")
     benchmarks = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benchmarks.required = True
@@ -454,6 +576,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_mmeb)
 
+    index = verbs.add_parser("index", help="search indexes of your own corpus")
+    index_verbs = index.add_subparsers(dest="index_verb", metavar="INDEX_VERB")
+    index_verbs.required = True
+    p = index_verbs.add_parser("build", help="encode a corpus (jsonl of {id, text?, image?, instruction?} or an M-BEIR "
+                               "pool) and write a FAISS index with its ids, metadata and manifest")
+    p.add_argument("--model", required=True, help="run directory, adapter directory, merged checkpoint or backbone")
+    p.add_argument("--corpus", required=True, metavar="FILE|DIR", help="a jsonl of items (one {\"id\", \"text\"?, "
+                   "\"image\"?, \"instruction\"?, ...} object a line; other fields are kept as metadata), a directory "
+                   "holding corpus.jsonl, or an M-BEIR candidate pool file")
+    p.add_argument("--out", required=True, help="index directory to write (an existing index there is replaced when "
+                   "the new one is complete)")
+    p.add_argument("--index-type", default="Flat", metavar="FACTORY",
+                   help="faiss factory string over inner product: Flat (exact, the default), IVF<lists>,Flat, "
+                   "IVF<lists>,SQ8 or IVF<lists>,PQ<m>np (trained on a sample; np: no polysemous training, which "
+                   "search never uses and which doubles the training), HNSW<M>; see BENCHMARKS.md for which at what "
+                   "size")
+    p.add_argument("--search-params", default="", metavar="PARAMS",
+                   help="faiss search parameters stored with the index, e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)")
+    p.add_argument("--image-root", metavar="DIR", help="images resolve (and stay confined) under it; default the "
+                   "corpus file's directory, or for an M-BEIR pool the directory above cand_pool/")
+    _add_profile_arg(p)
+    _add_cache_arg(p)
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_index_build)
+
+    p = verbs.add_parser("search", help="search an index built by `umarvel index build` with a text and/or image query")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--query", metavar="TEXT", help="query text")
+    p.add_argument("--image", metavar="PATH", help="query image file")
+    p.add_argument("--instruction", metavar="TEXT", help="task instruction leading the query (masked out of the pooling)")
+    p.add_argument("-k", type=_positive_int, default=10, help="results to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list of {id, score, metadata}")
+    _add_index_loading_args(p)
+    p.set_defaults(func=_cmd_search)
+
+    p = verbs.add_parser("serve", help="an HTTP JSON search service over an index (POST /search, POST /encode, "
+                         "GET /health; needs the serve extra)")
+    p.add_argument("--index", required=True, help="index directory written by `umarvel index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    _add_index_loading_args(p)
+    from umarvel.serving.limits import Limits
+
+    defaults = Limits()
+    p.add_argument("--max-k", type=_positive_int, default=defaults.max_k,
+                   help=f"largest k a request may ask (default {defaults.max_k})")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=defaults.max_image_pixels,
+                   help=f"largest image a request may send, in pixels (default {defaults.max_image_pixels})")
+    p.add_argument("--max-request-mb", type=_positive_int, default=defaults.max_request_bytes // 2**20,
+                   help=f"largest request body in MiB (default {defaults.max_request_bytes // 2**20})")
+    p.add_argument("--max-batch", type=_positive_int, default=defaults.max_batch,
+                   help=f"requests encoded together at most (default {defaults.max_batch}; 1 under a profile whose "
+                   "vectors depend on their batch)")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help=f"how long the first waiting request waits for others to batch with (default "
+                   f"{defaults.batch_wait_ms:g} ms)")
+    p.set_defaults(func=_cmd_serve)
+
     p = verbs.add_parser("demo", help="the whole recipe end to end on CPU: tiny model, synthetic benchmark, report")
     p.add_argument("--out", default="umarvel-demo", help="working directory of the demo (re-runs re-use finished steps)")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="small",
@@ -485,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=_positive_int, default=DataConfig.max_image_pixels,
                    help="refuse image files of more pixels than this (training and eval: --set data.max_image_pixels)")
     p.set_defaults(func=_cmd_data_validate)
-    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices):
+    for choices in (verbs.choices, benchmarks.choices, data_verbs.choices, index_verbs.choices):
         for command in choices.values():
             command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command.prog])
             command.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -49,7 +49,7 @@ class MTEBEncoder(AbsEncoder):
             items = batch_items(batch, start=rows)
             rows += len(items)
             if items:
-                blocks.append(self.model.encode(items, batch_size=batch_size, instruction=instruction,
+                blocks.append(self.model.encode(items, batch_size=batch_size, prompt=instruction,
                                                 convert_to_numpy=True))
         if not blocks:
             return np.zeros((0, self.mteb_model_meta.embed_dim), np.float32)

@@ -36,6 +36,9 @@ from umarvel.weights import CHECKPOINT, SAVED_MODEL, load_tensors
 EMBEDDER_CONFIG = "embedder_config.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 FORMAT_VERSION = 1
+NAMED_PROMPTS = {"query": "", "document": ""}
+"""sentence-transformers' named prompts: a prompt here is an instruction, masked out of the pool;
+empty means none (the training's queries carry their task's instruction, candidates none)."""
 
 
 class Embedder(AdaptedBackbone):
@@ -54,6 +57,7 @@ class Embedder(AdaptedBackbone):
         if self.rules.release_template:
             release.prepare_backbone(backbone, processor.tokenizer, self.rules.marker_rows)
         self.collator = self._collator()
+        self.prompts = dict(NAMED_PROMPTS)
         if config.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -147,32 +151,54 @@ class Embedder(AdaptedBackbone):
         device = self.device
         return self(**{k: v.to(device) for k, v in batch.items()})
 
-    def encode(self, inputs, batch_size: int = 16, show_progress: bool = False, *, show_progress_bar: bool | None = None,
-               convert_to_numpy: bool = False, convert_to_tensor: bool = False, normalize_embeddings: bool = False,
-               instruction: str | None = None, num_workers: int | None = None, bar=None):
+    def encode(self, inputs, *, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, num_workers: int | None = None, bar=None):
         """Unit vectors of `inputs`: strs (text), PIL images, pathlib.Paths (image files), item
         dicts, or one of them alone (umarvel.modeling.inputs says how each is read).
 
-        Returns a float32 CPU tensor (n, d), or a numpy array with convert_to_numpy; 1-D for a
-        single input. The L2 normalisation is part of the model (as a sentence-transformers
-        Normalize module), so vectors are unit norm either way; normalize_embeddings renormalises.
-        `instruction` is given to every item without its own (see encode_query); `num_workers` and
+        Options are keyword-only and follow sentence-transformers' `encode`: `prompt` (or
+        `prompt_name`, a key of `self.prompts`) is the instruction given to every item without its
+        own, masked out of the pool as in training; a numpy array by default, a stacked tensor
+        with convert_to_tensor, a list of 1-D tensors when both are off; 1-D for a single input.
+        The L2 normalisation is part of the model (as a sentence-transformers Normalize module),
+        so vectors are unit norm either way; normalize_embeddings renormalises. `num_workers` and
         `bar` are the input pipeline's (see `_encode_items`).
         """
-        items, single = as_items(inputs, instruction)
-        progress = show_progress if show_progress_bar is None else show_progress_bar
-        embeddings = self._encode_items(items, check_batch_size(batch_size), progress, num_workers=num_workers, bar=bar)
+        items, single = as_items(inputs, self.chosen_prompt(prompt_name, prompt))
+        embeddings = self._encode_items(items, check_batch_size(batch_size), bool(show_progress_bar),
+                                        num_workers=num_workers, bar=bar)
         return shaped(embeddings, single=single, convert_to_numpy=convert_to_numpy,
                       convert_to_tensor=convert_to_tensor, normalize_embeddings=normalize_embeddings)
 
+    def chosen_prompt(self, prompt_name: str | None, prompt: str | None) -> str | None:
+        """The instruction `encode` gives: `prompt` itself, or the named one of `self.prompts`
+        (an empty named prompt means none). Naming an unknown prompt is an error, as in
+        sentence-transformers; giving both is one too, since silently preferring one would drop
+        the other."""
+        if prompt_name is not None and prompt is not None:
+            raise ValueError(f"give prompt or prompt_name, not both (prompt_name={prompt_name!r}, prompt={prompt!r})")
+        if prompt_name is None:
+            return prompt
+        if prompt_name not in self.prompts:
+            raise ValueError(f"prompt_name {prompt_name!r} is not one of this embedder's prompts "
+                             f"{sorted(self.prompts)}; add it to embedder.prompts or pass prompt=")
+        return self.prompts[prompt_name] or None
+
     def encode_query(self, inputs, instruction: str | None = None, **kwargs):
         """`encode` for queries: `instruction` (the task's, e.g. "Retrieve an image that matches the
-        caption.") leads every query without one of its own and is masked out of the pool."""
-        return self.encode(inputs, instruction=instruction, **kwargs)
+        caption.") leads every query without one of its own and is masked out of the pool;
+        without any, the "query" prompt of `self.prompts` is used, as in sentence-transformers."""
+        if instruction is not None:
+            if kwargs.get("prompt") is not None or kwargs.get("prompt_name") is not None:
+                raise ValueError("give instruction, prompt or prompt_name, not several")
+            kwargs["prompt"] = instruction
+        return self.encode(inputs, **_with_prompt_name(kwargs, "query"))
 
     def encode_document(self, inputs, **kwargs):
-        """`encode` for candidates, which carry no instruction (as in training)."""
-        return self.encode(inputs, **kwargs)
+        """`encode` for candidates, which carry no instruction in training: the "document" prompt
+        of `self.prompts` (empty unless set) unless a prompt is given."""
+        return self.encode(inputs, **_with_prompt_name(kwargs, "document"))
 
     def _collator(self) -> Collator:
         """The collator of the current prompt settings and profile rules."""
@@ -304,6 +330,13 @@ class Embedder(AdaptedBackbone):
             {"params": no_decay, "weight_decay": 0.0},
             temperature,
         ]
+
+
+def _with_prompt_name(kwargs: dict, name: str) -> dict:
+    """`kwargs` choosing the named prompt `name` unless they give a prompt of their own."""
+    if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+        return {**kwargs, "prompt_name": name}
+    return kwargs
 
 
 def _kept(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

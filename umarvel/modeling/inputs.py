@@ -84,16 +84,17 @@ def check_item(item: dict, where: str) -> None:
 
 def shaped(embeddings: torch.Tensor, *, single: bool, convert_to_numpy: bool, convert_to_tensor: bool,
            normalize_embeddings: bool):
-    """The encoded (n, d) float32 CPU tensor as asked: a numpy array with convert_to_numpy, a
-    tensor otherwise (convert_to_tensor wins over convert_to_numpy, as in sentence-transformers);
-    1-D for a single input."""
+    """The encoded (n, d) float32 CPU tensor in sentence-transformers' return conventions: a
+    stacked tensor with convert_to_tensor (it wins over convert_to_numpy), else a numpy array
+    with convert_to_numpy, else a list of 1-D tensors; one vector for a single input."""
     if normalize_embeddings:
         embeddings = F.normalize(embeddings, dim=-1)
-    if single:
-        embeddings = embeddings[0]
-    if convert_to_numpy and not convert_to_tensor:
-        return embeddings.numpy()
-    return embeddings
+    if convert_to_tensor:
+        return embeddings[0] if single else embeddings
+    if convert_to_numpy:
+        array = embeddings.numpy()
+        return array[0] if single else array
+    return embeddings[0] if single else list(embeddings)
 
 
 def cosine_similarity(a, b) -> torch.Tensor:

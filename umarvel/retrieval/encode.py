@@ -394,7 +394,7 @@ def encode_set(
         start, stop = bounds[index]
         batch = items(start, stop)
         vectors = embedder.encode(batch, batch_size=batch_size, num_workers=num_workers, bar=bar)
-        _write_shard(directory, index, vectors.numpy(), [item[id_key] for item in batch])
+        _write_shard(directory, index, vectors, [item[id_key] for item in batch])
     bar.close()
     process.barrier()
     if rank == 0:

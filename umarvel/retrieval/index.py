@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def search(
         raise ValueError(f"chunk_size and query_chunk_size must be positive, got {chunk_size}, {query_chunk_size}")
     chunk_rows = chunk_size or max(1, CHUNK_BYTES // (4 * dim))
 
-    if _gpus_wanted(use_gpu):
+    if gpus_wanted(use_gpu):
         return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress, normalize)
     with progress_bar(total, f"search {len(queries)} queries", "cand", enabled=progress, unit_scale=True) as bar:
         return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize)
@@ -106,16 +107,17 @@ def _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize
     top = _empty_top(len(queries))
     with _faiss_blocks():
         for offset, chunk in _chunks(shards, chunk_rows):
-            matrix = _fp32(chunk, normalize)
-
-            def knn(block: np.ndarray, width: int):
-                return faiss.knn(block, matrix, width, faiss.METRIC_INNER_PRODUCT)
-
-            scores, ids = _search_part(knn, len(matrix), queries, k, query_chunk_size, normalize)
+            knn = partial(_flat_knn, _fp32(chunk, normalize))
+            scores, ids = _search_part(knn, len(chunk), queries, k, query_chunk_size, normalize)
             top = _merge(top, (scores, ids + offset), k)
-            del matrix, knn  # one fp32 chunk alive at a time
+            del knn  # one fp32 chunk alive at a time
             bar.update(len(chunk))
     return top
+
+
+def _flat_knn(matrix: np.ndarray, block: np.ndarray, width: int):
+    """Exact inner-product top-`width` of `block` among the rows of `matrix` (fp32)."""
+    return faiss.knn(block, matrix, width, faiss.METRIC_INNER_PRODUCT)
 
 
 @contextmanager
@@ -160,6 +162,20 @@ def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress
             for result in pool.map(search_slice, slices.values()):
                 top = _merge(top, result, k)
     return top
+
+
+def index_to_gpus(index):
+    """A CPU faiss index (Flat or IVF) sharded over every GPU faiss sees, vectors in fp16 as in
+    `search`; each GPU holds a contiguous slice and results are merged by faiss. Index types
+    faiss has no GPU version of (HNSW) are an UmarvelError: search those on CPU."""
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    options.useFloat16 = True
+    try:
+        return faiss.index_cpu_to_all_gpus(index, options)
+    except RuntimeError as err:
+        raise UmarvelError(f"faiss cannot put a {type(index).__name__} on GPUs ({str(err).splitlines()[0]}); "
+                           "search it with use_gpu=False") from None
 
 
 def _gpu_flat_index(gpu: int, dim: int):
@@ -264,10 +280,15 @@ def _check_shapes(queries: np.ndarray, shards: list[np.ndarray]) -> int:
     return dim
 
 
-def _gpus_wanted(use_gpu: bool | str) -> bool:
+def gpus_wanted(use_gpu: bool | str) -> bool:
     if use_gpu not in ("auto", True, False):
         raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
     available = faiss.get_num_gpus() > 0
     if use_gpu is True and not available:
         raise UmarvelError("use_gpu=True but faiss sees no GPU (install faiss-gpu, or pass use_gpu=False)")
     return available if use_gpu == "auto" else use_gpu
+
+
+def normalized_fp32(rows: np.ndarray) -> np.ndarray:
+    """`rows` as a contiguous fp32 copy scaled to unit L2 norm (fp16 unit vectors are unit only to ~1e-3)."""
+    return _fp32(rows, normalize=True)
