@@ -23,6 +23,10 @@ def test_redirected_progress_is_periodic_lines(monkeypatch, caplog):
 def test_lines_wait_for_the_interval(monkeypatch, caplog):
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
     with caplog.at_level(logging.INFO, logger="umarvel"):
+        quick = progress.progress_bar(100, "quick", "pair", line_seconds=3600)
+        quick.update(100)
+        quick.close()  # done within QUIET_SECONDS: no line
+        monkeypatch.setattr(progress, "QUIET_SECONDS", 0.0)
         bar = progress.progress_bar(100, "rerank", "pair", line_seconds=3600)
         for _ in range(100):
             bar.update(1)

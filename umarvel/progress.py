@@ -15,6 +15,9 @@ import time
 logger = logging.getLogger("umarvel")
 
 LINE_SECONDS = 30.0
+# A loop finished within this logs no line at all: the demo runs hundreds of sub-second encodes
+# and searches, whose lines would bury the ones that matter.
+QUIET_SECONDS = 5.0
 
 
 def on_terminal() -> bool:
@@ -50,13 +53,15 @@ def quiet_library_bars() -> None:
 
 class LineProgress:
     """`desc: 120/384 item (31%) | 45.2 item/s | ETA 0:00:06`, logged at most every
-    `line_seconds` and once at the end (when anything was done)."""
+    `line_seconds`, and once at the end when anything was done and the loop either logged
+    already or took QUIET_SECONDS or more."""
 
     def __init__(self, total: int, desc: str, unit: str, line_seconds: float):
         self.total, self.desc, self.unit, self.line_seconds = total, desc, unit, line_seconds
         self.n = 0
         self.started = self.last_line = time.perf_counter()
         self.closed = False
+        self.logged = False
 
     def update(self, count: int = 1) -> None:
         self.n += count
@@ -66,8 +71,9 @@ class LineProgress:
             self._log(now)
 
     def close(self) -> None:
-        if not self.closed and self.n:
-            self._log(time.perf_counter())
+        now = time.perf_counter()
+        if not self.closed and self.n and (self.logged or now - self.started >= QUIET_SECONDS):
+            self._log(now)
         self.closed = True
 
     def __enter__(self) -> LineProgress:
@@ -77,6 +83,7 @@ class LineProgress:
         self.close()
 
     def _log(self, now: float) -> None:
+        self.logged = True
         elapsed = max(now - self.started, 1e-9)
         rate = self.n / elapsed
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)",
