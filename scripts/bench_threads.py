@@ -22,11 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = [  # (label, intra-op threads (0: every core), OMP_WAIT_POLICY or None)
+SETTINGS = [  # (label, intra-op threads (0: torch's default, every core), OMP_WAIT_POLICY or None)
     ("all cores, spin", 0, None),
     ("all cores, passive", 0, "PASSIVE"),
     ("1 thread", 1, None),
 ]
+WORKLOADS = ("train step", "encode")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 
 
 def _spin() -> None:
@@ -34,39 +36,73 @@ def _spin() -> None:
         pass
 
 
-def run_one(model_dir: str, threads: int, batch_size: int, steps: int) -> None:
-    """Time `steps` training steps in this process; print the median seconds per step."""
-    import torch
+def _examples(n: int) -> list[dict]:
+    """Caption -> image pairs of the size the demo trains on (112 x 112)."""
+    from PIL import Image, ImageDraw
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_train import examples, step
+    out = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        image = Image.new("RGB", (112, 112), "white")
+        ImageDraw.Draw(image).ellipse((10 + i % 30, 10, 60 + i % 30, 60), fill=colour)
+        out.append({"query": {"qid": f"9:{i}", "text": f"a {colour} circle number {i}",
+                              "instruction": "Retrieve the image that matches the caption."},
+                    "positive": {"did": f"9:{i}", "image": image}, "negatives": []})
+    return out
+
+
+def run_one(model_dir: str, threads: int, workload: str, batch_size: int, steps: int) -> None:
+    """Time `steps` repeats of `workload` in this process; print the median seconds."""
+    import torch
 
     from umarvel import Embedder
     from umarvel.data.collator import PairCollator
+    from umarvel.training.losses import CandidateIds, info_nce
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     embedder = Embedder.from_pretrained(model_dir, trainable=True, prompt={"max_pixels": 112 * 112})
-    embedder.train()
-    image_start = embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    batch = PairCollator(embedder.collator)(examples(batch_size))
-    step(embedder, batch, 0, image_start)  # warm-up
+    examples = _examples(batch_size)
+    if workload == "encode":
+        embedder.eval()
+        items = [e["positive"] for e in examples] + [e["query"] for e in examples]
+
+        def once() -> None:
+            embedder.encode(items, batch_size=batch_size)
+    else:
+        embedder.train()
+        batch = PairCollator(embedder.collator)(examples)
+        ids = CandidateIds(**batch["ids"])
+
+        def once() -> None:
+            embedder.zero_grad(set_to_none=True)
+            loss = info_nce(embedder.embed_batch(batch["query"]), embedder.embed_batch(batch["positive"]),
+                            embedder.temperature(), ids=ids).loss
+            loss.backward()
+    once()  # warm-up
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        step(embedder, batch, 0, image_start)
+        once()
         times.append(time.perf_counter() - started)
     print(sorted(times)[len(times) // 2])
 
 
-def measure(model_dir: str, threads: int, policy: str | None, batch_size: int, steps: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def measure(model_dir: str, threads: int, policy: str | None, workload: str, batch_size: int, steps: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    done = subprocess.run([sys.executable, __file__, "--one", model_dir, str(threads), "--batch", str(batch_size),
-                           "--steps", str(steps)], capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run([sys.executable, __file__, "--one", model_dir, str(threads), workload, "--batch",
+                           str(batch_size), "--steps", str(steps)], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"the measuring process failed:\n{done.stderr[-3000:]}")
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def measure_all(model_dir: str, batch_size: int, steps: int) -> dict[tuple[str, str], float]:
+    return {(workload, label): measure(model_dir, threads, policy, workload, batch_size, steps)
+            for workload in WORKLOADS for label, threads, policy in SETTINGS}
 
 
 def main() -> None:
@@ -74,35 +110,38 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=4, help="busy-looping processes for the loaded runs")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "THREADS", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], int(args.one[1]), args.batch, args.steps)
+        run_one(args.one[0], int(args.one[1]), args.one[2], args.batch, args.steps)
         return
     from umarvel.tiny import build_tiny_model
 
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores, load average at start {os.getloadavg()[0]:.2f}; tiny qwen2-vl, batch {args.batch}, "
-          f"median of {args.steps} steps; loaded = next to {args.busy} busy processes")
+          f"median of {args.steps} repeats; loaded = next to {args.busy} more busy processes")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "tiny"))
-        idle = {label: measure(model_dir, threads, policy, args.batch, args.steps)
-                for label, threads, policy in SETTINGS}
+        idle = measure_all(model_dir, args.batch, args.steps)
         spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
         for spinner in spinners:
             spinner.start()
         try:
-            loaded = {label: measure(model_dir, threads, policy, args.batch, args.steps)
-                      for label, threads, policy in SETTINGS}
+            loaded = measure_all(model_dir, args.batch, args.steps)
+            load_loaded = os.getloadavg()[0]
         finally:
             for spinner in spinners:
                 spinner.terminate()
                 spinner.join()
-    baseline = idle[SETTINGS[0][0]]
-    print(f"{'setting':20s} {'idle s':>8s} {'loaded s':>9s} {'slowdown':>9s} {'idle vs spin':>13s} {'loaded vs spin':>15s}")
-    for label, _, _ in SETTINGS:
-        print(f"{label:20s} {idle[label]:8.3f} {loaded[label]:9.3f} {loaded[label] / idle[label]:9.2f} "
-              f"{idle[label] / baseline:13.2f} {loaded[label] / loaded[SETTINGS[0][0]]:15.2f}")
+    print(f"load average at the end of the loaded runs {load_loaded:.2f}")
+    print(f"{'workload':11s} {'setting':20s} {'idle s':>8s} {'loaded s':>9s} {'slowdown':>9s} "
+          f"{'idle vs default':>16s} {'loaded vs default':>18s}")
+    for workload in WORKLOADS:
+        default = (workload, SETTINGS[0][0])
+        for label, _, _ in SETTINGS:
+            key = (workload, label)
+            print(f"{workload:11s} {label:20s} {idle[key]:8.3f} {loaded[key]:9.3f} {loaded[key] / idle[key]:9.2f} "
+                  f"{idle[default] / idle[key]:15.2f}x {loaded[default] / loaded[key]:17.2f}x")
 
 
 if __name__ == "__main__":
