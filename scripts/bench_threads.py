@@ -1,15 +1,15 @@
-"""Why the demo slowed down far more than the load explains, and what the intra-op thread count
-does about it: one tiny-model training step (forward + backward, as bench_train.py) timed with
-torch's intra-op threads at every core and at 1, with OpenMP's default (spinning) wait policy
-and with OMP_WAIT_POLICY=PASSIVE, on idle cores and next to --busy busy-looping processes,
-side by side in one run:
+"""Why the demo slowed down far more than the load explains, and what the wait policy and the
+intra-op thread count do about it: a tiny-model training step (forward + backward of 16 caption ->
+image pairs, InfoNCE) and an encode of 32 items, timed with torch's intra-op threads at every core
+with OpenMP's default (spinning) wait policy, with OMP_WAIT_POLICY=PASSIVE, and at 1 thread, first
+without and then next to --busy busy-looping processes, side by side in one run:
 
     python scripts/bench_threads.py [--busy 4] [--steps 6] [--batch 16]
 
-Each figure comes from a fresh process (the wait policy is read when OpenMP starts); the busy
-processes are this script's own children and are ended before it exits. The slowdown column
-is each setting's time under load over its time idle; with B busy processes on C cores a fair
-share predicts about (B + threads) / C for threads <= C.
+Each figure comes from a fresh process that imports torch before umarvel (so umarvel's own
+PASSIVE default does not apply; the wait policy is read when OpenMP starts) and is printed as it
+comes. The busy processes are this script's own children and are ended before it exits. The
+slowdown column is each setting's time loaded over its time without the busy processes.
 """
 from __future__ import annotations
 
@@ -100,9 +100,16 @@ def measure(model_dir: str, threads: int, policy: str | None, workload: str, bat
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def measure_all(model_dir: str, batch_size: int, steps: int) -> dict[tuple[str, str], float]:
-    return {(workload, label): measure(model_dir, threads, policy, workload, batch_size, steps)
-            for workload in WORKLOADS for label, threads, policy in SETTINGS}
+def measure_all(model_dir: str, batch_size: int, steps: int, phase: str) -> dict[tuple[str, str], float]:
+    """Every workload under every setting; each figure is printed as it comes (a slow loaded run
+    that is cut short keeps what it measured)."""
+    figures = {}
+    for workload in WORKLOADS:
+        for label, threads, policy in SETTINGS:
+            figures[workload, label] = measure(model_dir, threads, policy, workload, batch_size, steps)
+            print(f"  {phase}: {workload}, {label}: {figures[workload, label]:.3f} s "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    return figures
 
 
 def main() -> None:
@@ -119,15 +126,15 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores, load average at start {os.getloadavg()[0]:.2f}; tiny qwen2-vl, batch {args.batch}, "
-          f"median of {args.steps} repeats; loaded = next to {args.busy} more busy processes")
+          f"median of {args.steps} repeats; loaded = next to {args.busy} more busy processes", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "tiny"))
-        idle = measure_all(model_dir, args.batch, args.steps)
+        idle = measure_all(model_dir, args.batch, args.steps, "idle")
         spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
         for spinner in spinners:
             spinner.start()
         try:
-            loaded = measure_all(model_dir, args.batch, args.steps)
+            loaded = measure_all(model_dir, args.batch, args.steps, "loaded")
             load_loaded = os.getloadavg()[0]
         finally:
             for spinner in spinners:
