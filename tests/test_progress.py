@@ -70,3 +70,17 @@ def test_library_bars_are_off_when_redirected(monkeypatch):
     finally:
         transformers_logging.enable_progress_bar()
         enable_progress_bars()
+
+
+def test_lines_reach_stderr_when_logging_is_not_set_up(tmp_path):
+    """An API caller who asks for progress off a terminal and configured no logging still sees it."""
+    code = ("from umarvel import progress\n"
+            "progress.LINE_SECONDS = 0.0\n"
+            "with progress.progress_bar(2, 'encode', 'item') as bar:\n"
+            "    bar.update(1)\n"
+            "    bar.update(1)\n")
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as handle:
+        subprocess.run([sys.executable, "-c", code], stderr=handle, check=True)
+    assert err.read_text().splitlines()[-2:][0].startswith("encode: 1/2 item (50%) | ")
+    assert err.read_text().splitlines()[-1].startswith("encode: 2/2 item (100%) | ")

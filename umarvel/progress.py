@@ -21,8 +21,8 @@ QUIET_SECONDS = 5.0
 
 
 def on_terminal() -> bool:
-    """Whether stderr, where bars are drawn, is a terminal."""
-    return sys.stderr.isatty()
+    """Whether stderr, where bars are drawn, is a terminal (or a notebook, where tqdm draws a widget)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", *, enabled: bool = True, unit_scale: bool = False,
@@ -92,4 +92,8 @@ class LineProgress:
             parts.append(f"ETA {datetime.timedelta(seconds=round((self.total - self.n) / rate))}")
         else:
             parts.append(f"took {datetime.timedelta(seconds=round(elapsed))}")
-        logger.info(" | ".join(parts))
+        line = " | ".join(parts)
+        if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+            logger.info(line)
+        else:  # an API caller who asked for progress but set up no logging still sees it
+            print(line, file=sys.stderr, flush=True)
