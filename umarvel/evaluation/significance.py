@@ -31,7 +31,8 @@ class Interval:
     high: float
 
     def __str__(self) -> str:
-        return f"{plain_number(self.estimate, '.2f')} [{plain_number(self.low, '.2f')}, {plain_number(self.high, '.2f')}]"
+        low, high = plain_number(self.low, ".2f"), plain_number(self.high, ".2f")
+        return f"{plain_number(self.estimate, '.2f')} [{low}, {high}]"
 
 
 def plain_number(value: float, spec: str) -> str:

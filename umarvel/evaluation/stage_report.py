@@ -94,12 +94,14 @@ def recipe_verdict(stages: list[StageResult], start: str, final: str) -> str:
     """One line that answers "did the recipe work?": `final` against `start` by the paired
     bootstrap on every pool, and the stages that did not beat the one they continued from."""
     by_name = {s.name: s for s in stages}
-    differences = {pool: d for pool in ("local", "global")
-                   if start in by_name and final in by_name and (d := _difference(by_name[final], by_name[start], pool))}
+    differences = {}
+    if start in by_name and final in by_name:
+        differences = {pool: d for pool in ("local", "global")
+                       if (d := _difference(by_name[final], by_name[start], pool))}
     if not differences:
         return f"**Did the recipe work? Unknown**: no per-query results for both {start} and {final}."
-    shown = "; ".join(f"{pool} {plain_number(d.estimate, '+.2f')} points, 95% CI "
-                      f"[{plain_number(d.low, '+.2f')}, {plain_number(d.high, '+.2f')}]" for pool, d in differences.items())
+    shown = "; ".join(f"{pool} {plain_number(d.estimate, '+.2f')} points, 95% CI [{plain_number(d.low, '+.2f')}, "
+                      f"{plain_number(d.high, '+.2f')}]" for pool, d in differences.items())
     if all(d.low > 0 for d in differences.values()):
         answer = f"**The recipe worked**: {final} beats {start} beyond noise ({shown})"
     elif any(d.high < 0 for d in differences.values()):
