@@ -95,7 +95,10 @@ def test_prompt_and_prompt_name_are_the_masked_instruction(embedder):
         embedder.encode_query([CAPTION], instruction=INSTRUCTION, prompt="Find it.")
 
 
-def test_batch_size_and_progress_bar_do_not_change_vectors(embedder, capsys):
+def test_batch_size_and_progress_bar_do_not_change_vectors(embedder, capsys, monkeypatch):
+    from umarvel import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # the bar; off a terminal: tests/test_progress.py
     texts = [CAPTION, "a blue square", "two green triangles", "a yellow star"]
     one = embedder.encode(texts, batch_size=1, show_progress_bar=True)
     assert "encode" in capsys.readouterr().err

@@ -172,8 +172,11 @@ def test_embedding_search_renormalises_fp16_vectors_as_the_reference_scorer():
     np.testing.assert_allclose(scores[0], unit[[1, 0], 0], rtol=1e-6)
 
 
-def test_a_sharded_search_with_progress_reports_its_rate_and_keeps_its_result(tied_pool, capsys):
+def test_a_sharded_search_with_progress_reports_its_rate_and_keeps_its_result(tied_pool, capsys, monkeypatch):
+    from umarvel import progress
     from umarvel.retrieval.index import search_ids
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)  # the bar; off a terminal: tests/test_progress.py
 
     queries, pool = tied_pool
     shards = [pool[:300], pool[300:]]

@@ -10,7 +10,7 @@ from umarvel.data.tasks import EVAL_ROWS
 from umarvel.evaluation.metrics import evaluate_row
 from umarvel.evaluation.report import run_file_name, write_run_file
 from umarvel.evaluation.significance import average_interval, load_hits, paired_difference, read_run, verdict
-from umarvel.evaluation.stage_report import StageResult, summary_table
+from umarvel.evaluation.stage_report import StageResult, recipe_verdict, summary_table, write_stage_report
 
 ROW = EVAL_ROWS[0]  # visualnews_task0, R@5
 
@@ -70,3 +70,40 @@ def test_summary_table_shows_intervals_and_noise():
               StageResult("after", "before", {"local": {"average": 100 * better["a"].mean()}}, [], {"local": better})]
     table = summary_table(stages)
     assert "[" in table.splitlines()[1] and "95% CI" in table and "within noise of before" in table
+
+
+def _stage(name: str, parent: str | None, hits: dict) -> StageResult:
+    average = 100 * np.mean([h.mean() for h in hits.values()])
+    return StageResult(name, parent, {pool: {"average": average, "rows": {}} for pool in ("local", "global")}, [],
+                       {"local": hits, "global": hits})
+
+
+def test_recipe_verdict_answers_in_one_line_and_names_stages_that_did_not_help(tmp_path):
+    rng = np.random.default_rng(4)
+    untrained = {"a": (rng.random(96) < 0.2).astype(float), "b": (rng.random(96) < 0.2).astype(float)}
+    trained = {name: np.maximum(values, rng.random(96) < 0.6) for name, values in untrained.items()}
+    stages = [_stage("untrained", None, untrained), _stage("trained", "untrained", trained),
+              _stage("final", "trained", trained), _stage("final + rerank", "final", trained)]
+    line = recipe_verdict(stages, start="untrained", final="final")
+    assert line.startswith("**The recipe worked**: final beats untrained beyond noise (local +")
+    assert "\n" not in line and line.endswith("over the one before: final, final + rerank.")
+    assert recipe_verdict(stages[:1] + [_stage("final", "untrained", untrained)], "untrained", "final").startswith(
+        "**Not shown**")
+    worse = [_stage("untrained", None, trained), _stage("final", "untrained", untrained)]
+    assert recipe_verdict(worse, "untrained", "final").startswith("**The recipe did NOT work**")
+    assert recipe_verdict(stages[:1], "untrained", "final").startswith("**Did the recipe work? Unknown**")
+    report = write_stage_report(tmp_path, stages, title="t", notes=["a note"], headline=line)
+    assert report.read_text().splitlines()[2] == line
+
+
+def test_an_unchanged_stage_reads_plus_zero_not_minus_zero():
+    """A reranker that reorders nothing leaves a float difference like -1e-17: "+0.00", never "-0.00"."""
+    hits = {"a": np.array([1.0, 0.0, 1.0]), "b": np.array([0.0, 1.0, 0.0])}
+    same = {"a": hits["a"] + 0.0, "b": hits["b"] + 0.0}
+    text = verdict(paired_difference(same, hits), "distill")
+    assert text == "is within noise of distill (+0.00, 95% CI [+0.00, +0.00])"
+    assert str(paired_difference(same, hits)) == "0.00 [0.00, 0.00]"
+    from umarvel.evaluation.significance import Interval
+
+    assert verdict(Interval(-1e-17, -1e-17, 0.0), "x") == "is within noise of x (+0.00, 95% CI [+0.00, +0.00])"
+    assert "-0.00" not in str(Interval(-1e-17, -0.001, 0.004))

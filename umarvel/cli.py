@@ -14,6 +14,7 @@ import sys
 import threading
 
 from umarvel.errors import UmarvelError, system_error_message
+from umarvel.progress import quiet_library_bars
 
 
 DATA_HELP = "the M-BEIR root, or the data directory holding M-BEIR/ (as `umarvel data synth` writes it)"
@@ -750,6 +751,7 @@ def run_command(argv: list[str] | None = None) -> int:
         _interrupt_once()
         args = build_parser().parse_args(argv)
         logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)  # before anything imports DeepSpeed
+        quiet_library_bars()
         _require_config(args)
         code = args.func(args) or 0
     except UmarvelError as err:

@@ -18,7 +18,9 @@ from pathlib import Path
 from umarvel import backbones
 from umarvel.errors import UmarvelError
 from umarvel.evaluation.significance import load_hits
-from umarvel.evaluation.stage_report import StageResult, load_losses, load_results, summary_table, write_stage_report
+from umarvel.evaluation.stage_report import (
+    StageResult, load_losses, load_results, recipe_verdict, summary_table, write_stage_report,
+)
 
 logger = logging.getLogger("umarvel")
 DATA = "data/synthetic"
@@ -176,6 +178,7 @@ def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0, fami
             run()
             print(f"[{number}/{len(steps)}] {description}: {time.perf_counter() - step_started:.0f} s", flush=True)
         stages = collect(RUNS)
+        headline = recipe_verdict(stages, start="untrained", final="distill")
         notes = [
             f"Tiny random {family}, synthetic M-BEIR-shaped benchmark (size {size}, seed {seed}); "
             "recall on the synthetic TEST split, which no training step sees.",
@@ -184,8 +187,9 @@ def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0, fami
             *deviation_notes(configs),
         ]
         report = write_stage_report(RUNS / "report", stages, title="umarvel demo: the U-MARVEL recipe, tiny and on CPU",
-                                    notes=notes)
+                                    notes=notes, headline=headline)
     print()
+    print(headline.replace("**", ""))
     print(summary_table(stages))
     print(f"\nreport: {out / report}")
     return out / report

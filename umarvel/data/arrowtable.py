@@ -51,12 +51,13 @@ def stable_hash64(text: str) -> int:
 
 
 def progress_bar(total_bytes: int, desc: str, enabled: bool | None = None):
-    """A byte-counting tqdm bar, shown by default for large files on the main process only."""
-    from tqdm import tqdm
+    """A byte-counting progress bar (`umarvel.progress`), shown by default for large files on the
+    main process only."""
+    from umarvel import progress
 
     if enabled is None:
         enabled = total_bytes >= PROGRESS_MIN_BYTES and process.is_main_process()
-    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+    return progress.progress_bar(total_bytes, desc, "B", enabled=enabled, unit_scale=True)
 
 
 class ErrorLog:

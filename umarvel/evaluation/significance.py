@@ -31,7 +31,14 @@ class Interval:
     high: float
 
     def __str__(self) -> str:
-        return f"{self.estimate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+        low, high = plain_number(self.low, ".2f"), plain_number(self.high, ".2f")
+        return f"{plain_number(self.estimate, '.2f')} [{low}, {high}]"
+
+
+def plain_number(value: float, spec: str) -> str:
+    """`value` formatted by `spec`, without the "-0.00" a difference of -1e-17 would print."""
+    text = format(value, spec)
+    return text.replace("-", "+" if "+" in spec else "", 1) if float(text) == 0 else text
 
 
 def read_run(path: Path) -> dict[str, list[str]]:
@@ -101,4 +108,5 @@ def verdict(difference: Interval, parent: str) -> str:
         word = "is worse than"
     else:
         word = "is within noise of"
-    return f"{word} {parent} ({difference.estimate:+.2f}, 95% CI [{difference.low:+.2f}, {difference.high:+.2f}])"
+    low, high = plain_number(difference.low, "+.2f"), plain_number(difference.high, "+.2f")
+    return f"{word} {parent} ({plain_number(difference.estimate, '+.2f')}, 95% CI [{low}, {high}])"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from umarvel.data.tasks import EVAL_ROWS
-from umarvel.evaluation.significance import Hits, average_interval, paired_difference, verdict
+from umarvel.evaluation.significance import Hits, average_interval, paired_difference, plain_number, verdict
 from umarvel.io import atomic_path, atomic_write_text
 
 
@@ -74,7 +74,44 @@ def _verdict(stage: StageResult, by_name: dict[str, StageResult], pool: str) -> 
             return verdict(difference, stage.parent)
     delta = mine - before
     word = "improves on" if delta > 0.05 else ("matches" if abs(delta) <= 0.05 else "does NOT improve on")
-    return f"{word} {stage.parent} ({delta:+.2f}; no per-query data for an interval)"
+    return f"{word} {stage.parent} ({plain_number(delta, '+.2f')}; no per-query data for an interval)"
+
+
+def _difference(stage: StageResult, before: StageResult, pool: str):
+    if pool in stage.hits and pool in before.hits:
+        return paired_difference(stage.hits[pool], before.hits[pool])
+    return None
+
+
+def _within_noise_or_worse(stage: StageResult, by_name: dict[str, StageResult]) -> bool:
+    """No pool shows the stage beyond noise above the one it continued from."""
+    parent = by_name.get(stage.parent or "")
+    differences = [d for pool in ("local", "global") if parent and (d := _difference(stage, parent, pool))]
+    return bool(differences) and all(d.low <= 0 for d in differences)
+
+
+def recipe_verdict(stages: list[StageResult], start: str, final: str) -> str:
+    """One line that answers "did the recipe work?": `final` against `start` by the paired
+    bootstrap on every pool, and the stages that did not beat the one they continued from."""
+    by_name = {s.name: s for s in stages}
+    differences = {}
+    if start in by_name and final in by_name:
+        differences = {pool: d for pool in ("local", "global")
+                       if (d := _difference(by_name[final], by_name[start], pool))}
+    if not differences:
+        return f"**Did the recipe work? Unknown**: no per-query results for both {start} and {final}."
+    shown = "; ".join(f"{pool} {plain_number(d.estimate, '+.2f')} points, 95% CI [{plain_number(d.low, '+.2f')}, "
+                      f"{plain_number(d.high, '+.2f')}]" for pool, d in differences.items())
+    if all(d.low > 0 for d in differences.values()):
+        answer = f"**The recipe worked**: {final} beats {start} beyond noise ({shown})"
+    elif any(d.high < 0 for d in differences.values()):
+        answer = f"**The recipe did NOT work**: {final} is worse than {start} ({shown})"
+    else:
+        answer = f"**Not shown**: {final} is not beyond noise of {start} on every pool ({shown})"
+    idle = [s.name for s in stages if _within_noise_or_worse(s, by_name)]
+    if idle:
+        answer += f". Stages that did not help beyond noise over the one before: {', '.join(idle)}"
+    return answer + "."
 
 
 def summary_table(stages: list[StageResult]) -> str:
@@ -101,11 +138,13 @@ def _row_table(stages: list[StageResult], pool: str) -> list[str]:
     return lines + [""]
 
 
-def write_stage_report(out_dir: Path, stages: list[StageResult], *, title: str, notes: list[str]) -> Path:
-    """report.md + loss.png + recall.png in `out_dir`; returns the report path."""
+def write_stage_report(out_dir: Path, stages: list[StageResult], *, title: str, notes: list[str],
+                       headline: str = "") -> Path:
+    """report.md (`headline` first, when given) + loss.png + recall.png in `out_dir`; returns the
+    report path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in stages}
-    lines = [f"# {title}", "", *notes, "", "## Averages", "",
+    lines = [f"# {title}", "", *([headline, ""] if headline else []), *notes, "", "## Averages", "",
              "Averages with their 95% bootstrap interval over queries; a stage improves on the one it "
              "continued from only when the paired difference's interval excludes 0.", "",
              "| model | local avg [95% CI] | global avg [95% CI] | vs. previous stage (local) | "

@@ -209,7 +209,7 @@ def encode_rows(
     bar=None,
 ) -> torch.Tensor:
     """(len(items), width) float32 CPU rows of `forward` over batches of the items, in item order;
-    `bar` (a tqdm) advances by the items of each batch."""
+    `bar` (a `umarvel.progress` bar) advances by the items of each batch."""
     out = torch.empty(len(items), width, dtype=torch.float32)
     for indices, batch in batches(items, collate, keys=keys, batch_size=batch_size, device=device,
                                   num_workers=num_workers):

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from umarvel import profiles
 from umarvel.backbone import language_model, quiet_transformers, set_attention_mode
@@ -28,6 +27,7 @@ from umarvel.modeling.model_dir import EMBEDDER, EMBEDDER_CONFIG, TEMPERATURE_FI
 from umarvel.modeling.inputs import as_items, check_batch_size, cosine_similarity, shaped
 from umarvel.modeling.pooling import pool
 from umarvel.modeling.temperature import Temperature
+from umarvel.progress import progress_bar
 from umarvel.weights import CHECKPOINT, load_tensors
 
 FORMAT_VERSION = EMBEDDER.version
@@ -203,7 +203,7 @@ class Embedder(AdaptedBackbone):
         Batches are formed by estimated length to limit padding (or, under model.rules.batching
         'file:N', N items at a time in item order, whatever `batch_size` says: the rules' vectors
         depend on their batch) and prepared by `num_workers` worker processes while the model runs
-        (None: the default of `batches.default_workers`, 0: in-process). `bar`, a tqdm, advances
+        (None: the default of `batches.default_workers`, 0: in-process). `bar`, a `umarvel.progress` bar, advances
         by items; else `show_progress` shows one.
         """
         was_training = self.training
@@ -213,8 +213,7 @@ class Embedder(AdaptedBackbone):
             batch_size, keys = self.rules.fixed_batch, [0] * len(items)
         else:
             keys = [batches.estimated_tokens(item, bounds, unit) for item in items]
-        progress = bar if bar is not None else tqdm(total=len(items), desc="encode", unit="item",
-                                                    disable=not show_progress)
+        progress = bar if bar is not None else progress_bar(len(items), "encode", "item", enabled=show_progress)
         try:
             return batches.encode_rows(
                 lambda batch: self(**batch), items, self.collate,

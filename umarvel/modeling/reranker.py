@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 from umarvel.config import ConfigError, ModelConfig, to_dict
@@ -27,6 +26,7 @@ from umarvel.io import atomic_write_json
 from umarvel.modeling import batches
 from umarvel.modeling.adapters import AdaptedBackbone, backbone_record
 from umarvel.modeling.model_dir import RERANKER, RERANKER_CONFIG, ModelDirectory
+from umarvel.progress import progress_bar
 from umarvel.weights import CHECKPOINT, load_tensors
 
 FORMAT_VERSION = RERANKER.version
@@ -106,7 +106,7 @@ class Reranker(AdaptedBackbone):
         bounds, unit = self.family.pixel_bounds(self.settings.prompt), self.family.pixel_unit
         examples = [{"query": query, "candidate": candidate} for query, candidate in pairs]
         keys = [tuple(map(sum, zip(*(batches.estimated_tokens(item, bounds, unit) for item in pair)))) for pair in pairs]
-        with tqdm(total=len(pairs), desc="rerank", unit="pair", disable=not show_progress) as bar:
+        with progress_bar(len(pairs), "rerank", "pair", enabled=show_progress) as bar:
             try:
                 scores = batches.encode_rows(
                     lambda batch: self.yes_probability(self(**batch).logits), examples, self.collator, keys=keys,

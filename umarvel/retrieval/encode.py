@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from umarvel import process
 from umarvel.config import ConfigError, to_dict
@@ -51,6 +50,7 @@ from umarvel.errors import CacheError, DataError, UmarvelError
 from umarvel.evaluation.protocol import ItemSet
 from umarvel.io import atomic_path, atomic_write_json, atomic_write_text
 from umarvel.profiles import marker_source
+from umarvel.progress import progress_bar
 
 logger = logging.getLogger("umarvel")
 MANIFEST = "manifest.json"
@@ -392,8 +392,8 @@ def encode_set(
     bounds = [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
     mine = [i for i in range(len(bounds)) if i % world == rank]
     todo = [i for i in mine if not _finished_shard(directory, i, *bounds[i], items, id_key)]
-    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc=desc, unit="item",
-               disable=not progress or rank != 0)
+    bar = progress_bar(sum(bounds[i][1] - bounds[i][0] for i in todo), desc, "item",
+                       enabled=progress and rank == 0)
     for index in todo:
         start, stop = bounds[index]
         batch = items(start, stop)

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 from umarvel.errors import UmarvelError
+from umarvel.progress import progress_bar
 
 try:
     import faiss
@@ -84,8 +84,7 @@ def search(
 
     if gpus_wanted(use_gpu):
         return _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress, normalize)
-    with tqdm(total=total, unit="cand", unit_scale=True, desc=f"search {len(queries)} queries",
-              disable=not progress) as bar:
+    with progress_bar(total, f"search {len(queries)} queries", "cand", enabled=progress, unit_scale=True) as bar:
         return _search_cpu(queries, shards, k, chunk_rows, query_chunk_size, bar, normalize)
 
 
@@ -142,7 +141,7 @@ def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress
     total = sum(len(shard) for shard in shards)
     gpus = faiss.get_num_gpus()
     slices = {}  # gpu -> (global offset of its slice, its index, its resources: must outlive the index)
-    with tqdm(total=total, unit="cand", unit_scale=True, desc="copy to GPUs", disable=not progress) as bar:
+    with progress_bar(total, "copy to GPUs", "cand", enabled=progress, unit_scale=True) as bar:
         for offset, chunk in _chunks(shards, min(chunk_rows, -(-total // gpus))):
             gpu = offset * gpus // total
             if gpu not in slices:
@@ -150,8 +149,7 @@ def _search_gpus(queries, shards, k, dim, chunk_rows, query_chunk_size, progress
             slices[gpu][1].add(_fp32(chunk, normalize))
             bar.update(len(chunk))
 
-    with tqdm(total=len(queries) * len(slices), unit="query", desc=f"search {len(slices)} GPUs",
-              disable=not progress) as bar:
+    with progress_bar(len(queries) * len(slices), f"search {len(slices)} GPUs", "query", enabled=progress) as bar:
         def search_slice(gpu_slice):
             offset, index, _ = gpu_slice
             # Widening stops at the GPU limit: beyond GPU_MAX_K-way ties the lowest-index rule is not kept.

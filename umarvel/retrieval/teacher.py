@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from umarvel import process
 from umarvel.config import Config, ConfigError, DistillConfig, EncodeConfig
@@ -39,6 +38,7 @@ from umarvel.data.mbeir import CandidatePool, Queries
 from umarvel.data.sources import read_teacher_scores, write_teacher_scores
 from umarvel.errors import UmarvelError
 from umarvel.io import atomic_path, atomic_write_json
+from umarvel.progress import progress_bar
 from umarvel.retrieval.encode import EmbeddingCache, file_fingerprint, query_set
 from umarvel.retrieval.index import gpu_choice, search_ids
 from umarvel.retrieval.rerank import first_rows, fuse, rerank_candidates
@@ -154,8 +154,9 @@ def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: lis
     rank, world = process.rank(), process.world_size()
     use_instruction = reranker.settings.prompt.use_instruction
     scored = 0
-    for index in tqdm(missing_shards(work, len(retrieved), shard_size, rank, world), desc="teacher shards",
-                      unit="shard", disable=not progress or rank != 0):
+    missing = missing_shards(work, len(retrieved), shard_size, rank, world)
+    bar = progress_bar(len(missing), "teacher shards", "shard", enabled=progress and rank == 0)
+    for index in missing:
         block = retrieved[index * shard_size : (index + 1) * shard_size]
         query_items = [queries.item(queries.find(r["qid"]), use_instruction=use_instruction) for r in block]
         candidate_items = [[pool.get(did, needed_by=f"distillation query {r['qid']}") for did in r["candidates"]]
@@ -164,6 +165,8 @@ def score_shards(reranker, queries: Queries, pool: CandidatePool, retrieved: lis
                                    num_workers=num_workers, progress=progress and rank == 0)
         _write_jsonl(work / shard_name(index), [{**r, "rerank": s} for r, s in zip(block, rerank)])
         scored += sum(len(r["candidates"]) for r in block)
+        bar.update(1)
+    bar.close()
     return scored
 
 

@@ -188,8 +188,7 @@ def build_index(embedder, corpus, out: str | os.PathLike, *, model: str | os.Pat
     metadata and manifest. `model` is the path the embedder was loaded from (the manifest's default
     for loading the index again). Under a launcher every rank encodes its shards; rank 0 builds and
     writes the index and returns its manifest, the others None."""
-    from tqdm.auto import tqdm
-
+    from umarvel.progress import progress_bar
     from umarvel.retrieval.encode import EmbeddingCache
 
     width = embedder.backbone.config.get_text_config().hidden_size
@@ -199,7 +198,7 @@ def build_index(embedder, corpus, out: str | os.PathLike, *, model: str | os.Pat
     if not process.is_main_process():  # launched: every rank encoded its shards, rank 0 writes the index
         return None
     index = new_faiss_index(index_type, encoded.dim)
-    with tqdm(total=len(encoded), desc=f"index {index_type}", unit="vec", disable=not progress) as bar:
+    with progress_bar(len(encoded), f"index {index_type}", "vec", enabled=progress) as bar:
         fill_index(index, encoded.shards, progress=bar.update)
     manifest = IndexManifest(model=str(Path(model).absolute()), fingerprint=cache.model,
                              profile=embedder.settings.profile, dim=encoded.dim, index_type=index_type,
