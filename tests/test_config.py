@@ -95,3 +95,13 @@ def test_umarvel_config_lists_the_moved_keys(capsys):
     out = capsys.readouterr().out
     assert "[moved keys]" in out and "eval.batch_size" in out and "-> encode.batch_size" in out
     assert "eval.mbeir.pools" in out and "eval.zeroshot.data" in out
+
+
+def test_gradcache_chunk_tokens_is_off_by_default_and_a_positive_integer():
+    assert load_config().train.loss.gradcache_chunk_tokens is None
+    assert load_config(None, ["train.loss.gradcache_chunk_tokens=4096"]).train.loss.gradcache_chunk_tokens == 4096
+    assert load_config(None, ["train.loss.gradcache_chunk_tokens=null"]).train.loss.gradcache_chunk_tokens is None
+    with pytest.raises(ConfigError, match=r"train\.loss\.gradcache_chunk_tokens: 0 is out of range; it must be >= 1"):
+        load_config(None, ["train.loss.gradcache_chunk_tokens=0"])
+    with pytest.raises(ConfigError, match=r"train\.loss\.gradcache_chunk_tokens: 'many' does not match"):
+        load_config(None, ["train.loss.gradcache_chunk_tokens=many"])

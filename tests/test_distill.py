@@ -28,6 +28,7 @@ from umarvel.retrieval.rerank import first_rows
 from umarvel.retrieval.teacher import (
     TeacherScoring, candidate_list, choose_positive, retrieve, sample_query_rows, shard_name,
 )
+from umarvel.training import gradcache
 from umarvel.training.distill import DistillationTrainer, check_distill_config
 from umarvel.training.rerank import training_data
 
@@ -111,13 +112,21 @@ def test_distillation_batch_scores_each_querys_candidates_against_its_own_teache
     assert abs(loss - _hand_loss(embedder, examples, shifted, tau, teacher_tau)) > 1e-2
 
 
-def test_distillation_loss_through_gradcache_matches_the_plain_gradients(embedder, tmp_path):
+def test_distillation_loss_through_gradcache_matches_the_plain_gradients(embedder, tmp_path, monkeypatch):
     batch = DistillCollator(embedder.collator)(_examples())
     trainer = _trainer(embedder, tmp_path, teacher_temperature=0.0)
     embedder.train()
+    token_chunks, real = [], gradcache.token_chunks
 
-    def gradients(chunk_size: int) -> tuple[float, dict]:
+    def recording(*args):
+        token_chunks.append(real(*args))
+        return token_chunks[-1]
+
+    monkeypatch.setattr(gradcache, "token_chunks", recording)
+
+    def gradients(chunk_size: int, chunk_tokens: int | None = None) -> tuple[float, dict]:
         trainer.loss_config.gradcache_chunk_size = chunk_size
+        trainer.loss_config.gradcache_chunk_tokens = chunk_tokens
         embedder.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(embedder, batch)
         loss.backward()
@@ -131,6 +140,11 @@ def test_distillation_loss_through_gradcache_matches_the_plain_gradients(embedde
     scale = max(g.abs().max().item() for g in plain.values())
     worst = max((plain[n] - cached[n]).abs().max().item() for n in plain)
     assert scale > 1e-4 and worst / scale < 1e-5, (worst, scale)
+    by_tokens_loss, by_tokens = gradients(0, chunk_tokens=200)  # the trainer reads train.loss.gradcache_chunk_tokens
+    assert token_chunks and any(len(counts) > 1 for counts in token_chunks), token_chunks
+    assert by_tokens_loss == pytest.approx(plain_loss, rel=1e-6)
+    worst = max((plain[n] - by_tokens[n]).abs().max().item() for n in plain)
+    assert worst / scale < 1e-5, (worst, scale)
 
 
 def test_distillation_collator_refuses_ragged_candidate_lists(embedder):

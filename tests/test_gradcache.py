@@ -22,7 +22,8 @@ from contrastive_standin import (
 )
 from umarvel.errors import UmarvelError
 from umarvel.training import gradcache
-from umarvel.training.gradcache import split_rows
+from umarvel.training.gradcache import split_rows, token_chunks
+from umarvel.training.losses import info_nce
 
 TESTS = Path(__file__).parent
 TOLERANCE = 1e-5
@@ -141,6 +142,68 @@ def test_split_rows_refuses_a_batch_whose_tensors_disagree_on_rows():
     assert [len(chunk["input_ids"]) for chunk in chunks] == [2, 2, 1]
     with pytest.raises(ValueError, match="pixel_values"):
         split_rows({"input_ids": torch.zeros(2, 7), "pixel_values": torch.zeros(9, 3)}, 1)
+
+
+def mask(lengths: list[int]) -> torch.Tensor:
+    return (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+
+
+def test_token_chunks_keep_each_chunk_within_the_budget_and_the_order():
+    lengths = [3, 5, 2, 40, 4, 4, 4, 4, 9, 1]
+    counts = token_chunks(mask(lengths), max_tokens=16)
+    assert counts == [3, 1, 4, 1, 1]  # 40 > 16 goes alone; [9] then [1] would cost 2 x 9 = 18
+    start = 0
+    for count in counts:
+        part = lengths[start : start + count]
+        assert count == 1 or count * max(part) <= 16, part
+        start += count
+    assert start == len(lengths)
+    assert token_chunks(mask(lengths), max_tokens=16, max_items=2) == [2, 1, 1, 2, 2, 1, 1]
+    assert token_chunks(mask([7] * 6), max_tokens=1000) == [6]
+
+
+def test_token_chunks_give_the_plain_loss_and_gradients():
+    """Stand-in items with lengths: chunks of 1 to 3 items, the plain step's loss and gradients."""
+    lengths = torch.tensor([1, 6, 2, 2, 5, 3, 1, 4])
+    batch = global_batch()
+
+    def with_mask(features):
+        rows = features.shape[0]
+        return {"features": features, "attention_mask": mask(lengths.repeat(rows // len(lengths)).tolist())}
+
+    batches = {"query": with_mask(batch["query"]), "positive": with_mask(batch["positive"]),
+               "negative": with_mask(batch["negative"].flatten(0, 1))}
+
+    def step(**chunking):
+        model = StandInEmbedder()
+        output = gradcache.embed_and_compute_loss(
+            lambda b: model(b["features"]),
+            batches,
+            lambda e, t: info_nce(e["query"], e["positive"], t, negatives=e["negative"], negatives_scope="global",
+                                  bidirectional=True),
+            model.temperature(),
+            parameters=list(model.parameters()),
+            **chunking,
+        )
+        output.loss.backward()
+        return output.loss.item(), gradients(model)
+
+    seen = []
+    real_split = split_rows
+    monkey = lambda b, sizes: seen.append(list(sizes)) or real_split(b, sizes)  # noqa: E731
+    plain_loss, plain = step()
+    tokens_loss, by_tokens = step(chunk_tokens=8, split=monkey)
+    assert seen[0] == [1, 1, 2, 1, 2, 1]  # 1 | 6 | 2 2 | 5 | 3 1 | 4 within 8 tokens
+    assert tokens_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert max_difference(by_tokens, plain) < 1e-6
+
+
+def test_token_chunks_need_an_attention_mask():
+    model = StandInEmbedder()
+    with pytest.raises(ValueError, match="attention_mask"):
+        gradcache.embed_and_compute_loss(lambda b: model(b["features"]), {"query": {"features": torch.zeros(2, 12)}},
+                                         lambda e, t: None, model.temperature(), chunk_tokens=4,
+                                         parameters=list(model.parameters()))
 
 
 def free_port() -> int:

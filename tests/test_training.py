@@ -78,7 +78,7 @@ def test_split_batch_embeds_like_the_whole_batch(family_embedder):
     embedder.train()
 
 
-def _gradients(embedder, batch, chunk_size):
+def _gradients(embedder, batch, chunk_size, chunk_tokens=None, split_sizes=None):
     embedder.zero_grad(set_to_none=True)
     split_batch, start = embedder.family.split_batch, embedder.family.vision_start_id(embedder.processor.tokenizer)
     ids = CandidateIds(**batch["ids"])
@@ -90,8 +90,9 @@ def _gradients(embedder, batch, chunk_size):
                               bidirectional=True, ids=ids),
         embedder.temperature(),
         chunk_size=chunk_size,
+        chunk_tokens=chunk_tokens,
         parameters=[p for p in embedder.parameters() if p.requires_grad],
-        split=lambda b, n: split_batch(b, n, start),
+        split=lambda b, n: (split_sizes.append(n) if split_sizes is not None else None) or split_batch(b, n, start),
     )
     out.loss.backward()
     return {n: p.grad.clone() for n, p in embedder.named_parameters() if p.requires_grad and p.grad is not None}
@@ -106,6 +107,31 @@ def test_gradcache_on_image_batches_matches_plain_gradients(family_embedder):
     assert plain.keys() == cached.keys() and "temperature.tau" in plain
     scale = max(g.abs().max().item() for g in plain.values())
     worst = max((plain[n] - cached[n]).abs().max().item() for n in plain)
+    assert scale > 1e-3 and worst / scale < 1e-6, (worst, scale)
+
+
+def test_gradcache_token_chunks_on_image_batches_match_plain_gradients(embedder):
+    """Chunks by tokens: large-image items (long sequences) go alone, short texts share a chunk,
+    no chunk runs over the budget unless one item does, and the gradients are the plain step's."""
+    examples = [example(i, 2) for i in range(4)]
+    for item in examples:
+        item["positive"]["image"] = draw_image("red", size=224)  # 87 tokens, the texts ~40
+    batch = PairCollator(embedder.collator, num_negatives=2)(examples)
+    budget = 3 * int(batch["query"]["attention_mask"].sum(dim=1).max())
+    embedder.train()
+    plain = _gradients(embedder, batch, chunk_size=0)
+    sizes = []
+    by_tokens = _gradients(embedder, batch, chunk_size=0, chunk_tokens=budget, split_sizes=sizes)
+    for name, counts in zip(("query", "positive", "negative"), sizes):
+        lengths = batch[name]["attention_mask"].sum(dim=1).tolist()
+        start = 0
+        for count in counts:
+            assert count == 1 or count * max(lengths[start : start + count]) <= budget, (name, counts, lengths)
+            start += count
+        assert start == len(lengths)
+    assert sizes[0] == [3, 1] and sizes[1] == [1, 1, 1, 1] and max(sizes[2]) > 2, sizes
+    scale = max(g.abs().max().item() for g in plain.values())
+    worst = max((plain[n] - by_tokens[n]).abs().max().item() for n in plain)
     assert scale > 1e-3 and worst / scale < 1e-6, (worst, scale)
 
 

@@ -218,6 +218,10 @@ class LossConfig:
         "official code: configs/umarvel turn it off; on for data whose batches often repeat a document.", True
     )
     gradcache_chunk_size: int = doc("GradCache chunk (items per forward); 0 = plain backward.", 0, at_least=0)
+    gradcache_chunk_tokens: int | None = doc(
+        "GradCache chunks by tokens: at most this many (items x longest item, text and visual tokens) per forward, "
+        "an item over it alone; with gradcache_chunk_size, both bound a chunk; null = off.", None, at_least=1,
+    )
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Family:
     min_pixels: int
     max_pixels: int
     model_inputs: tuple[str, ...]  # processor outputs the model's forward takes
-    split_batch: Callable  # (batch, chunk_size, vision_start_id) -> chunks, for GradCache
+    split_batch: Callable  # (batch, chunk_size or item counts, vision_start_id) -> chunks, for GradCache
     set_causal: Callable  # (language model, causal: bool): switch bidirectional attention
     dummy_vision: Callable  # (vision tower): run it on a minimal image (ZeRO-3 ranks without images)
     tiny_config: Callable  # (tokenizer) -> a tiny transformers config of this family

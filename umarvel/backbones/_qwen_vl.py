@@ -160,24 +160,27 @@ def vision_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def split_batch(batch: dict[str, torch.Tensor], chunk_size: int, image_start_id: int) -> list[dict[str, torch.Tensor]]:
-    """Split a collated batch into chunks of `chunk_size` items, for GradCache.
+def split_batch(batch: dict[str, torch.Tensor], chunk_size: int | list[int], image_start_id: int) -> list[dict[str, torch.Tensor]]:
+    """Split a collated batch into chunks of `chunk_size` items (or of the listed item counts), for GradCache.
 
     Rows split by index; images follow their rows (a row holds as many images as
     <|vision_start|> tokens, in order) and each image owns prod(grid_thw) patch rows of
     `pixel_values`. Trailing padding columns no row of the chunk uses are dropped.
     """
+    from umarvel.training.gradcache import chunk_row_counts
+
     if "pixel_values_videos" in batch:
         raise UmarvelError("GradCache cannot split a batch with videos yet; train on image/text items "
-                           "or set train.loss.gradcache_chunk_size to 0")
+                           "or set train.loss.gradcache_chunk_size and gradcache_chunk_tokens to 0")
     rows = batch["input_ids"].shape[0]
     images_per_row = (batch["input_ids"] == image_start_id).sum(dim=1).tolist()
     grid = batch.get("image_grid_thw")
     patches = grid.prod(dim=1).tolist() if grid is not None else []
     chunks = []
     image_index = patch_index = 0
-    for start in range(0, rows, chunk_size):
-        stop = min(start + chunk_size, rows)
+    stop = 0
+    for count in chunk_row_counts(rows, chunk_size):
+        start, stop = stop, stop + count
         width = int(batch["attention_mask"][start:stop].sum(dim=1).max())
         chunk = {
             key: value[start:stop, :width]

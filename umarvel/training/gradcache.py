@@ -60,11 +60,21 @@ from umarvel.training.losses import LossOutput
 Batch = Mapping[str, torch.Tensor]
 Encode = Callable[[Batch], torch.Tensor]
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], LossOutput]
-Split = Callable[[Batch, int], list[Batch]]
+Split = Callable[[Batch, "int | list[int]"], list[Batch]]
 
 
-def split_rows(batch: Batch, chunk_size: int) -> list[Batch]:
-    """Split every tensor of `batch` along dim 0 into chunks of `chunk_size` items.
+def chunk_row_counts(rows: int, chunk_size: int | list[int]) -> list[int]:
+    """Items per chunk: `chunk_size` items each (the last may hold fewer), or the given counts."""
+    if isinstance(chunk_size, int):
+        return [min(chunk_size, rows - start) for start in range(0, rows, chunk_size)]
+    if sum(chunk_size) != rows or min(chunk_size, default=1) < 1:
+        raise ValueError(f"chunk sizes {chunk_size} do not partition {rows} rows")
+    return list(chunk_size)
+
+
+def split_rows(batch: Batch, chunk_size: int | list[int]) -> list[Batch]:
+    """Split every tensor of `batch` along dim 0 into chunks of `chunk_size` items (or of the
+    listed item counts, see `chunk_row_counts`).
 
     Right for batches whose tensors all have one row per item (text, features). Qwen2-VL
     image batches are not: `pixel_values` holds patches; pass a layout-aware `split`.
@@ -72,9 +82,32 @@ def split_rows(batch: Batch, chunk_size: int) -> list[Batch]:
     rows = {key: int(value.shape[0]) for key, value in batch.items()}
     if len(set(rows.values())) != 1:
         raise ValueError(f"cannot split a batch by rows when tensors disagree on dim 0: {rows}; pass `split=`")
-    total = next(iter(rows.values()))
-    starts = range(0, total, chunk_size)
-    return [{key: value[start : start + chunk_size] for key, value in batch.items()} for start in starts]
+    counts = chunk_row_counts(next(iter(rows.values())), chunk_size)
+    return [dict(zip(batch, parts)) for parts in zip(*(value.split(counts) for value in batch.values()))]
+
+
+def token_chunks(attention_mask: torch.Tensor, max_tokens: int, max_items: int | None = None) -> list[int]:
+    """Items per chunk so that no chunk runs more than `max_tokens` tokens (and, when given,
+    holds more than `max_items` items); an item longer than the budget goes alone.
+
+    A chunk's cost is what its forward computes: its items times its longest item, since a
+    chunk is padded to its longest row (text and visual tokens alike: a Qwen2-VL sequence holds
+    one <|image_pad|> per merged visual token). Chunks keep the batch's order, so the loss and
+    gradients are those of the unchunked batch.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    lengths = attention_mask.sum(dim=1).tolist()
+    counts: list[int] = []
+    items = longest = 0
+    for length in lengths:
+        grown = max(longest, int(length))
+        if items and ((items + 1) * grown > max_tokens or items == max_items):
+            counts.append(items)
+            items, longest = 1, int(length)
+        else:
+            items, longest = items + 1, grown
+    return counts + ([items] if items else [])
 
 
 def embed_and_compute_loss(
@@ -84,21 +117,31 @@ def embed_and_compute_loss(
     temperature: torch.Tensor | float,
     *,
     chunk_size: int | None = None,
+    chunk_tokens: int | None = None,
     parameters: Iterable[torch.Tensor] = (),
     split: Split = split_rows,
 ) -> LossOutput:
     """Embed each named batch with `encode` and return `loss_fn(embeddings, temperature)`.
 
     `embeddings` maps the names of `batches` (e.g. "query", "positive", "negative") to
-    [rows, D] tensors. chunk_size None or 0: plain autograd. chunk_size > 0: GradCache over
-    chunks made by `split`; `parameters` must then list the trainable parameters `encode`
-    uses (frozen ones are skipped), since their gradients are computed in backward.
+    [rows, D] tensors. chunk_size and chunk_tokens None or 0: plain autograd. Otherwise
+    GradCache over chunks made by `split`: of chunk_size items, or, with chunk_tokens, of at most
+    that many tokens (and at most chunk_size items when both are set; see `token_chunks`, which
+    reads each batch's "attention_mask"). `parameters` must then list the trainable parameters
+    `encode` uses (frozen ones are skipped), since their gradients are computed in backward.
     """
     temperature = torch.as_tensor(temperature)
-    if not chunk_size:
+    if not chunk_size and not chunk_tokens:
         return loss_fn({name: encode(batch) for name, batch in batches.items()}, temperature)
 
-    chunks = {name: [_Chunk(batch=part) for part in split(batch, chunk_size)] for name, batch in batches.items()}
+    def parts(batch: Batch) -> list[Batch]:
+        if not chunk_tokens:
+            return split(batch, chunk_size)
+        if "attention_mask" not in batch:
+            raise ValueError(f"GradCache chunks by tokens read a batch's attention_mask; this one holds {sorted(batch)}")
+        return split(batch, token_chunks(batch["attention_mask"], chunk_tokens, chunk_size or None))
+
+    chunks = {name: [_Chunk(batch=part) for part in parts(batch)] for name, batch in batches.items()}
     trainable = [p for p in parameters if p.requires_grad]
     partitioned = any(hasattr(p, "ds_id") for p in trainable)
     if partitioned:
@@ -146,7 +189,7 @@ def _check_same_chunk_counts(counts: list[int]) -> None:
         raise UmarvelError(
             f"GradCache under DeepSpeed ZeRO-3 needs the same number of chunks on every rank (each forward gathers "
             f"the partitioned parameters collectively); chunks per batch and rank: {every.tolist()}. "
-            "Give every rank the same batch size"
+            "Give every rank the same batch size, and chunk by items (train.loss.gradcache_chunk_size), not by tokens"
         )
 
 
@@ -274,4 +317,4 @@ class _CachedLoss(torch.autograd.Function):
         return (None, None, temperature_grad, *replay.parameter_gradients(grad_output))
 
 
-__all__ = ["Batch", "Encode", "LossFn", "Split", "embed_and_compute_loss", "split_rows"]
+__all__ = ["Batch", "Encode", "LossFn", "Split", "chunk_row_counts", "embed_and_compute_loss", "split_rows", "token_chunks"]

@@ -74,13 +74,14 @@ class ContrastiveTrainer(TelemetryTrainer):
 
     def embedded_loss(self, model, batches: dict, loss_fn, return_outputs: bool = False):
         """`loss_fn` on the embeddings of the named `batches` (through GradCache when the loss
-        config sets a chunk size), its statistics kept for the next log line."""
+        config sets a chunk size or token budget), its statistics kept for the next log line."""
         output = embed_and_compute_loss(
             lambda batch: model(**batch),
             batches,
             loss_fn,
             self.embedder.temperature(),
             chunk_size=self.loss_config.gradcache_chunk_size,
+            chunk_tokens=self.loss_config.gradcache_chunk_tokens,
             parameters=[p for p in model.parameters() if p.requires_grad],
             split=self._split_batch,
         )
