@@ -76,11 +76,13 @@ _BASELINES: dict = {}
 
 
 def _embedded(model: Path, *extra: str) -> tuple[str, torch.Tensor]:
-    """(cache fingerprint, vectors of ITEMS one per batch, so no batch is padded)."""
+    """(cache fingerprint, vectors of ITEMS one per call, so no batch is padded whatever the
+    profile's batching rule)."""
     key = (model, extra)
     if key not in _BASELINES:
         embedder = _load(model, *extra)
-        _BASELINES[key] = model_fingerprint(embedder), embedder.encode(ITEMS, batch_size=1, convert_to_tensor=True).float()
+        vectors = torch.cat([embedder.encode([item], convert_to_tensor=True).float() for item in ITEMS])
+        _BASELINES[key] = model_fingerprint(embedder), vectors
     return _BASELINES[key]
 
 

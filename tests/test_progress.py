@@ -58,8 +58,9 @@ def test_a_redirected_search_writes_no_carriage_returns(tmp_path):
 
 
 def test_library_bars_are_off_when_redirected(monkeypatch):
-    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as transformers_logging
+
+    hub = sys.modules["huggingface_hub"]  # imported by transformers, not a dependency of ours
 
     monkeypatch.setattr(progress, "on_terminal", lambda: False)
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
@@ -67,9 +68,10 @@ def test_library_bars_are_off_when_redirected(monkeypatch):
         progress.quiet_library_bars()
         assert not transformers_logging.is_progress_bar_enabled()
         assert progress.os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert hub.utils.are_progress_bars_disabled()
     finally:
         transformers_logging.enable_progress_bar()
-        enable_progress_bars()
+        hub.utils.enable_progress_bars()
 
 
 def test_lines_reach_stderr_when_logging_is_not_set_up(tmp_path):
