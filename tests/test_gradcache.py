@@ -195,7 +195,7 @@ def test_token_chunks_give_the_plain_loss_and_gradients():
     tokens_loss, by_tokens = step(chunk_tokens=8, split=monkey)
     assert seen[0] == [1, 1, 2, 1, 2, 1]  # 1 | 6 | 2 2 | 5 | 3 1 | 4 within 8 tokens
     assert tokens_loss == pytest.approx(plain_loss, rel=1e-6)
-    assert max_difference(by_tokens, plain) < 1e-6
+    assert max_difference(by_tokens, plain) < TOLERANCE  # fp32 sums in another order: 1e-7..2e-6 seen
 
 
 def test_token_chunks_need_an_attention_mask():
