@@ -73,8 +73,15 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+# Settings that shape a run only while validation is on (they pick its best model): with
+# train.eval_steps 0 they are left out, so runs recorded before they existed keep their fingerprint.
+VALIDATION = ("train.eval_steps", "train.eval_queries", "train.eval_pool_size", "train.eval_metric")
+
+
 def shaping_settings(config_dict: dict) -> dict[str, object]:
-    return {k: v for k, v in flatten(config_dict).items() if k not in NOT_SHAPING}
+    flat = flatten(config_dict)
+    left_out = NOT_SHAPING + (() if flat.get("train.eval_steps") else VALIDATION)
+    return {k: v for k, v in flat.items() if k not in left_out}
 
 
 def config_fingerprint(config: Config) -> str:
