@@ -246,6 +246,18 @@ class TrainConfig:
     save_steps: int = doc("Checkpoint every N updates.", 500, at_least=1)
     save_total_limit: int = doc("Keep at most N checkpoints.", 2, at_least=1)
     report_to: list[str] = doc("Loggers: tensorboard, wandb (empty = none).", factory=lambda: ["tensorboard"])
+    eval_steps: int = doc(
+        "Every N updates (and after the last) measure recall on a sampled M-BEIR val pool, log it as "
+        "eval_recall@1/5/10 and keep the best model by eval_metric as the run's model (M-BEIR stages: 1c, 2, 3; "
+        "skipped with a log line on NLI and CC3M data); 0 = off.", 0, at_least=0,
+    )
+    eval_queries: int = doc("Val queries drawn (seeded by run.seed, the same at every eval) from the rows of "
+                            "eval.mbeir.rows.", 500, at_least=1)
+    eval_pool_size: int = doc("Candidates searched: the drawn queries' positives plus random others of the rows' "
+                              "local pools, this many in all (or the positives alone, if more).", 5000, at_least=1)
+    eval_metric: Literal["recall@1", "recall@5", "recall@10"] = doc(
+        "The val recall that picks the best model.", "recall@5"
+    )
     loss: LossConfig = doc("The contrastive loss.", factory=LossConfig)
 
     def check(self) -> list[tuple[str, str]]:

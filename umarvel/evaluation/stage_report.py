@@ -1,4 +1,5 @@
-"""Compare the recipe's stages: a terminal table, report.md with per-row tables, and PNG plots.
+"""Compare the recipe's stages: a terminal table, report.md with per-row tables, and PNG plots;
+and one run's training curves (`write_training_plot`, the training.png of every run directory).
 
 The report states plainly whether each stage improved on the one it started from, so a stage
 that does not help (on synthetic data, say) is visible rather than hidden; with per-query hits
@@ -200,3 +201,35 @@ def _plot_recall(path: Path, stages: list[StageResult]) -> None:
     axis.set_ylabel("local headline recall (%)")
     axis.legend(fontsize=7, ncol=min(len(present), 4))
     _save(figure, path)
+
+
+# (log key, panel title) of training.png; a panel only when the run logged its key
+TRAINING_PANELS = (("loss", "loss"), ("temperature", "temperature"), ("accuracy", "accuracy"))
+
+
+def write_training_plot(path: Path, log_history: list[dict]) -> None:
+    """training.png: loss, temperature and accuracy per logged step, and val recall per
+    evaluation (every eval_recall@k of the run), one panel each."""
+    panels = [(title, {key: _series(log_history, key)}) for key, title in TRAINING_PANELS
+              if any(key in entry for entry in log_history)]
+    recall = sorted({key for entry in log_history for key in entry if key.startswith("eval_recall@")},
+                    key=lambda key: int(key.split("@")[1]))
+    if recall:
+        panels.append(("val recall (%)", {key[len("eval_"):]: _series(log_history, key) for key in recall}))
+    figure = _figure(3.2 * max(len(panels), 1), 2.8)
+    for index, (title, series) in enumerate(panels, start=1):
+        axis = figure.add_subplot(1, len(panels), index)
+        for label, (steps, values) in series.items():
+            axis.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, linewidth=1.2,
+                      label=label)
+        if len(series) > 1:
+            axis.legend(fontsize=7)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+    _save(figure, path)
+
+
+def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    entries = [entry for entry in log_history if key in entry]
+    return [entry.get("step", 0) for entry in entries], [entry[key] for entry in entries]

@@ -94,18 +94,19 @@ def load_adapted(config: ModelConfig, backbone_dir: Path, adapter_dir: Path | No
     return backbone, processor, device
 
 
-def gathered(parameters):
+def gathered(parameters, modifier_rank: int | None = None):
     """The block sees `parameters` whole; a no-op unless DeepSpeed ZeRO-3 partitions them.
 
     Collective under ZeRO-3 (every rank must enter with the same parameters); the gathered
-    storage is freed on exit, so keep copies, not views.
+    storage is freed on exit, so keep copies, not views. With `modifier_rank`, what that rank
+    writes into them in the block is partitioned back to every rank on exit.
     """
     partitioned = [p for p in parameters if hasattr(p, "ds_id")]
     if not partitioned:
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 class AdaptedBackbone(nn.Module, metaclass=ABCMeta):

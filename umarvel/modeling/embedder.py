@@ -195,10 +195,11 @@ class Embedder(AdaptedBackbone):
         """Cosine similarity matrix (len(a), len(b)) of two sets of embeddings."""
         return cosine_similarity(a, b)
 
-    @torch.inference_mode()
     def _encode_items(self, items: list[dict], batch_size: int = 16, show_progress: bool = False, *,
                num_workers: int | None = None, bar=None) -> torch.Tensor:
-        """(n, d) float32 unit vectors on CPU, in item order.
+        """(n, d) float32 unit vectors on CPU, in item order, without autograd: under inference
+        mode, or plain no_grad for a model in training mode (validation during training: ZeRO-3
+        weights gathered as inference tensors would break the next backward).
 
         Batches are formed by estimated length to limit padding (or, under model.rules.batching
         'file:N', N items at a time in item order, whatever `batch_size` says: the rules' vectors
@@ -215,12 +216,13 @@ class Embedder(AdaptedBackbone):
             keys = [batches.estimated_tokens(item, bounds, unit) for item in items]
         progress = bar if bar is not None else progress_bar(len(items), "encode", "item", enabled=show_progress)
         try:
-            return batches.encode_rows(
-                lambda batch: self(**batch), items, self.collate,
-                keys=keys, batch_size=batch_size,
-                device=self.device, width=self.backbone.config.get_text_config().hidden_size,
-                num_workers=num_workers, bar=progress,
-            )
+            with torch.inference_mode(not was_training), torch.no_grad():
+                return batches.encode_rows(
+                    lambda batch: self(**batch), items, self.collate,
+                    keys=keys, batch_size=batch_size,
+                    device=self.device, width=self.backbone.config.get_text_config().hidden_size,
+                    num_workers=num_workers, bar=progress,
+                )
         finally:
             if bar is None:
                 progress.close()

@@ -56,7 +56,8 @@ class DistillationTrainer(ContrastiveTrainer):
         return self.embedded_loss(model, batches, loss_fn, return_outputs)
 
 
-def distillation_trainer(config: Config, embedder, args, callbacks: list, *, queries, pool) -> DistillationTrainer:
+def distillation_trainer(config: Config, embedder, args, callbacks: list, validation=None, *, queries,
+                         pool) -> DistillationTrainer:
     """The Trainer over the teacher file's queries, for `train_contrastive`."""
     samples = MBEIRDistillSet(queries, pool, read_teacher_scores(teacher_path(config)), seed=config.run.seed,
                               use_instruction=config.model.prompt.use_instruction)
@@ -68,6 +69,7 @@ def distillation_trainer(config: Config, embedder, args, callbacks: list, *, que
         loss_config=config.train.loss,
         teacher_temperature=config.distill.teacher_temperature,
         temperature_lr=config.train.temperature_learning_rate or None,
+        validation=validation,
         callbacks=[EpochResampling(samples), *callbacks],
     )
 

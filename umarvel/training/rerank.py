@@ -2,9 +2,10 @@
 
 The run directory holds config.yaml, pairs.jsonl (the training pairs, retrieved once by rank
 0 and read by every rank; a resumed run re-uses them), checkpoint-N/ (adapter + reranker
-config + trainer state), model/ (the final reranker), log_history.json, metrics.json and,
-written last, DONE. The Trainer's loop and loss are the stock ones: the reranker's forward
-returns the next-token loss of the answer token.
+config + trainer state), model/ (the final reranker), log_history.json, metrics.json,
+training.png and, written last, DONE. The Trainer's loop and loss are the stock ones: the
+reranker's forward returns the next-token loss of the answer token; the step logs add the
+YES/NO accuracy. It has no val recall: train.eval_steps is ignored here, with a log line.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from umarvel.config import Config, ConfigError, to_dict
-from umarvel.data.rerank import read_pairs, write_pairs
+from umarvel.data.rerank import IGNORED_LABEL, read_pairs, write_pairs
 from umarvel import process
 from umarvel.training import runs
 from umarvel.training.telemetry import TelemetryTrainer, run_loss
@@ -26,11 +27,17 @@ PAIRS_FILE = "pairs.jsonl"
 
 
 class RerankTrainer(TelemetryTrainer):
-    """The stock Trainer's loss and loop; its checkpoints are loadable reranker directories (adapter only)."""
+    """The stock Trainer's loss and loop, its step logs with the batches' YES/NO accuracy; its
+    checkpoints are loadable reranker directories (adapter only)."""
 
     @property
     def reranker(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self.record({"accuracy": answer_accuracy(outputs.logits, inputs["labels"], self.reranker.answer_ids)})
+        return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """As ContrastiveTrainer._save: every rank gathers the live adapter, the saving process writes."""
@@ -39,6 +46,13 @@ class RerankTrainer(TelemetryTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume without DeepSpeed (under DeepSpeed the engine's own checkpoint is loaded)."""
         self.reranker.load_adapter_weights(resume_from_checkpoint)
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, answer_ids: dict[str, int]) -> float:
+    """Share of rows whose labelled answer (YES or NO) has the larger of the two answer logits."""
+    answers = labels[labels != IGNORED_LABEL]
+    said_yes = logits[:, answer_ids["YES"]] > logits[:, answer_ids["NO"]]
+    return float((said_yes == (answers == answer_ids["YES"])).float().mean())
 
 
 def _check(config: Config) -> None:
@@ -92,6 +106,8 @@ def train_reranker(config: Config, *, resume: bool = False, force: bool = False)
 
     _check(config)
     args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    if config.train.eval_steps and process.is_main_process():
+        logger.info("train.eval_steps: the reranker stage measures no val recall (its step logs carry accuracy)")
     run = runs.start(config, resume=resume, force=force)
     if run.finished:
         return run.directory

@@ -13,8 +13,8 @@ scores, checkpoints) is ever read back. Only a run of ours is ever cleared or tr
 directory that holds anything but has no run.json is refused, `force` or not (an empty one is
 fine). The main process decides, under `run.lock` (its pid and host), held from start to
 finish, so a second training started into a live run's directory is refused rather than
-clearing it; other ranks follow its decision. Finishing writes log_history.json and
-metrics.json, then DONE last, on the main process, and waits for every rank.
+clearing it; other ranks follow its decision. Finishing writes log_history.json,
+metrics.json and training.png, then DONE last, on the main process, and waits for every rank.
 
 A checkpoint counts only once it is complete: the Trainer writes checkpoint-N/ in place (adapter,
 optimizer, scheduler, RNG states, DeepSpeed's global_stepN/ shards of every rank, trainer
@@ -48,6 +48,7 @@ DONE = "DONE"
 RUN_FILE = "run.json"
 LOCK = "run.lock"
 COMPLETE = "COMPLETE"
+TRAINING_PLOT = "training.png"
 # Settings that change how a run is watched or where it runs, never what it learns.
 NOT_SHAPING = (
     "model.device", "data.num_workers", "data.max_image_pixels", "train.logging_steps", "train.report_to", "train.save_steps",
@@ -73,8 +74,15 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+# Settings that shape a run only while validation is on (they pick its best model): with
+# train.eval_steps 0 they are left out, so runs recorded before they existed keep their fingerprint.
+VALIDATION = ("train.eval_steps", "train.eval_queries", "train.eval_pool_size", "train.eval_metric")
+
+
 def shaping_settings(config_dict: dict) -> dict[str, object]:
-    return {k: v for k, v in flatten(config_dict).items() if k not in NOT_SHAPING}
+    flat = flatten(config_dict)
+    left_out = NOT_SHAPING + (() if flat.get("train.eval_steps") else VALIDATION)
+    return {k: v for k, v in flat.items() if k not in left_out}
 
 
 def config_fingerprint(config: Config) -> str:
@@ -325,10 +333,14 @@ def _mismatch(run_dir: Path, what: str, differences: list[str]) -> str:
 
 
 def finish(run: Run, metrics: dict, log_history: list) -> None:
-    """Write the run's records, DONE last, on the main process; then wait for every rank."""
+    """Write the run's records (training.png: its curves), DONE last, on the main process;
+    then wait for every rank."""
+    from umarvel.evaluation.stage_report import write_training_plot
+
     if process.is_main_process():
         atomic_write_json(run.directory / "log_history.json", log_history)
         atomic_write_json(run.directory / "metrics.json", metrics)
+        write_training_plot(run.directory / TRAINING_PLOT, log_history)
         atomic_write_text(run.directory / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         _unlock(run.directory)
     process.barrier()

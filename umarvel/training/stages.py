@@ -2,7 +2,8 @@
 
 A contrastive run directory holds config.yaml, checkpoint-N/ (adapter + temperature +
 trainer state), model/ (the final adapter), merged/ (the final merged checkpoint the next
-stage starts from), log_history.json, metrics.json and, written last, DONE.
+stage starts from), log_history.json, metrics.json, training.png and, written last, DONE;
+with validation on, also best/ and best.json, and model/ and merged/ are the best model.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from umarvel import process
 from umarvel.config import Config, ConfigError, build_config, deep_merge, read_raw, to_dict
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
-from umarvel.training import runs
+from umarvel.training import runs, validation
 from umarvel.training.telemetry import run_loss
 
 logger = logging.getLogger("umarvel")
@@ -71,7 +72,8 @@ def _precision(train_precision: str) -> dict:
     return {"bf16": train_precision == "bf16", "fp16": train_precision == "fp16"}
 
 
-def training_arguments(config: Config, run_dir: Path):
+def training_arguments(config: Config, run_dir: Path, *, evaluate: bool = False):
+    """The Trainer's arguments; with `evaluate`, it evaluates (val recall) every train.eval_steps."""
     from transformers import TrainingArguments
 
     train = config.train
@@ -91,6 +93,8 @@ def training_arguments(config: Config, run_dir: Path):
         logging_steps=train.logging_steps,
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
         report_to=list(train.report_to) or "none",
         deepspeed=train.deepspeed or None,
         seed=config.run.seed,
@@ -106,7 +110,7 @@ def training_arguments(config: Config, run_dir: Path):
     )
 
 
-def contrastive_trainer(config: Config, embedder, args, callbacks: list):
+def contrastive_trainer(config: Config, embedder, args, callbacks: list, validation=None):
     """InfoNCE over the stage's training pairs: the Trainer `train_contrastive` builds by default."""
     from umarvel.training.trainer import ContrastiveTrainer, EpochResampling
 
@@ -118,6 +122,7 @@ def contrastive_trainer(config: Config, embedder, args, callbacks: list):
         data_collator=PairCollator(embedder.collator, num_negatives=config.data.num_negatives),
         loss_config=config.train.loss,
         temperature_lr=config.train.temperature_learning_rate or None,
+        validation=validation,
         callbacks=[EpochResampling(pairs), *callbacks],
     )
 
@@ -126,28 +131,33 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
                       build_trainer=contrastive_trainer, prepare=None) -> Path:
     """Run one embedder stage to completion (see `umarvel.training.runs` for re-runs).
 
-    `build_trainer(config, embedder, args, callbacks)` makes the stage's Trainer (its data and
-    loss); `prepare(args)` runs once the run has started, before the model loads (stage 3
-    scores its teacher there).
+    `build_trainer(config, embedder, args, callbacks, validation)` makes the stage's Trainer (its
+    data and loss); `prepare(args)` runs once the run has started, before the model loads (stage
+    3 scores its teacher there). With train.eval_steps on M-BEIR data, the saved model is the
+    best by val recall (`umarvel.training.validation`).
     """
     from umarvel.modeling.adapters import gathered
     from umarvel.modeling.embedder import Embedder
 
-    args = training_arguments(config, Path(config.run.output_dir))  # joins a launcher's process group
+    args = training_arguments(config, Path(config.run.output_dir),  # joins a launcher's process group
+                              evaluate=validation.enabled(config))
     run = runs.start(config, resume=resume, force=force)
     if run.finished:
         return run.directory
+    val_pool = validation.sample_val_pool(config)
     if prepare is not None:
         prepare(args)
     model_overrides = {k: v for k, v in to_dict(config.model).items() if k != "backbone"}
     embedder = Embedder.from_pretrained(config.model.backbone, trainable=True, **model_overrides)
     global_batch = config.train.per_device_batch_size * process.world_size()
-    trainer = build_trainer(config, embedder, args, [])
+    monitor = validation.Validation(val_pool, config, embedder, run.directory) if val_pool else None
+    trainer = build_trainer(config, embedder, args, [], monitor)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - started
     # Every rank takes part: under ZeRO-3 the weights are gathered from their partitions.
     embedder = trainer.embedder
+    best = monitor.restore_best(embedder, trainer.state) if monitor else None
     embedder.save_pretrained(run.directory / "model", write=trainer.args.should_save)
     embedder.merge_and_save(run.directory / "merged", write=trainer.args.should_save)
     with gathered(embedder.temperature.parameters()):
@@ -161,6 +171,7 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
         "temperature": temperature,
         "wall_seconds": seconds,
         **_negative_stats(trainer.train_dataset),
+        **({"best": best} if best else {}),
     }
     if process.is_main_process():
         logger.info(

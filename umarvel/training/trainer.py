@@ -3,12 +3,11 @@
 The Trainer keeps its own loop, DDP/DeepSpeed wrapping, accumulation, scheduling, checkpoints
 and resume; we supply the loss (InfoNCE, optionally through GradCache), optimizer groups that
 give the temperature its own group (no decay, its own rate), checkpoints that are loadable
-embedder directories, and logs that carry the temperature and in-batch accuracy
-(`umarvel.training.telemetry` adds samples/s, the log lines and log_history.json).
+embedder directories, logs that carry the temperature and in-batch accuracy
+(`umarvel.training.telemetry` adds samples/s, the log lines and log_history.json), and, with
+a `Validation`, val recall every `eval_steps` (`umarvel.training.validation`).
 """
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 from transformers import TrainerCallback
@@ -17,6 +16,7 @@ from umarvel.config import LossConfig
 from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
 from umarvel.training.telemetry import TelemetryTrainer
+from umarvel.training.validation import Validation
 
 EMBEDDED = ("query", "positive", "negative")
 
@@ -35,12 +35,15 @@ class EpochResampling(TrainerCallback):
 class ContrastiveTrainer(TelemetryTrainer):
     """Trainer whose model is an `Embedder` and whose batches come from `PairCollator`."""
 
-    def __init__(self, *args, loss_config: LossConfig, temperature_lr: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, loss_config: LossConfig, temperature_lr: float | None = None,
+                 validation: Validation | None = None, **kwargs):
+        super().__init__(*args, eval_dataset=validation.pool if validation else None, **kwargs)
         self.loss_config = loss_config
         self.temperature_lr = temperature_lr
+        self.validation = validation
+        if validation is not None:
+            self.add_callback(validation)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer divides by accumulation
-        self._stats: dict[str, list[float]] = defaultdict(list)
 
     @property
     def embedder(self):
@@ -85,20 +88,22 @@ class ContrastiveTrainer(TelemetryTrainer):
             parameters=[p for p in model.parameters() if p.requires_grad],
             split=self._split_batch,
         )
-        for key, value in output.stats.items():
-            self._stats[key].append(float(value))
+        self.record(output.stats)
         return (output.loss, output.stats) if return_outputs else output.loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's evaluation (every `eval_steps` and after the last step, on every rank):
+        the val pool's recall, logged, and the model kept when it is the best so far."""
+        metrics = self.validation.measure(self.embedder, metric_key_prefix)
+        self.log(dict(metrics))  # a copy: `log` adds the epoch to what it is given
+        self.validation.keep_if_best(self.embedder, self.state, metrics, write=self.args.should_save)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _split_batch(self, batch: dict, size: int) -> list[dict]:
         """GradCache chunks, the backbone family's way (images follow their rows)."""
         family = self.embedder.family
         return family.split_batch(batch, size, family.vision_start_id(self.embedder.processor.tokenizer))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats:
-            logs.update({key: sum(values) / len(values) for key, values in self._stats.items()})
-            self._stats.clear()
-        super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Every rank comes here (`save_model`); the adapter is gathered from the live parameters
