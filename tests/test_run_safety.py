@@ -35,8 +35,8 @@ def _precious(tmp_path) -> Path:
     return precious
 
 
-def _files(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): p.read_text() for p in sorted(directory.rglob("*")) if p.is_file()}
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("flags", [["--force"], []], ids=["force", "plain"])
