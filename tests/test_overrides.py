@@ -218,3 +218,13 @@ def test_the_reranker_honours_given_settings_without_a_config(saved_reranker, mo
     assert given.settings.prompt.max_text_tokens == 40
     with pytest.raises(ConfigError, match=r"model\.lora\.r: shapes training only"):
         _reranker(saved_reranker, monkeypatch, "--set", "model.lora.r=2")
+
+
+@pytest.mark.parametrize(("key", "value"), [("batching", "length"), ("batching", "file:4"), ("text_format", "umarvel")])
+def test_release_batching_and_text_rules_reach_the_embedder_from_the_command_line(models, key, value):
+    """`--set model.rules.batching / text_format` without --config: the loaded embedder follows
+    them and the cache key changes with them."""
+    released = _load(models["released"], *RELEASE)
+    changed = _load(models["released"], *RELEASE, "--set", f"model.rules.{key}={value}")
+    assert getattr(changed.rules, key) == value != getattr(released.rules, key)
+    assert model_fingerprint(changed) != model_fingerprint(released)

@@ -322,3 +322,78 @@ def test_ordinary_text_tokenises_as_the_processor_does(family_model_dir, mixed_i
     assert set(theirs) <= set(ours)
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def _batching_items() -> list[dict]:
+    """20 items crossing the release's 16-item batch: equal-length image items (a batch of them
+    has no padding), texts of different lengths, image+text with instructions."""
+    equal = [{"image": draw_image(colour)} for colour in ("red", "blue", "green", "yellow", "purple", "orange")]
+    texts = [{"text": "a cat " * n} for n in range(1, 8)]
+    pairs = [{"image": draw_image(colour, "square"), "text": f"the {colour} one, {'much ' * n}bigger",
+              "instruction": "Retrieve the modified image."} for n, colour in enumerate(("red", "blue", "green"))]
+    return [*equal, *texts, *pairs, *equal[:4]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_release_vectors_do_not_depend_on_batch_settings(release, workers):
+    """umarvel-release forms its batches as the official evaluation (16 in file order), so the
+    caller's batch size and the worker pipeline change no vector, exactly; and its vectors are
+    those of encoding each 16-item slice of the file on its own."""
+    items = _batching_items()
+    by_file = np.concatenate([release.encode(items[:16]), release.encode(items[16:])])
+    for batch_size in (1, 3, 16, 32):
+        np.testing.assert_array_equal(release.encode(items, batch_size=batch_size, num_workers=workers), by_file)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_default_vectors_do_not_depend_on_batch_settings(tiny_model_dir, workers):
+    """The default profile is bidirectional with padding masked: batching moves no vector beyond
+    float rounding."""
+    embedder = Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    items = _batching_items()
+    alone = embedder.encode(items, batch_size=1)
+    for batch_size in (3, 16, 32):
+        np.testing.assert_allclose(embedder.encode(items, batch_size=batch_size, num_workers=workers), alone,
+                                   atol=1e-5, rtol=0)
+
+
+OFFICIAL_TEXTS = [  # (the file's string, the official format_string's, ours)
+    ("two lines\nof text", "Two lines\nof text.", "Two lines of text."),
+    ("carriage\r\nreturn\r", "Carriage\nreturn.", "Carriage  return."),
+    ('"a quoted caption"', "A quoted caption.", '"a quoted caption".'),
+    ('  " spaces inside the quotes "  ', " spaces inside the quotes .", '" spaces inside the quotes ".'),
+    ("   leading spaces", "Leading spaces.", "Leading spaces."),
+    ("is it red?", "Is it red?", "Is it red?"),
+]
+
+
+@pytest.mark.parametrize(("raw", "official", "ours"), OFFICIAL_TEXTS)
+def test_text_normalisation_official_under_release_ours_by_default(raw, official, ours):
+    from umarvel.data.mbeir import format_text, official_format
+
+    assert official_format(raw) == official
+    assert format_text(raw) == ours
+
+
+def test_query_text_keeps_the_official_strings_leading_spaces_and_quotes():
+    """The official evaluation formats `instruction + " " + text` as one string: the text part
+    keeps its leading spaces (after the joining one) and a leading quote, loses a trailing quote and
+    carriage returns, and ends the sentence; ours splits the two and strips each."""
+    from umarvel.data.mbeir import official_query_text, split_query_text
+
+    instruction = "retrieve an image that matches the caption"
+    assert official_query_text(instruction, '  "a red\r\ncircle"') == \
+        ("Retrieve an image that matches the caption.", '   "a red\ncircle.')
+    assert split_query_text(instruction, '  "a red\r\ncircle"') == \
+        ("Retrieve an image that matches the caption", '"a red  circle".')
+
+
+def test_text_format_rule_changes_the_release_vectors_of_such_texts(release_dir):
+    """model.rules.text_format is the switch: `umarvel` under the release profile embeds these
+    texts as the default profile formats them, and differently from `release`."""
+    items = [{"text": raw} for raw, _, _ in OFFICIAL_TEXTS[:4]]
+    official = Embedder.from_pretrained(release_dir, profile="umarvel-release", device="cpu", dtype="float32")
+    ours = Embedder.from_pretrained(release_dir, profile="umarvel-release", device="cpu", dtype="float32",
+                                    rules={"text_format": "umarvel"})
+    assert official.rules.text_format == "release" and ours.rules.text_format == "umarvel"
+    assert np.abs(official.encode(items) - ours.encode(items)).max(axis=1).min() > 1e-4
