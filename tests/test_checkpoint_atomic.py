@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,15 @@ def test_the_run_loss_weighs_each_step_log_by_the_updates_it_covers():
     history = [{"loss": 2.0, "step": 5}, {"learning_rate": 1e-4, "step": 5}, {"loss": 1.0, "step": 6},
                {"train_loss": 9.0, "step": 6}]
     assert run_loss(history) == pytest.approx((2.0 * 5 + 1.0) / 6)
+
+
+def test_a_finished_stage_names_its_mean_and_its_last_loss():
+    from umarvel.training.telemetry import last_loss, stage_summary
+
+    history = [{"loss": 2.0, "step": 5}, {"loss": 1.0, "step": 6}, {"train_loss": 9.0, "step": 6}]
+    assert last_loss(history) == 1.0 and math.isnan(last_loss([{"learning_rate": 1e-4, "step": 1}]))
+    line = stage_summary("mbeir", 6, 32, {"train_samples_per_second": 4.0, "train_loss": 1.8333, "temperature": 0.05},
+                         history)
+    assert line == ("stage mbeir: 6 steps, global batch 32, 4.0 samples/s, mean loss 1.8333, "
+                    "last logged loss 1.0000, temperature 0.0500")
+    assert "temperature" not in stage_summary("reranker", 6, 32, {"train_loss": 1.0}, history)

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import logging
 import sys
 from pathlib import Path
 
@@ -190,3 +191,11 @@ def test_a_saved_model_never_replaces_a_directory_that_is_not_one(tmp_path, tiny
     embedder.save_pretrained(saved)  # a saved embedder is replaced whole
     assert (saved / "embedder_config.json").is_file() and not (saved / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "saved"]
+
+
+def test_a_finished_run_of_the_same_config_says_it_is_skipped(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    runs.finish(runs.start(_config(run_dir)), {"steps": 1}, [])
+    with caplog.at_level(logging.INFO, logger="umarvel"):
+        assert runs.start(_config(run_dir)).finished
+    assert f"{run_dir}: skipped (finished with this config)" in caplog.text

@@ -19,7 +19,7 @@ from umarvel.config import Config, ConfigError, to_dict
 from umarvel.data.rerank import IGNORED_LABEL, read_pairs, write_pairs
 from umarvel import process
 from umarvel.training import runs
-from umarvel.training.telemetry import TelemetryTrainer, run_loss
+from umarvel.training.telemetry import TelemetryTrainer, run_loss, stage_summary
 from umarvel.training.stages import training_arguments
 
 logger = logging.getLogger("umarvel")
@@ -131,8 +131,7 @@ def train_reranker(config: Config, *, resume: bool = False, force: bool = False)
     metrics = {**result.metrics, "train_loss": run_loss(trainer.state.log_history), "global_batch": global_batch, "steps": trainer.state.global_step,
                "pairs": len(pairs), "yes": yes, "no": len(pairs) - yes, "wall_seconds": seconds}
     if process.is_main_process():
-        logger.info("stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f",
-                    run_dir.name, trainer.state.global_step, global_batch,
-                    metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")))
+        logger.info(stage_summary(run_dir.name, trainer.state.global_step, global_batch, metrics,
+                                  trainer.state.log_history))
     runs.finish(run, metrics, trainer.state.log_history)
     return run_dir

@@ -300,7 +300,7 @@ def _choose(run_dir: Path, config: Config, resume: bool, force: bool) -> Run:
     if is_done(run_dir):
         if differences:
             raise UmarvelError(_mismatch(run_dir, "is a finished run of another config", differences))
-        logger.info("%s is finished (DONE) with this config; skipping", run_dir)
+        logger.info("%s: skipped (finished with this config)", run_dir)
         return Run(run_dir, finished=True)
     if found and not resume:
         raise UmarvelError(

@@ -19,7 +19,7 @@ from umarvel.config import Config, ConfigError, build_config, deep_merge, read_r
 from umarvel.data.collator import PairCollator
 from umarvel.errors import UmarvelError
 from umarvel.training import runs, validation
-from umarvel.training.telemetry import run_loss
+from umarvel.training.telemetry import run_loss, stage_summary
 
 logger = logging.getLogger("umarvel")
 
@@ -174,12 +174,8 @@ def train_contrastive(config: Config, *, resume: bool = False, force: bool = Fal
         **({"best": best} if best else {}),
     }
     if process.is_main_process():
-        logger.info(
-            "stage %s: %d steps, global batch %d, %.1f samples/s, final loss %.4f, temperature %.4f",
-            run.directory.name, trainer.state.global_step, global_batch,
-            metrics.get("train_samples_per_second", float("nan")), metrics.get("train_loss", float("nan")),
-            metrics["temperature"],
-        )
+        logger.info(stage_summary(run.directory.name, trainer.state.global_step, global_batch, metrics,
+                                  trainer.state.log_history))
     runs.finish(run, metrics, trainer.state.log_history)
     return run.directory
 

@@ -127,6 +127,20 @@ def run_loss(log_history: list[dict]) -> float:
     return total / previous if previous else float("nan")
 
 
+def last_loss(log_history: list[dict]) -> float:
+    """The last logged training loss (the mean over the updates since the log before it)."""
+    return next((entry["loss"] for entry in reversed(log_history) if "loss" in entry), float("nan"))
+
+
+def stage_summary(name: str, steps: int, global_batch: int, metrics: dict, log_history: list[dict]) -> str:
+    """The line a finished stage prints: the loss as the mean over the run (what HF calls
+    train_loss) beside the last logged one, so a falling loss is not read as a high final one."""
+    line = (f"stage {name}: {steps} steps, global batch {global_batch}, "
+            f"{metrics.get('train_samples_per_second', float('nan')):.1f} samples/s, "
+            f"mean loss {metrics.get('train_loss', float('nan')):.4f}, last logged loss {last_loss(log_history):.4f}")
+    return line + (f", temperature {metrics['temperature']:.4f}" if "temperature" in metrics else "")
+
+
 def format_line(logs: dict, step: int, total: int, eta_seconds: float | None) -> str:
     """`step 12/350 (3%) | loss 1.2345 | lr 4.00e-04 | ... | ETA 0:12:34`."""
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
