@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from umarvel import Embedder
-from umarvel.data.collator import PairCollator, split_batch
+from umarvel.data.collator import PairCollator
 from umarvel.tiny import build_tiny_model
 from umarvel.training.gradcache import embed_and_compute_loss
 from umarvel.training.losses import CandidateIds, info_nce
@@ -63,7 +63,7 @@ def step(embedder, batch, chunk: int, image_start: int) -> None:
         embedder.temperature(),
         chunk_size=chunk,
         parameters=[p for p in embedder.parameters() if p.requires_grad],
-        split=lambda b, n: split_batch(b, n, image_start),
+        split=lambda b, n: embedder.family.split_batch(b, n, image_start),
     )
     out.loss.backward()
 
@@ -87,19 +87,19 @@ def run_one(model_dir: str, size: int, chunk: int, repeats: int) -> None:
     torch.manual_seed(0)
     embedder = Embedder.from_pretrained(model_dir, trainable=True, prompt={"max_pixels": 112 * 112})
     embedder.train()
-    image_start = embedder.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    image_start = embedder.family.vision_start_id(embedder.processor.tokenizer)
     batch = PairCollator(embedder.collator)(examples(size))
     seconds, mib = measure(embedder, batch, chunk, image_start, repeats)
     print(f"{seconds} {mib}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.repeats)
         return

@@ -4,6 +4,9 @@ item is reported in the main process as a DataError naming it; the torchvision i
 processor gives the PIL one's inputs within float rounding."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,7 @@ from umarvel import Embedder
 from umarvel.backbone import load_processor
 from umarvel.data.collator import Collator
 from umarvel.errors import DataError
-from umarvel.modeling.batches import estimated_tokens, length_batches, worker_count
+from umarvel.modeling.batches import CPU_WORKER_MIN_BATCHES, estimated_tokens, length_batches, worker_count
 from umarvel.modeling.reranker import Reranker
 
 # torchvision and PIL normalise in float32 in another order: pixel values differ by rounding
@@ -104,6 +107,16 @@ def test_torchvision_image_processor_matches_pil(tiny_model_dir, file_items):
     assert (from_paths - emb_pil.encode(images, num_workers=0, convert_to_tensor=True)).abs().max() <= EMBEDDING_TOLERANCE
 
 
+@contextlib.contextmanager
+def threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_batches_follow_length_and_workers_never_outnumber_the_batches():
     assert length_batches([(1, 5), (0, 9), (0, 2), (1, 1)], 2) == [[2, 1], [3, 0]]
     bounds, unit = (4 * 28 * 28, 16 * 28 * 28), 28
@@ -114,7 +127,12 @@ def test_batches_follow_length_and_workers_never_outnumber_the_batches():
     assert estimated_tokens({"video": "clip.mp4"}, bounds, unit)[0] == 2
     assert estimated_tokens({"image": [image["image"], image["image"]]}, bounds, unit) == (1, 16)  # 2 x 8
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert worker_count(None, cpu, batches=100) == 0  # CPU: the forward has every core
+    cores = len(os.sched_getaffinity(0))
+    with threads(cores):
+        assert worker_count(None, cpu, batches=100) == 0  # CPU at torch's default: the forward has every core
+    with threads(1):  # run.cpu_threads 1: the spare cores prepare inputs, on sets long enough to repay a start
+        assert worker_count(-1, cpu, batches=100) == min(4, cores - 1)
+        assert worker_count(-1, cpu, batches=CPU_WORKER_MIN_BATCHES - 1) == 0
     assert worker_count(3, cpu, batches=100) == 3
     assert worker_count(3, cpu, batches=2) == 1
     assert worker_count(-1, cuda, batches=1) == 0

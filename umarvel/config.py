@@ -272,7 +272,8 @@ class EncodeConfig:
     num_workers: int = doc(
         "Input worker processes per rank that read images, render prompts and collate while the model runs "
         "(encoding, mining, reranker pairs, teacher scores); 0 = in-process; -1 = auto: min(4, the rank's cores - 1) "
-        "on CUDA, 0 on CPU, where the forward already uses every core.", -1, at_least=-1
+        "on CUDA; on CPU the cores run.cpu_threads leaves free (none at torch's default, where the forward uses every "
+        "core), for sets of 8 batches or more.", -1, at_least=-1
     )
     shard_size: int = doc("Items per cached fp16 shard (the unit of resume and of rank sharding).", 50_000, at_least=1)
     cache_dir: str = doc("Embedding cache; empty = $UMARVEL_CACHE/embeddings or ~/.cache/umarvel/embeddings.", "")
@@ -381,6 +382,11 @@ class DistillConfig:
 class RunConfig:
     output_dir: str = doc("Run directory: resolved config, logs, checkpoints, metrics, DONE marker.", "runs/default")
     seed: int = doc("Seed for every random choice of the run.", 42)
+    cpu_threads: int = doc(
+        "torch intra-op threads of each process for its work on the CPU (a model on the CPU, input preparation); "
+        "0 = torch's default (one per core, or OMP_NUM_THREADS). A small model runs faster on 1 and keeps its pace "
+        "on a busy machine: its ops are too short to share between cores (scripts/bench_threads.py).", 0, at_least=0
+    )
 
 
 @dataclass
@@ -664,8 +670,14 @@ def build_config(data: dict, where: str = "config", cls: type = Config) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
-    """Defaults <- YAML file (with inherits) <- `--set` overrides, validated into `cls`."""
-    return build_config(read_raw(path, overrides), str(path) if path else "config", cls)
+    """Defaults <- YAML file (with inherits) <- `--set` overrides, validated into `cls`; a full
+    config's run.cpu_threads then applies to this process (every command loads its config here)."""
+    config = build_config(read_raw(path, overrides), str(path) if path else "config", cls)
+    if cls is Config:
+        from umarvel.process import use_cpu_threads
+
+        use_cpu_threads(config.run.cpu_threads)
+    return config
 
 
 def save_config(config: Any, run_dir: str | os.PathLike) -> Path:

@@ -58,3 +58,9 @@ def any_rank(flag: bool, device) -> bool:
     tensor = torch.tensor([int(flag)], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def use_cpu_threads(count: int) -> None:
+    """torch's intra-op threads for this process's CPU work; 0 leaves torch's default."""
+    if count and torch.get_num_threads() != count:
+        torch.set_num_threads(count)

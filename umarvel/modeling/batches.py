@@ -26,20 +26,26 @@ from umarvel.errors import DataError
 # Most worker processes a device gets by default: 4 prepare ~250-550 image items/s (BENCHMARKS.md),
 # 4-8x what a 7B forward on an H100 consumes.
 MAX_DEFAULT_WORKERS = 4
+# Fewest batches for which an automatic worker starts on the CPU.
+CPU_WORKER_MIN_BATCHES = 8
 # Batches each worker prepares ahead of the model.
 PREFETCH_BATCHES = 4
 # Characters per text token, for the length estimate that forms batches (Qwen2 BPE on English).
 CHARS_PER_TOKEN = 4
 
 
-def default_workers(device: torch.device) -> int:
-    """Workers per process when the config says -1: on CUDA min(4, the cores this rank can spare),
-    on CPU none, since the forward already uses every core and workers would take them from it."""
-    if device.type != "cuda":
-        return 0
+def default_workers(device: torch.device, batches: int) -> int:
+    """Workers per process when the config says -1: on CUDA min(4, the cores this rank can spare);
+    on CPU the cores that torch's intra-op threads leave free (run.cpu_threads; none at torch's
+    default, where the forward already uses every core), for a set of CPU_WORKER_MIN_BATCHES or
+    more, since starting a worker costs more than it saves on a few batches (BENCHMARKS.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_rank = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(MAX_DEFAULT_WORKERS, per_rank - 1))
+    if device.type == "cuda":
+        return max(0, min(MAX_DEFAULT_WORKERS, per_rank - 1))
+    if batches < CPU_WORKER_MIN_BATCHES:
+        return 0
+    return max(0, min(MAX_DEFAULT_WORKERS, per_rank - torch.get_num_threads()))
 
 
 def worker_count(setting: int | None, device: torch.device, batches: int) -> int:
@@ -47,7 +53,7 @@ def worker_count(setting: int | None, device: torch.device, batches: int) -> int
     batches after the first (a worker that starts for one batch only costs time)."""
     if setting is not None and setting < -1:
         raise ValueError(f"num_workers must be -1 (auto), 0 (in-process) or positive, got {setting}")
-    wanted = default_workers(device) if setting is None or setting == -1 else setting
+    wanted = default_workers(device, batches) if setting is None or setting == -1 else setting
     return max(0, min(wanted, batches - 1))
 
 

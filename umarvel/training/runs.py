@@ -54,7 +54,7 @@ NOT_SHAPING = (
     "model.device", "data.num_workers", "data.max_image_pixels", "train.logging_steps", "train.report_to", "train.save_steps",
     "train.save_total_limit", "encode.batch_size", "encode.cache_dir", "encode.use_gpu", "encode.shard_size",
     "eval.mbeir.pools", "eval.zeroshot.tasks", "eval.zeroshot.data", "eval.zeroshot.visdial_caption", "distill.shard_size",
-    "run.output_dir",
+    "run.output_dir", "run.cpu_threads",
 )
 
 
