@@ -1,11 +1,30 @@
 """Shared fixtures: tiny checkpoints of every backbone family built once per session, no network."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image, ImageDraw
 
 from umarvel import backbones
 from umarvel.tiny import build_tiny_model
+
+# Most pytest-xdist workers `-n auto` starts: each holds its own tiny models and a test that
+# launches 2 ranks runs 3 processes of ~2 GB, so more would need more than a 24 GiB machine.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core this process may use, at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_WORKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first (stably), so that under `--dist loadscope` the long ones
+    start at once and the quick ones fill the end of the run on every worker."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
