@@ -6,7 +6,8 @@ Counts this process and the child processes it waited for (launchers, their rank
 workers). Writes one JSON line per test, [test id, CPU s, wall s, load average], to $CPU_TIME_OUT
 and prints the modules by CPU seconds at the end.
 
-Usage: PYTHONPATH=scripts CPU_TIME_OUT=cpu.jsonl python -m pytest -q -p pytest_cpu_time tests/test_launch.py
+Usage: PYTHONPATH=scripts CPU_TIME_OUT=cpu.jsonl python -m pytest -q -n 0 -p pytest_cpu_time tests/test_launch.py
+(-n 0: in one process, where the summary is printed; under pytest-xdist each worker writes its lines)
 """
 from __future__ import annotations
 

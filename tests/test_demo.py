@@ -70,3 +70,33 @@ def _plus_reranker_config_runs_as_its_header_says(out, family):
                      "--config", str(configs / "base.yaml"), "--set", "encode.cache_dir=cache"]) == 0
     results = json.loads((out / "runs/tiny/eval-plus/local/results.json").read_text())
     assert results["rerank"]["model"].endswith("runs/tiny/plus-reranker/model") and len(results["rows"]) == 16
+
+
+def test_the_evaluation_worker_runs_jobs_in_order_and_names_a_failed_one(tmp_path, monkeypatch):
+    from umarvel.demo import EvaluationWorker
+    from umarvel.errors import UmarvelError
+
+    monkeypatch.chdir(tmp_path)
+    worker = EvaluationWorker(tmp_path / "evaluations.log")
+    try:
+        worker.submit(3, "build a model", ["make-tiny-model", "--out", "tiny"])
+        worker.submit(5, "a usage error", ["eval", "mbeir", "--no-such-option"])
+        worker.submit(7, "never reached", ["make-tiny-model", "--out", "other"])
+        with pytest.raises(UmarvelError) as failed:
+            worker.finished(wait=True)
+    finally:
+        worker.close()
+    assert "demo step failed (exit 2): umarvel eval mbeir --no-such-option" in str(failed.value)
+    assert str(tmp_path / "evaluations.log") in str(failed.value)
+    assert (tmp_path / "tiny" / "config.json").is_file()  # the first job ran, in this working directory
+    assert "$ umarvel make-tiny-model --out tiny" in (tmp_path / "evaluations.log").read_text()
+    assert worker.process.returncode is not None
+
+
+def test_stopping_the_demo_stops_its_evaluation_worker(tmp_path):
+    from umarvel.demo import EvaluationWorker
+
+    worker = EvaluationWorker(tmp_path / "evaluations.log")
+    worker.submit(1, "slow", ["make-tiny-model", "--out", str(tmp_path / "tiny")])
+    worker.close()  # a job still pending: the worker is killed, not waited for
+    assert worker.process.returncode == -9 and not (tmp_path / "tiny" / "config.json").exists()

@@ -22,7 +22,7 @@ from umarvel.data.mbeir import MBEIR
 from umarvel.data.prompts import RERANK_QUESTION, render_pair
 from umarvel.data.rerank import IGNORED_LABEL
 from umarvel.errors import UmarvelError
-from umarvel.evaluation.mbeir import selected_rows
+from umarvel.evaluation.mbeir import RowQueries, selected_rows
 from umarvel.evaluation.rerank import ALPHA_GRID, RerankingEvaluator
 from umarvel.modeling.reranker import Reranker
 from umarvel.retrieval.rerank import fuse, fused_rankings, select_pairs
@@ -197,6 +197,22 @@ def test_auto_alpha_is_chosen_on_val_before_any_test_qrels_are_read(reranker, ti
     averages = {float(a): v for a, v in block["val_average_by_alpha"].items()}
     assert sorted(averages) == list(ALPHA_GRID)
     assert block["alpha"] == max(a for a, v in averages.items() if v == max(averages.values()))
+
+
+def test_one_reranker_pass_over_all_rows_gives_each_row_its_own_scores(reranker, tiny_model_dir, synthetic_dir,
+                                                                       tmp_path):
+    rows = selected_rows(["mscoco_task0", "cirr_task7", "fashioniq_task7"])
+    settings = MBEIREvalConfig(rows=[r.name for r in rows], top_k=10)
+    evaluator = RerankingEvaluator(Embedder.from_pretrained(tiny_model_dir), reranker, synthetic_dir / "M-BEIR",
+                                   EncodeConfig(cache_dir=str(tmp_path / "cache")), settings, top_k=4, progress=False)
+    searches = [RowQueries(row, "test", evaluator.queries(row), "local", evaluator.local_pool(row), 10) for row in rows]
+    together = evaluator.reranked(searches)
+    for search, (recall, ranked, scores) in zip(searches, together):
+        (alone_recall, alone_ranked, alone_scores), = evaluator.reranked([search])
+        assert len(scores) == len(search.queries.ids) and all(len(s) == 4 for s in scores)
+        assert ranked == alone_ranked and np.array_equal(recall, alone_recall)
+        assert np.allclose(scores, alone_scores, atol=1e-6)
+    assert not np.allclose(together[0][2][0], together[1][2][0], atol=1e-3)  # rows' scores differ: a shift would show
 
 
 def test_cli_prints_the_chosen_alpha_and_writes_the_pool_folder_as_plain_eval(reranker, tiny_model_dir,

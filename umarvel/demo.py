@@ -5,14 +5,24 @@ runs/tiny/...) with a tiny model of the chosen backbone family at checkpoints/ti
 and runs every stage through the same CLI a user runs (the stages that start from a backbone
 get `--set model.backbone=`), so the demo exercises exactly the shipped commands and configs.
 Finished steps are skipped on a re-run. Evaluations use the synthetic TEST split, which no training step sees.
+
+The tiny model computes on one core (configs/tiny: run.cpu_threads 1), so each stage's evaluation
+runs in a second process beside the training that follows it (`EvaluationWorker`), on the core
+the training leaves mostly free; only the last evaluation is waited for.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import logging
 import os
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from umarvel import backbones
@@ -105,45 +115,132 @@ def tiny_model_dir(family: str) -> str:
     return f"checkpoints/tiny-{backbones.get(family).name}"
 
 
-def demo_steps(configs: Path, size: str, seed: int,
-               family: str = backbones.DEFAULT) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
-    """(description, is finished?, run) for every step, in order."""
+@dataclass
+class Step:
+    """One demo step: a function run here, or an evaluation's CLI arguments run by the worker."""
+
+    description: str
+    finished: Callable[[], bool]
+    run: Callable[[], None] | None = None
+    evaluate: list | None = None
+
+
+def demo_steps(configs: Path, size: str, seed: int, family: str = backbones.DEFAULT) -> list[Step]:
+    """Every step in order; each stage's evaluation right after the training that makes its model."""
     from umarvel.data.synthetic import write_synthetic
     from umarvel.tiny import build_tiny_model
 
     def done(path: Path | str) -> Callable[[], bool]:
         return lambda: Path(path).exists()
 
+    def evaluation(label: str, evaluated: Path | str) -> Step:
+        out = RUNS / "eval" / label.split(" ")[0]
+        return Step(f"evaluate {label} (local + global)", done(out / "global" / "results.json"),
+                    evaluate=_eval_argv(evaluated, out, configs))
+
     model = tiny_model_dir(family)
     backbone = ["--set", f"model.backbone={model}"]
-    steps = [
-        (f"build the tiny {family}", done(f"{model}/config.json"),
-         lambda: build_tiny_model(model, seed=seed, family=family)),
-        (f"write the synthetic benchmark ({size})", done(f"{MBEIR}/instructions/query_instructions.tsv"),
-         lambda: write_synthetic(DATA, seed=seed, size=size)),
-        ("stage 1: progressive NLI -> CC3M -> M-BEIR", done(RUNS / "progressive/mbeir/DONE"),
-         lambda: _cli(["train", "--stage", "progressive", "--config", configs / "progressive.yaml", *backbone])),
-        ("stage 2a: mine filtered hard negatives", done(RUNS / "hardneg.jsonl"),
-         lambda: _cli(["mine-negatives", "--model", RUNS / "progressive/mbeir", "--data", MBEIR,
-                       "--out", RUNS / "hardneg.jsonl", "--config", configs / "mine.yaml", "--set", "encode.cache_dir=cache"])),
-        ("stage 2b: continual training with hard negatives", done(RUNS / "hardneg/DONE"),
-         lambda: _cli(["train", "--stage", "hardneg", "--config", configs / "hardneg.yaml"])),
-        ("stage 3a: YES/NO reranker", done(RUNS / "reranker/DONE"),
-         lambda: _cli(["train", "--stage", "reranker", "--config", configs / "reranker.yaml", *backbone])),
-        ("stage 3b: distil recall + rerank into the embedder", done(RUNS / "distill/DONE"),
-         lambda: _cli(["distill", "--config", configs / "distill.yaml"])),
-    ]
-    for label, evaluated, _, _ in EVALUATED:
-        out = RUNS / "eval" / label.split(" ")[0]
-        evaluated = evaluated or model
-        steps.append((f"evaluate {label} (local + global)", done(out / "global" / "results.json"),
-                      lambda evaluated=evaluated, out=out: _cli(_eval_argv(evaluated, out, configs))))
+    evaluations = {label: evaluation(label, evaluated or model) for label, evaluated, _, _ in EVALUATED}
     plus = RUNS / "eval" / "distill+rerank"
-    steps.append(("evaluate distill + the stage-2 reranker (the U-MARVEL+ fusion; local pool, alpha chosen on val)",
-                  done(plus / "local" / "results.json"),
-                  lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
-                                "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])))
-    return steps
+    return [
+        Step(f"build the tiny {family}", done(f"{model}/config.json"),
+             lambda: build_tiny_model(model, seed=seed, family=family)),
+        Step(f"write the synthetic benchmark ({size})", done(f"{MBEIR}/instructions/query_instructions.tsv"),
+             lambda: write_synthetic(DATA, seed=seed, size=size)),
+        evaluations["untrained"],
+        Step("stage 1: progressive NLI -> CC3M -> M-BEIR", done(RUNS / "progressive/mbeir/DONE"),
+             lambda: _cli(["train", "--stage", "progressive", "--config", configs / "progressive.yaml", *backbone])),
+        evaluations["nli"], evaluations["cc3m"], evaluations["mbeir (progressive)"],
+        Step("stage 2a: mine filtered hard negatives", done(RUNS / "hardneg.jsonl"),
+             lambda: _cli(["mine-negatives", "--model", RUNS / "progressive/mbeir", "--data", MBEIR,
+                           "--out", RUNS / "hardneg.jsonl", "--config", configs / "mine.yaml", "--set", "encode.cache_dir=cache"])),
+        Step("stage 2b: continual training with hard negatives", done(RUNS / "hardneg/DONE"),
+             lambda: _cli(["train", "--stage", "hardneg", "--config", configs / "hardneg.yaml"])),
+        evaluations["hardneg"],
+        Step("stage 3a: YES/NO reranker", done(RUNS / "reranker/DONE"),
+             lambda: _cli(["train", "--stage", "reranker", "--config", configs / "reranker.yaml", *backbone])),
+        Step("stage 3b: distil recall + rerank into the embedder", done(RUNS / "distill/DONE"),
+             lambda: _cli(["distill", "--config", configs / "distill.yaml"])),
+        evaluations["distill"],
+        Step("evaluate distill + the stage-2 reranker (the U-MARVEL+ fusion; local pool, alpha chosen on val)",
+             done(plus / "local" / "results.json"),
+             lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
+                           "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])),
+    ]
+
+
+class EvaluationWorker:
+    """A second process that runs evaluations (`umarvel eval ...` arguments) one after another,
+    in the order given, while this one goes on; their output goes to `log`.
+
+    It starts at the first evaluation, in a session of its own (Ctrl-C reaches this process,
+    which stops it). A job is one JSON line on its stdin; it answers one JSON line per job.
+    """
+
+    def __init__(self, log: Path):
+        self.log, self.process, self.pending = log, None, {}
+
+    def submit(self, number: int, description: str, argv: list) -> None:
+        if self.process is None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            package_root = str(Path(__file__).resolve().parents[1])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+            with open(self.log, "a") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", "from umarvel.demo import serve_evaluations; serve_evaluations()"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                    start_new_session=True,
+                )
+        self.pending[number] = (description, [str(a) for a in argv])
+        self.process.stdin.write(json.dumps({"number": number, "argv": self.pending[number][1]}) + "\n")
+        self.process.stdin.flush()
+
+    def finished(self, wait: bool = False) -> list[tuple[int, str, float]]:
+        """(number, description, seconds) of the jobs finished since the last call; with `wait`,
+        of every job still pending. A failed job raises UmarvelError."""
+        done = []
+        while self.pending and (wait or select.select([self.process.stdout], [], [], 0)[0]):
+            line = self.process.stdout.readline()
+            if not line:
+                raise UmarvelError(f"the demo's evaluation process ended unexpectedly (exit {self.process.wait()}); "
+                                   f"its output: {self.log}")
+            reply = json.loads(line)
+            description, argv = self.pending.pop(reply["number"])
+            if reply["code"]:
+                raise UmarvelError(f"demo step failed (exit {reply['code']}): umarvel {' '.join(argv)} "
+                                   f"(its output: {self.log})")
+            done.append((reply["number"], description, reply["seconds"]))
+        return done
+
+    def close(self) -> None:
+        """End the process: after its jobs when they all finished, at once otherwise."""
+        if self.process is None:
+            return
+        if self.pending:
+            self.process.kill()
+        self.process.stdin.close()
+        self.process.wait()
+        self.process.stdout.close()
+
+
+def serve_evaluations() -> None:
+    """The worker's loop: run each job's CLI arguments, reply on the stdout it was given (the
+    commands' own output goes to its stderr, the log)."""
+    from umarvel.cli import run_command
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(f"\n$ umarvel {' '.join(job['argv'])}", flush=True)
+        started = time.perf_counter()
+        try:
+            code = run_command(job["argv"])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code if isinstance(exit.code, int) else 1
+        sys.stdout.flush()
+        replies.write(json.dumps({"number": job["number"], "code": code,
+                                  "seconds": round(time.perf_counter() - started, 1)}) + "\n")
 
 
 def collect(runs: Path, mbeir_root: str | Path = MBEIR) -> list[StageResult]:
@@ -161,6 +258,21 @@ def collect(runs: Path, mbeir_root: str | Path = MBEIR) -> list[StageResult]:
     return stages
 
 
+def _freeze_library_objects() -> None:
+    """Import the training libraries and exempt the objects they create from garbage collection
+    (they live until the process ends): each Trainer.train starts with a full collection
+    (accelerate's free_memory), which over these ~560k objects costs ~0.3 s every time."""
+    import peft  # noqa: F401
+    import transformers.trainer  # noqa: F401
+
+    gc.freeze()
+
+
+def _report_finished(jobs: list[tuple[int, str, float]], total: int) -> None:
+    for number, description, seconds in jobs:
+        print(f"[{number}/{total}] {description}: {seconds:.0f} s (beside the other steps)", flush=True)
+
+
 def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0, family: str = backbones.DEFAULT) -> Path:
     """Run (or finish) the demo in `out`; print the stage table; return the report path."""
     out = Path(out).resolve()
@@ -169,14 +281,25 @@ def run_demo(out: str | os.PathLike, *, size: str = "small", seed: int = 0, fami
     started = time.perf_counter()
     with working_directory(out):
         steps = demo_steps(configs, size, seed, family)
-        for number, (description, finished, run) in enumerate(steps, start=1):
-            if finished():
-                print(f"[{number}/{len(steps)}] {description}: done already, skipped", flush=True)
-                continue
-            print(f"[{number}/{len(steps)}] {description} ...", flush=True)
-            step_started = time.perf_counter()
-            run()
-            print(f"[{number}/{len(steps)}] {description}: {time.perf_counter() - step_started:.0f} s", flush=True)
+        worker = EvaluationWorker(RUNS / "eval" / "evaluations.log")
+        _freeze_library_objects()
+        try:
+            for number, step in enumerate(steps, start=1):
+                if step.finished():
+                    print(f"[{number}/{len(steps)}] {step.description}: done already, skipped", flush=True)
+                elif step.evaluate is not None:
+                    worker.submit(number, step.description, step.evaluate)
+                    print(f"[{number}/{len(steps)}] {step.description}: started beside the next steps", flush=True)
+                else:
+                    print(f"[{number}/{len(steps)}] {step.description} ...", flush=True)
+                    step_started = time.perf_counter()
+                    step.run()
+                    print(f"[{number}/{len(steps)}] {step.description}: {time.perf_counter() - step_started:.0f} s",
+                          flush=True)
+                _report_finished(worker.finished(), len(steps))
+            _report_finished(worker.finished(wait=True), len(steps))
+        finally:
+            worker.close()
         stages = collect(RUNS)
         headline = recipe_verdict(stages, start="untrained", final="distill")
         notes = [

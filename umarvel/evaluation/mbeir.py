@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from umarvel import process
 from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.mbeir import MBEIR, check_pools_disjoint
@@ -22,7 +24,7 @@ from umarvel.errors import UmarvelError
 from umarvel.evaluation.metrics import RowResult, evaluate_row, headline_average
 from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking, Retrieval
 from umarvel.evaluation.report import run_file_name, write_report
-from umarvel.evaluation.runner import Runner, ranking_of
+from umarvel.evaluation.runner import Runner, Searches, ranking_of
 from umarvel.retrieval.encode import EncodedSet, pool_set, query_set
 from umarvel.retrieval.index import search_ids
 
@@ -115,15 +117,32 @@ class MBEIREvaluator:
                 results[pool] = benchmark.results
         return results
 
-    def _rank(self, search: RowSearch, queries: EncodedSet, candidates: EncodedSet) -> Ranking:
-        scores, ranked = self.rank(search.row, queries, candidates, search.pool, search.k)
-        return ranking_of(queries.ids, ranked, scores)
+    def _rank(self, searches: Searches) -> list[Ranking]:
+        split = self.settings.split
+        rows = [RowQueries(search.row, split, queries, search.pool, candidates, search.k)
+                for search, queries, candidates in searches]
+        return [ranking_of(row.queries.ids, ranked, scores) for row, (scores, ranked) in zip(rows, self.rank(rows))]
 
-    def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
-        """(scores, ranked dids) of the top k per query: the search step, which a reranking
-        evaluator extends."""
-        return search_ids(queries.vectors(), pool.shards, pool.ids, k, use_gpu=self.use_gpu,
+    def rank(self, rows: list[RowQueries]) -> list[tuple[np.ndarray, list[list[str]]]]:
+        """(scores, ranked dids) of the top k per query of each row: the search step, which a
+        reranking evaluator extends (all rows at once, so one reranker pass scores them all)."""
+        return [self.search(row, row.k) for row in rows]
+
+    def search(self, row: RowQueries, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        return search_ids(row.queries.vectors(), row.pool.shards, row.pool.ids, k, use_gpu=self.use_gpu,
                           progress=self.progress and process.is_main_process())
+
+
+@dataclass
+class RowQueries:
+    """One row's encoded queries of `split` and the pool they search (named `pool_name`), top k."""
+
+    row: EvalRow
+    split: str
+    queries: EncodedSet
+    pool_name: str
+    pool: EncodedSet
+    k: int
 
 
 def report_dir(output_dir: str | os.PathLike, pool: str) -> Path:

@@ -24,13 +24,13 @@ from umarvel.config import EncodeConfig, MBEIREvalConfig
 from umarvel.data.prompts import item_images
 from umarvel.data.tasks import EVAL_ROWS, EvalRow
 from umarvel.errors import DataError, UmarvelError
-from umarvel.evaluation.mbeir import MBEIREvaluator, report_dir
+from umarvel.evaluation.mbeir import MBEIREvaluator, RowQueries, report_dir
 from umarvel.evaluation.metrics import RowResult, evaluate_row
-from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking, Retrieval
+from umarvel.evaluation.protocol import Benchmark, ItemSet, Ranking
 from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
-from umarvel.evaluation.runner import Runner
+from umarvel.evaluation.runner import Runner, Searches
 from umarvel.io import atomic_write_json, atomic_write_text
-from umarvel.retrieval.encode import EncodedSet, concatenate
+from umarvel.retrieval.encode import concatenate
 from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))
@@ -84,10 +84,9 @@ class RerankingEvaluator(MBEIREvaluator):
             _record_rerank(report_dir(output_dir, pool), block)
         return results
 
-    def rank(self, row: EvalRow, queries: EncodedSet, pool: EncodedSet, pool_name: str, k: int):
-        scores, ranked = super().rank(row, queries, pool, pool_name, max(k, self.top_k))
-        reranked = self.rerank_scores(row, self.settings.split, queries.ids, ranked, pool_name)
-        return fused_rankings(scores, ranked, reranked, self.alphas[pool_name])
+    def rank(self, rows: list[RowQueries]) -> list[tuple[np.ndarray, list[list[str]]]]:
+        return [fused_rankings(scores, ranked, reranked, self.alphas[row.pool_name])
+                for row, (scores, ranked, reranked) in zip(rows, self.reranked(rows))]
 
     def choose_alpha(self, rows: list[EvalRow], pool_name: str) -> tuple[float, dict[str, float]] | None:
         """(a, {a: val average headline}) for one pool, from the val queries only (rank 0;
@@ -97,30 +96,35 @@ class RerankingEvaluator(MBEIREvaluator):
         if process.rank() != 0:
             return None
         union = concatenate(list(local.values())) if pool_name == "global" else None
+        searches = [RowQueries(row, VALIDATION, queries[row.name], pool_name, local[row.name] if union is None else union,
+                               max(self.settings.top_k, max(row.recall_ks)))
+                    for row in rows]
         averages = dict.fromkeys(self.grid, 0.0)
-        for row in rows:
-            encoded = queries[row.name]
-            k = max(self.settings.top_k, max(row.recall_ks), self.top_k)
-            scores, ranked = super().rank(row, encoded, local[row.name] if union is None else union, pool_name, k)
-            reranked = self.rerank_scores(row, VALIDATION, encoded.ids, ranked, pool_name)
-            qrels = self.mbeir.qrels(VALIDATION, row)
+        for search, (scores, ranked, reranked) in zip(searches, self.reranked(searches)):
+            qrels = self.mbeir.qrels(VALIDATION, search.row)
             for alpha in self.grid:
                 _, fused = fused_rankings(scores, ranked, reranked, alpha)
-                averages[alpha] += evaluate_row(row, dict(zip(encoded.ids, fused)), qrels).headline / len(rows)
+                averages[alpha] += evaluate_row(search.row, dict(zip(search.queries.ids, fused)), qrels).headline / len(rows)
         best = max(averages.values())
         chosen = max(alpha for alpha, average in averages.items() if average == best)
         return chosen, {f"{alpha:.2f}": round(average, 4) for alpha, average in averages.items()}
 
-    def rerank_scores(self, row: EvalRow, split: str, qids: list[str], ranked: list[list[str]],
-                      pool_name: str) -> list[list[float]]:
-        """P(YES) of each query of `row` with its first top_k candidates."""
-        queries = self.mbeir.queries(split, row)
-        candidates = self.union_pool if pool_name == "global" else self.mbeir.local_pool(row)
+    def reranked(self, rows: list[RowQueries]) -> list[tuple[np.ndarray, list[list[str]], list[list[float]]]]:
+        """(recall scores, ranked dids, P(YES) of the first top_k) per row: every row searched,
+        then all rows' pairs scored in one reranker pass (one set of input workers, full batches)."""
+        searched = [self.search(row, max(row.k, self.top_k)) for row in rows]
         use_instruction = self.reranker.settings.prompt.use_instruction
-        query_items = [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in qids]
-        candidate_items = [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
-        return rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
-                                 num_workers=self.encode.num_workers, progress=self.progress)
+        query_items, candidate_items = [], []
+        for row, (_, ranked) in zip(rows, searched):
+            queries = self.mbeir.queries(row.split, row.row)
+            candidates = self.union_pool if row.pool_name == "global" else self.mbeir.local_pool(row.row)
+            query_items += [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in row.queries.ids]
+            candidate_items += [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
+        scores = rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
+                                   num_workers=self.encode.num_workers, progress=self.progress)
+        ends = np.cumsum([len(row.queries.ids) for row in rows])
+        return [(recall, ranked, scores[end - len(row.queries.ids): end])
+                for row, (recall, ranked), end in zip(rows, searched, ends)]
 
     @cached_property
     def union_pool(self) -> PoolUnion:
@@ -182,21 +186,29 @@ class RerankingRunner(Runner):
                                               "model": str(self.reranker.source)})
         return metrics
 
-    def rerank(self, retrieval: Retrieval, queries: EncodedSet, candidates: EncodedSet) -> Ranking:
-        searched = self.search(retrieval, queries, candidates, max(retrieval.k, self.top_k))
-        ranked = [searched.ids[qid] for qid in queries.ids]
-        scores = np.zeros((len(ranked), max(map(len, ranked), default=0)), dtype=np.float32)
-        for i, qid in enumerate(queries.ids):
-            scores[i, : len(ranked[i])] = searched.scores[qid]
-        query_items, candidate_items = _by_id(retrieval.queries), _by_id(retrieval.candidates)
-        reranked = rerank_candidates(
-            self.reranker, [query_items[qid] for qid in queries.ids],
-            [[candidate_items[did] for did in dids[: self.top_k]] for dids in ranked],
-            batch_size=self.config.batch_size, num_workers=self.config.num_workers, progress=self.progress,
-        )
-        fused, order = fused_rankings(scores, ranked, reranked, self.alpha)
-        return Ranking(ids={qid: dids for qid, dids in zip(queries.ids, order)},
-                       scores={qid: [float(s) for s in fused[i, : len(order[i])]] for i, qid in enumerate(queries.ids)})
+    def rerank(self, searches: Searches) -> list[Ranking]:
+        """Every search's top max(k, top_k), then all searches' pairs scored in one reranker pass."""
+        recall, query_items, candidate_items = [], [], []
+        for retrieval, queries, candidates in searches:
+            searched = self.search(retrieval, queries, candidates, max(retrieval.k, self.top_k))
+            ranked = [searched.ids[qid] for qid in queries.ids]
+            scores = np.zeros((len(ranked), max(map(len, ranked), default=0)), dtype=np.float32)
+            for i, qid in enumerate(queries.ids):
+                scores[i, : len(ranked[i])] = searched.scores[qid]
+            recall.append((scores, ranked))
+            by_query, by_candidate = _by_id(retrieval.queries), _by_id(retrieval.candidates)
+            query_items += [by_query[qid] for qid in queries.ids]
+            candidate_items += [[by_candidate[did] for did in dids[: self.top_k]] for dids in ranked]
+        reranked = rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,
+                                     num_workers=self.config.num_workers, progress=self.progress)
+        rankings, start = [], 0
+        for (_, queries, _), (scores, ranked) in zip(searches, recall):
+            fused, order = fused_rankings(scores, ranked, reranked[start: start + len(ranked)], self.alpha)
+            start += len(ranked)
+            rankings.append(Ranking(ids={qid: dids for qid, dids in zip(queries.ids, order)},
+                                    scores={qid: [float(s) for s in fused[i, : len(order[i])]]
+                                            for i, qid in enumerate(queries.ids)}))
+        return rankings
 
 
 def _by_id(item_set: ItemSet) -> dict[str, dict]:

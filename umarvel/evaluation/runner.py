@@ -31,18 +31,21 @@ from umarvel.retrieval.index import gpu_choice, search_ids
 
 logger = logging.getLogger("umarvel")
 
-RankFn = Callable[[Retrieval, EncodedSet, EncodedSet], Ranking]
+# One benchmark's searches, each with its encoded queries and candidates.
+Searches = list[tuple[Retrieval, EncodedSet, EncodedSet]]
+RankFn = Callable[[Searches], list[Ranking]]
 
 
 class Runner:
     """Run benchmarks for one embedder with one set of encoding settings (`config`: batch_size,
-    shard_size, cache_dir, use_gpu). `rank` replaces the search step (U-MARVEL+ re-scores the
-    searched top-k); by default it is `Runner.search`."""
+    shard_size, cache_dir, use_gpu). `rank` replaces the search step of all of a benchmark's
+    searches at once (U-MARVEL+ re-scores every search's top-k in one reranker pass); by default
+    each is `Runner.search`."""
 
     def __init__(self, embedder, config, *, progress: bool = True, rank: RankFn | None = None):
         self.embedder, self.config, self.progress = embedder, config, progress
         self.use_gpu = gpu_choice(config.use_gpu)
-        self.rank = rank or self.search
+        self.rank = rank or self.search_each
         self._caches: dict[str, EmbeddingCache] = {}
         self._encoded: dict[tuple, EncodedSet] = {}
 
@@ -72,8 +75,8 @@ class Runner:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         rankings = {}
-        for retrieval, (queries, candidates) in zip(retrievals, encoded):
-            ranking = self.rank(retrieval, queries, candidates)
+        ranked = self.rank([(retrieval, queries, candidates) for retrieval, (queries, candidates) in zip(retrievals, encoded)])
+        for retrieval, ranking in zip(retrievals, ranked, strict=True):
             qids = list(ranking.ids)
             write_run_file(out / retrieval.run_file_name, qids, [ranking.ids[q] for q in qids],
                            [ranking.scores[q] for q in qids], task_id=retrieval.task_id)
@@ -92,6 +95,9 @@ class Runner:
                                f"(model.prompt: {', '.join(to_dict(prompt))})")
         changed = {name: value for name, value in overrides.items() if getattr(prompt, name) != value}
         return self.embedder.prompt_overridden(**changed) if changed else nullcontext()
+
+    def search_each(self, searches: Searches) -> list[Ranking]:
+        return [self.search(retrieval, queries, candidates) for retrieval, queries, candidates in searches]
 
     def search(self, retrieval: Retrieval, queries: EncodedSet, candidates: EncodedSet, k: int | None = None) -> Ranking:
         """Each query's best `k` (default retrieval.k) candidates: over all of them, or over
