@@ -105,6 +105,29 @@ def test_without_grad_the_cached_path_only_computes_the_loss():
     assert cached.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
 
 
+def test_the_last_chunk_is_embedded_once_and_backward_starts_with_it():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    calls = []
+
+    def encode(batch):
+        calls.append((int(batch["features"][0, 0]), torch.is_grad_enabled()))
+        return model(batch["features"])
+
+    features = {name: torch.arange(24.0).view(6, 4) + offset for name, offset in (("query", 0), ("positive", 100))}
+    output = gradcache.embed_and_compute_loss(
+        encode, {name: {"features": value} for name, value in features.items()},
+        lambda e, t: info_nce(e["query"], e["positive"], t), 0.05, chunk_size=2, parameters=model.parameters())
+    embedded = [(0, False), (8, False), (16, False), (100, False), (108, False), (116, True)]
+    assert calls == embedded
+    output.loss.backward()
+    assert calls[len(embedded):] == [(0, True), (8, True), (16, True), (100, True), (108, True)]
+    cached = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    info_nce(model(features["query"]), model(features["positive"]), torch.tensor(0.05)).loss.backward()
+    assert all(torch.allclose(cached[name], p.grad, atol=1e-6) for name, p in model.named_parameters())
+
+
 def mark_as_zero3(model: torch.nn.Module) -> None:
     """Give the parameters the attribute DeepSpeed ZeRO-3 puts on its own: GradCache then takes
     its ZeRO-3 path (a backward per chunk), which plain autograd can check in one process."""
