@@ -100,3 +100,18 @@ def test_stopping_the_demo_stops_its_evaluation_worker(tmp_path):
     worker.submit(1, "slow", ["make-tiny-model", "--out", str(tmp_path / "tiny")])
     worker.close()  # a job still pending: the worker is killed, not waited for
     assert worker.process.returncode == -9 and not (tmp_path / "tiny" / "config.json").exists()
+
+
+def test_a_dead_evaluation_worker_is_an_error_naming_its_log(tmp_path):
+    from umarvel.demo import EvaluationWorker
+    from umarvel.errors import UmarvelError
+
+    worker = EvaluationWorker(tmp_path / "evaluations.log")
+    worker.submit(1, "first", ["make-tiny-model", "--out", str(tmp_path / "tiny")])
+    worker.process.kill()
+    worker.process.wait()
+    try:
+        with pytest.raises(UmarvelError, match="evaluation process ended unexpectedly .*evaluations.log"):
+            worker.submit(2, "next", ["make-tiny-model", "--out", str(tmp_path / "other")])
+    finally:
+        worker.close()

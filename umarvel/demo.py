@@ -192,8 +192,11 @@ class EvaluationWorker:
                     start_new_session=True,
                 )
         self.pending[number] = (description, [str(a) for a in argv])
-        self.process.stdin.write(json.dumps({"number": number, "argv": self.pending[number][1]}) + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(json.dumps({"number": number, "argv": self.pending[number][1]}) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self._ended() from None
 
     def finished(self, wait: bool = False) -> list[tuple[int, str, float]]:
         """(number, description, seconds) of the jobs finished since the last call; with `wait`,
@@ -202,8 +205,7 @@ class EvaluationWorker:
         while self.pending and (wait or select.select([self.process.stdout], [], [], 0)[0]):
             line = self.process.stdout.readline()
             if not line:
-                raise UmarvelError(f"the demo's evaluation process ended unexpectedly (exit {self.process.wait()}); "
-                                   f"its output: {self.log}")
+                raise self._ended()
             reply = json.loads(line)
             description, argv = self.pending.pop(reply["number"])
             if reply["code"]:
@@ -212,13 +214,18 @@ class EvaluationWorker:
             done.append((reply["number"], description, reply["seconds"]))
         return done
 
+    def _ended(self) -> UmarvelError:
+        return UmarvelError(f"the demo's evaluation process ended unexpectedly (exit {self.process.wait()}); "
+                            f"its output: {self.log}")
+
     def close(self) -> None:
         """End the process: after its jobs when they all finished, at once otherwise."""
         if self.process is None:
             return
         if self.pending:
             self.process.kill()
-        self.process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # jobs written to a process that has ended
+            self.process.stdin.close()
         self.process.wait()
         self.process.stdout.close()
 
