@@ -106,9 +106,9 @@ def _cli(argv: list[str]) -> None:
         raise UmarvelError(f"demo step failed (exit {code}): umarvel {' '.join(map(str, argv))}")
 
 
-def _eval_argv(model: str | Path, out: Path, configs: Path, pool: str = "both") -> list:
+def _eval_argv(model: str | Path, out: Path, configs: Path, pool: str = "both", cache: str = "cache") -> list:
     return ["eval", "mbeir", "--pool", pool, "--model", model, "--data", MBEIR, "--output-dir", out,
-            "--config", configs / "base.yaml", "--set", "encode.cache_dir=cache"]
+            "--config", configs / "base.yaml", "--set", f"encode.cache_dir={cache}"]
 
 
 def tiny_model_dir(family: str) -> str:
@@ -164,8 +164,10 @@ def demo_steps(configs: Path, size: str, seed: int, family: str = backbones.DEFA
         evaluations["distill"],
         Step("evaluate distill + the stage-2 reranker (the U-MARVEL+ fusion; local pool, alpha chosen on val)",
              done(plus / "local" / "results.json"),
-             lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local"), "--rerank", RUNS / "reranker",
-                           "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])),
+             # A cache of its own: the distill evaluation beside it encodes the same sets with the same
+             # model, and an embedding cache takes one writer per set at a time.
+             lambda: _cli([*_eval_argv(RUNS / "distill", plus, configs, "local", cache="cache-rerank"),
+                           "--rerank", RUNS / "reranker", "--rerank-top-k", RERANK_TOP_K, "--alpha", "auto"])),
     ]
 
 
