@@ -31,7 +31,7 @@ from umarvel.evaluation.report import RESULTS_JSON, RESULTS_MD
 from umarvel.evaluation.runner import Runner, Searches
 from umarvel.io import atomic_write_json, atomic_write_text
 from umarvel.retrieval.encode import concatenate
-from umarvel.retrieval.rerank import fused_rankings, rerank_candidates
+from umarvel.retrieval.rerank import fused_rankings, rerank_searches
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))
 VALIDATION = "val"
@@ -114,17 +114,15 @@ class RerankingEvaluator(MBEIREvaluator):
         then all rows' pairs scored in one reranker pass (one set of input workers, full batches)."""
         searched = [self.search(row, max(row.k, self.top_k)) for row in rows]
         use_instruction = self.reranker.settings.prompt.use_instruction
-        query_items, candidate_items = [], []
+        pairs = []
         for row, (_, ranked) in zip(rows, searched):
             queries = self.mbeir.queries(row.split, row.row)
             candidates = self.union_pool if row.pool_name == "global" else self.mbeir.local_pool(row.row)
-            query_items += [queries.item(queries.find(qid), use_instruction=use_instruction) for qid in row.queries.ids]
-            candidate_items += [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]
-        scores = rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.encode.batch_size,
-                                   num_workers=self.encode.num_workers, progress=self.progress)
-        ends = np.cumsum([len(row.queries.ids) for row in rows])
-        return [(recall, ranked, scores[end - len(row.queries.ids): end])
-                for row, (recall, ranked), end in zip(rows, searched, ends)]
+            pairs.append(([queries.item(queries.find(qid), use_instruction=use_instruction) for qid in row.queries.ids],
+                          [[candidates.get(did) for did in dids[: self.top_k]] for dids in ranked]))
+        scores = rerank_searches(self.reranker, pairs, batch_size=self.encode.batch_size,
+                                 num_workers=self.encode.num_workers, progress=self.progress)
+        return [(recall, ranked, reranked) for (recall, ranked), reranked in zip(searched, scores)]
 
     @cached_property
     def union_pool(self) -> PoolUnion:
@@ -188,7 +186,7 @@ class RerankingRunner(Runner):
 
     def rerank(self, searches: Searches) -> list[Ranking]:
         """Every search's top max(k, top_k), then all searches' pairs scored in one reranker pass."""
-        recall, query_items, candidate_items = [], [], []
+        recall, pairs = [], []
         for retrieval, queries, candidates in searches:
             searched = self.search(retrieval, queries, candidates, max(retrieval.k, self.top_k))
             ranked = [searched.ids[qid] for qid in queries.ids]
@@ -197,14 +195,13 @@ class RerankingRunner(Runner):
                 scores[i, : len(ranked[i])] = searched.scores[qid]
             recall.append((scores, ranked))
             by_query, by_candidate = _by_id(retrieval.queries), _by_id(retrieval.candidates)
-            query_items += [by_query[qid] for qid in queries.ids]
-            candidate_items += [[by_candidate[did] for did in dids[: self.top_k]] for dids in ranked]
-        reranked = rerank_candidates(self.reranker, query_items, candidate_items, batch_size=self.config.batch_size,
-                                     num_workers=self.config.num_workers, progress=self.progress)
-        rankings, start = [], 0
-        for (_, queries, _), (scores, ranked) in zip(searches, recall):
-            fused, order = fused_rankings(scores, ranked, reranked[start: start + len(ranked)], self.alpha)
-            start += len(ranked)
+            pairs.append(([by_query[qid] for qid in queries.ids],
+                          [[by_candidate[did] for did in dids[: self.top_k]] for dids in ranked]))
+        reranked = rerank_searches(self.reranker, pairs, batch_size=self.config.batch_size,
+                                   num_workers=self.config.num_workers, progress=self.progress)
+        rankings = []
+        for (_, queries, _), (scores, ranked), rescored in zip(searches, recall, reranked):
+            fused, order = fused_rankings(scores, ranked, rescored, self.alpha)
             rankings.append(Ranking(ids={qid: dids for qid, dids in zip(queries.ids, order)},
                                     scores={qid: [float(s) for s in fused[i, : len(order[i])]]
                                             for i, qid in enumerate(queries.ids)}))

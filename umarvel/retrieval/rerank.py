@@ -123,3 +123,15 @@ def rerank_candidates(reranker, queries: list[dict], candidates: list[list[dict]
         out.append(flat[start : start + len(own)])
         start += len(own)
     return out
+
+
+def rerank_searches(reranker, searches: list[tuple[list[dict], list[list[dict]]]], **settings) -> list[list[list[float]]]:
+    """`rerank_candidates` for several searches' (queries, their candidates) in one reranker pass
+    (one set of input workers, full batches); one list of per-query scores per search."""
+    scores = rerank_candidates(reranker, [query for queries, _ in searches for query in queries],
+                               [own for _, candidates in searches for own in candidates], **settings)
+    out, start = [], 0
+    for queries, _ in searches:
+        out.append(scores[start : start + len(queries)])
+        start += len(queries)
+    return out
